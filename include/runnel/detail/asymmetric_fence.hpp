@@ -1,0 +1,65 @@
+// An asymmetric StoreLoad fence for the "publish, then check for sleepers" /
+// "announce sleep, then re-check" handshake.
+//
+// Both sides of that handshake need a full StoreLoad barrier, or each may read
+// the other's stale value and a wake-up is lost. The publishing side runs on
+// every push and pop; the sleeping side only on the way into a syscall. So we
+// make the fast side a compiler barrier and the slow side membarrier(2) with
+// MEMBARRIER_CMD_PRIVATE_EXPEDITED, which makes every running thread of the
+// process execute a full barrier before it returns. Where membarrier is not
+// available (non-Linux, old kernels, seccomp filters), both sides fall back
+// to ordinary seq_cst fences.
+#pragma once
+
+#include <atomic>
+
+#if defined(__linux__)
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace runnel::detail {
+
+// True when the expedited private membarrier is registered for this process.
+// Registration happens once, at first use, under the guard of a function-local
+// static; the result never changes afterwards.
+inline bool membarrier_ready() noexcept {
+#if defined(__linux__) && defined(__NR_membarrier)
+  static const bool ready = [] {
+    const long cmds = ::syscall(__NR_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    if (cmds < 0 || (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) return false;
+    return ::syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+// The cheap side: run after publishing data and before reading a sleeper flag.
+inline void light_fence() noexcept {
+  if (membarrier_ready()) {
+    // The heavy side's membarrier orders our earlier store before our later
+    // load on the hardware; we only stop the compiler from swapping them.
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+  } else {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+}
+
+// The expensive side: run after announcing a sleeper and before re-checking
+// the data it waits for.
+inline void heavy_fence() noexcept {
+#if defined(__linux__) && defined(__NR_membarrier)
+  if (membarrier_ready() &&
+      ::syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0) {
+    return;
+  }
+#endif
+  // Unreachable with membarrier registered (the call cannot fail once
+  // registered); without it, light_fence() is a full fence too.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+}  // namespace runnel::detail

@@ -1,0 +1,57 @@
+// Bounded exponential backoff for spin loops: pause, then yield, then tell
+// the caller it is time to park.
+#pragma once
+
+#include <cstdint>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace runnel::detail {
+
+// One processor hint that we are spinning: frees the sibling hyper-thread and
+// avoids the memory-order mis-speculation penalty when the spin ends.
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Spin with doubling pause counts, then a few scheduler yields (on an
+// oversubscribed machine the thread we wait for may need our core), then
+// report `should_park()`. The whole budget is a few microseconds of pauses
+// plus `yield_limit` yields, which bounds idle burn before sleeping.
+class backoff {
+ public:
+  explicit backoff(std::uint32_t spin_limit = 6, std::uint32_t yield_limit = 4) noexcept
+      : spin_limit_(spin_limit), yield_limit_(yield_limit) {}
+
+  // Wait a little; returns false once the budget is spent.
+  bool spin() noexcept {
+    if (step_ < spin_limit_) {
+      for (std::uint32_t i = 0, n = 1u << step_; i < n; ++i) cpu_relax();
+    } else if (step_ < spin_limit_ + yield_limit_) {
+      std::this_thread::yield();
+    } else {
+      return false;
+    }
+    ++step_;
+    return true;
+  }
+
+  bool should_park() const noexcept { return step_ >= spin_limit_ + yield_limit_; }
+  void reset() noexcept { step_ = 0; }
+
+ private:
+  std::uint32_t spin_limit_;
+  std::uint32_t yield_limit_;
+  std::uint32_t step_ = 0;
+};
+
+}  // namespace runnel::detail

@@ -1,0 +1,115 @@
+// An event count: lets a thread sleep until "something may have changed"
+// without a lost wake-up, and lets notifiers skip the syscall when nobody
+// sleeps.
+//
+// Sleeper:                              Notifier:
+//   auto k = ec.prepare_wait();           publish the change;
+//   if (condition holds) {                ec.notify_one();   // or _all
+//     ec.cancel_wait(); return; }
+//   ec.wait(k);
+//
+// prepare_wait() counts the sleeper in and issues the heavy side of the
+// asymmetric fence; notify_*() issues the light side and then reads the
+// count. Together they form a Dekker handshake: either the notifier sees the
+// sleeper, or the sleeper's re-check sees the change.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+
+#include "asymmetric_fence.hpp"
+#include "backoff.hpp"
+#include "futex.hpp"
+
+namespace runnel::detail {
+
+class event_count {
+ public:
+  struct key {
+    std::uint32_t epoch;
+  };
+
+  key prepare_wait() noexcept {
+    // Relaxed: the heavy fence right after orders this store before the
+    // condition re-check, and that is the only order the handshake needs.
+    waiters_.fetch_add(1, std::memory_order_relaxed);
+    heavy_fence();
+    // Acquire: a notifier that bumped the epoch published its change before
+    // the bump, so reading the new epoch means the re-check sees the change.
+    return key{epoch_.load(std::memory_order_acquire)};
+  }
+
+  void cancel_wait() noexcept {
+    // Relaxed: a stale higher count only costs a notifier one spare syscall.
+    waiters_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  // Sleep until a notify after prepare_wait(); always ends the wait.
+  void wait(key k) noexcept {
+    // Acquire: pairs with the release bump in notify, see prepare_wait().
+    while (epoch_.load(std::memory_order_acquire) == k.epoch) futex_wait(epoch_, k.epoch);
+    cancel_wait();
+  }
+
+  // As wait(), giving up at `deadline`; returns false on time-out. Always
+  // ends the wait.
+  bool wait_until(key k, std::chrono::steady_clock::time_point deadline) noexcept {
+    bool woken = true;
+    // Acquire: as in wait().
+    while (epoch_.load(std::memory_order_acquire) == k.epoch) {
+      if (!futex_wait_until(epoch_, k.epoch, deadline)) {
+        woken = false;
+        break;
+      }
+    }
+    cancel_wait();
+    return woken;
+  }
+
+  // Wake one sleeper if there is any. Cost with no sleeper: a compiler
+  // barrier (or one fence without membarrier) and a read of a line that
+  // stays shared in every core's cache.
+  void notify_one() noexcept { notify(1); }
+  void notify_all() noexcept { notify(INT32_MAX); }
+
+  // Whether anybody is between prepare_wait() and the end of its wait.
+  bool has_waiters() const noexcept {
+    // Relaxed: a hint for callers that will notify anyway on a true answer.
+    return waiters_.load(std::memory_order_relaxed) != 0;
+  }
+
+ private:
+  void notify(int count) noexcept {
+    light_fence();
+    // Relaxed: ordered after the caller's publish by light_fence().
+    if (waiters_.load(std::memory_order_relaxed) == 0) return;
+    // Release: a sleeper that reads the new epoch also sees the publish.
+    epoch_.fetch_add(1, std::memory_order_release);
+    futex_wake(epoch_, count);
+  }
+
+  std::atomic<std::uint32_t> epoch_{0};
+  std::atomic<std::uint32_t> waiters_{0};
+};
+
+// Retries `attempt` (a noexcept callable returning bool) with backoff, then
+// parks on `ec` until an attempt succeeds. Whoever makes an attempt succeed
+// must notify `ec` after publishing the change.
+template <class Attempt>
+void spin_then_park(event_count& ec, Attempt&& attempt) noexcept {
+  backoff bo;
+  for (;;) {
+    if (attempt()) return;
+    if (bo.spin()) continue;
+    const auto key = ec.prepare_wait();
+    if (attempt()) {
+      ec.cancel_wait();
+      return;
+    }
+    ec.wait(key);
+    bo.reset();
+  }
+}
+
+}  // namespace runnel::detail

@@ -1,0 +1,261 @@
+// The bounded lock-free MPMC ring under runnel::mpmc_queue, the channels and
+// the pool's injection queue: try-operations only, no waiting.
+//
+// Algorithm: Dmitry Vyukov's bounded MPMC queue. Every cell carries a
+// sequence number that says whose turn it is:
+//   seq == pos          the cell is free for the producer claiming `pos`;
+//   seq == pos + 1      it holds the value pushed at `pos`, ready for the
+//                       consumer claiming `pos`;
+//   seq == pos + cap    free again, for the producer of the next lap.
+// Producers claim positions by CAS on `tail_`, consumers by CAS on `head_`, and
+// the claim happens only after the cell's sequence said the cell is ready, so
+// an operation never waits for another thread: it succeeds or reports
+// full/empty. Values of one producer get increasing positions and each
+// consumer claims increasing positions, so per-producer order holds through
+// any number of wrap-arounds.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "cache_line.hpp"
+#include "ring_common.hpp"
+
+namespace runnel::detail {
+
+template <class T>
+class mpmc_ring {
+  static_assert(ring_element<T>);
+
+  struct alignas(cache_line_size) cell {
+    std::atomic<std::size_t> seq;
+    alignas(T) unsigned char storage[sizeof(T)];
+
+    T* value() noexcept { return std::launder(reinterpret_cast<T*>(storage)); }
+  };
+
+ public:
+  explicit mpmc_ring(std::size_t capacity)
+      : mask_(checked_ring_capacity(capacity, sizeof(cell), "runnel::mpmc_queue") - 1),
+        cells_(new cell[mask_ + 1]) {
+    for (std::size_t i = 0; i <= mask_; ++i) {
+      // Relaxed: the ring is published to other threads by whatever hands
+      // them its address, which happens after construction.
+      cells_[i].seq.store(i, std::memory_order_relaxed);
+    }
+  }
+
+  mpmc_ring(const mpmc_ring&) = delete;
+  mpmc_ring& operator=(const mpmc_ring&) = delete;
+
+  // Destroys the values still queued, each exactly once. No other thread may
+  // use the ring any more.
+  ~mpmc_ring() {
+    if constexpr (!std::is_trivially_destructible_v<T>) {
+      // Relaxed: destruction happens-after every other use of the ring.
+      const std::size_t tail = tail_.load(std::memory_order_relaxed);
+      for (std::size_t pos = head_.load(std::memory_order_relaxed); pos != tail; ++pos) {
+        cell& c = cells_[pos & mask_];
+        if (c.seq.load(std::memory_order_relaxed) == pos + 1) c.value()->~T();
+      }
+    }
+  }
+
+  std::size_t capacity() const noexcept { return mask_ + 1; }
+
+  // Claims one position for a push; nullptr when full. On success the caller
+  // must construct the value in the returned cell and call publish().
+  cell* claim_push(std::size_t& pos) noexcept {
+    // Relaxed: the position is only a guess, validated by the cell's seq.
+    pos = tail_.load(std::memory_order_relaxed);
+    for (;;) {
+      cell& c = cells_[pos & mask_];
+      // Acquire: pairs with the consumer's release in release_pop(), so the
+      // previous lap's value is gone before we construct over it.
+      const std::size_t seq = c.seq.load(std::memory_order_acquire);
+      const auto dif = static_cast<std::intptr_t>(seq - pos);
+      if (dif == 0) {
+        // Relaxed: the claim only needs atomicity; the data hand-over is
+        // ordered by the cell's seq.
+        if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) return &c;
+      } else if (dif < 0) {
+        return nullptr;  // the cell still holds last lap's value: full
+      } else {
+        pos = tail_.load(std::memory_order_relaxed);  // another producer won; retry
+      }
+    }
+  }
+
+  void publish(cell* c, std::size_t pos) noexcept {
+    // Release: the value is constructed before a consumer can see the cell full.
+    c->seq.store(pos + 1, std::memory_order_release);
+  }
+
+  bool try_push(T&& v) noexcept {
+    std::size_t pos;
+    cell* c = claim_push(pos);
+    if (c == nullptr) return false;
+    ::new (static_cast<void*>(c->storage)) T(std::move(v));
+    publish(c, pos);
+    return true;
+  }
+
+  template <class... Args>
+  bool try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args...>) {
+    static_assert(std::is_nothrow_constructible_v<T, Args...>,
+                  "runnel: try_emplace needs a noexcept constructor (the cell is claimed before "
+                  "construction); build the value first and try_push it");
+    std::size_t pos;
+    cell* c = claim_push(pos);
+    if (c == nullptr) return false;
+    ::new (static_cast<void*>(c->storage)) T(std::forward<Args>(args)...);
+    publish(c, pos);
+    return true;
+  }
+
+  // Moves up to n values from first[0..n) with a single claim; returns how
+  // many were moved (a prefix). Values not moved stay with the caller.
+  template <class It>
+  std::size_t try_push_n(It first, std::size_t n) noexcept {
+    if (n == 0) return 0;
+    // Relaxed: as in claim_push().
+    std::size_t pos = tail_.load(std::memory_order_relaxed);
+    std::size_t k;
+    for (;;) {
+      k = 0;
+      std::intptr_t dif = 0;
+      // Count the free cells after pos. Acquire as in claim_push(). The claim
+      // below fails if anyone moved tail_, so what we saw is still ours.
+      while (k < n && k <= mask_) {
+        const std::size_t seq = cells_[(pos + k) & mask_].seq.load(std::memory_order_acquire);
+        dif = static_cast<std::intptr_t>(seq - (pos + k));
+        if (dif != 0) break;
+        ++k;
+      }
+      if (k == 0 && dif < 0) return 0;  // full
+      if (k != 0 && tail_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
+      if (k == 0) pos = tail_.load(std::memory_order_relaxed);
+    }
+    for (std::size_t i = 0; i < k; ++i, ++first) {
+      cell& c = cells_[(pos + i) & mask_];
+      ::new (static_cast<void*>(c.storage)) T(std::move(*first));
+      publish(&c, pos + i);
+    }
+    return k;
+  }
+
+  // Claims one position for a pop; nullptr when empty.
+  cell* claim_pop(std::size_t& pos) noexcept {
+    // Relaxed: a guess validated by the cell's seq.
+    pos = head_.load(std::memory_order_relaxed);
+    for (;;) {
+      cell& c = cells_[pos & mask_];
+      // Acquire: pairs with publish(), so the value is fully constructed.
+      const std::size_t seq = c.seq.load(std::memory_order_acquire);
+      const auto dif = static_cast<std::intptr_t>(seq - (pos + 1));
+      if (dif == 0) {
+        // Relaxed: atomicity only, as in claim_push().
+        if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) return &c;
+      } else if (dif < 0) {
+        return nullptr;  // not yet pushed (or pushed but not yet published): empty
+      } else {
+        pos = head_.load(std::memory_order_relaxed);
+      }
+    }
+  }
+
+  void release_pop(cell* c, std::size_t pos) noexcept {
+    // Release: the value is destroyed before the next lap's producer reuses
+    // the cell.
+    c->seq.store(pos + mask_ + 1, std::memory_order_release);
+  }
+
+  // Pops into `out` by move-assignment.
+  bool try_pop(T& out) noexcept {
+    static_assert(std::is_nothrow_move_assignable_v<T>,
+                  "runnel: try_pop(T&) needs a noexcept move assignment; use the optional<T> form");
+    std::size_t pos;
+    cell* c = claim_pop(pos);
+    if (c == nullptr) return false;
+    T* v = c->value();
+    out = std::move(*v);
+    v->~T();
+    release_pop(c, pos);
+    return true;
+  }
+
+  // Pops by invoking sink(T&&) on the value; sink must not throw.
+  template <class Sink>
+  bool try_consume(Sink&& sink) noexcept {
+    std::size_t pos;
+    cell* c = claim_pop(pos);
+    if (c == nullptr) return false;
+    T* v = c->value();
+    std::forward<Sink>(sink)(std::move(*v));
+    v->~T();
+    release_pop(c, pos);
+    return true;
+  }
+
+  // Pops up to n values with a single claim, handing each to sink(T&&) in
+  // queue order; returns how many. sink must not throw.
+  template <class Sink>
+  std::size_t try_consume_n(Sink&& sink, std::size_t n) noexcept {
+    if (n == 0) return 0;
+    // Relaxed: as in claim_pop().
+    std::size_t pos = head_.load(std::memory_order_relaxed);
+    std::size_t k;
+    for (;;) {
+      k = 0;
+      std::intptr_t dif = 0;
+      // Acquire: pairs with publish() of each counted cell.
+      while (k < n && k <= mask_) {
+        const std::size_t seq = cells_[(pos + k) & mask_].seq.load(std::memory_order_acquire);
+        dif = static_cast<std::intptr_t>(seq - (pos + k + 1));
+        if (dif != 0) break;
+        ++k;
+      }
+      if (k == 0 && dif < 0) return 0;  // empty
+      if (k != 0 && head_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
+      if (k == 0) pos = head_.load(std::memory_order_relaxed);
+    }
+    for (std::size_t i = 0; i < k; ++i) {
+      cell& c = cells_[(pos + i) & mask_];
+      T* v = c.value();
+      sink(std::move(*v));
+      v->~T();
+      release_pop(&c, pos + i);
+    }
+    return k;
+  }
+
+  std::size_t size_approx() const noexcept {
+    // Relaxed: a monitoring snapshot; the two indices are read at different
+    // moments, hence the clamp to [0, capacity].
+    const std::size_t head = head_.load(std::memory_order_relaxed);
+    const std::size_t tail = tail_.load(std::memory_order_relaxed);
+    const auto d = static_cast<std::intptr_t>(tail - head);
+    if (d <= 0) return 0;
+    return static_cast<std::size_t>(d) > capacity() ? capacity() : static_cast<std::size_t>(d);
+  }
+
+ private:
+  // Read-only after construction; own line so the hot indices do not share it.
+  alignas(false_sharing_range) const std::size_t mask_;
+  const std::unique_ptr<cell[]> cells_;
+  // Written by producers only.
+  alignas(false_sharing_range) std::atomic<std::size_t> tail_{0};
+  // Written by consumers only.
+  alignas(false_sharing_range) std::atomic<std::size_t> head_{0};
+  char pad_[false_sharing_range - sizeof(std::atomic<std::size_t>)]{};
+};
+
+}  // namespace runnel::detail

@@ -1,0 +1,147 @@
+// runnel::mpmc_queue<T>: a bounded lock-free multi-producer multi-consumer
+// queue with try, bulk and blocking operations.
+//
+// Guarantees
+// - Every value accepted by a push is popped exactly once (or destroyed by
+//   ~mpmc_queue if still queued); a push that fails leaves the value with the
+//   caller.
+// - Values pushed by one thread leave the queue in that thread's order, and
+//   each consumer sees them in that order, through any number of laps.
+// - try_* and *_n never wait for another thread. push()/pop() spin briefly,
+//   then sleep on a futex; a thread that never sleeps pays no syscall, and a
+//   push or pop with nobody asleep pays no atomic read-modify-write for
+//   waking (see detail/event_count.hpp).
+// - Capacity is rounded up to a power of two; capacity() reports the real one.
+//   0 throws std::invalid_argument, a size whose storage would overflow
+//   std::length_error.
+// - T is any type with a noexcept move constructor and destructor (checked at
+//   compile time): move-only and non-default-constructible types are fine, no
+//   value is reserved.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#include "detail/event_count.hpp"
+#include "detail/mpmc_ring.hpp"
+
+namespace runnel {
+
+template <class T>
+class mpmc_queue {
+ public:
+  using value_type = T;
+
+  explicit mpmc_queue(std::size_t capacity) : ring_(capacity) {}
+  mpmc_queue(const mpmc_queue&) = delete;
+  mpmc_queue& operator=(const mpmc_queue&) = delete;
+
+  // ---- non-blocking ---------------------------------------------------
+
+  // Moves v in and returns true, or returns false (queue full) and leaves v
+  // untouched.
+  bool try_push(T&& v) noexcept {
+    if (!ring_.try_push(std::move(v))) return false;
+    not_empty_.notify_one();
+    return true;
+  }
+
+  // Copies v in; the copy is made before the slot is claimed, so a throwing
+  // copy constructor leaves the queue unchanged.
+  bool try_push(const T& v) requires std::is_copy_constructible_v<T> {
+    T copy(v);
+    return try_push(std::move(copy));
+  }
+
+  // Constructs in place. Requires a noexcept constructor for Args: the slot
+  // is claimed before construction and could not be given back.
+  template <class... Args>
+  bool try_emplace(Args&&... args) noexcept {
+    if (!ring_.try_emplace(std::forward<Args>(args)...)) return false;
+    not_empty_.notify_one();
+    return true;
+  }
+
+  bool try_pop(T& out) noexcept {
+    if (!ring_.try_pop(out)) return false;
+    not_full_.notify_one();
+    return true;
+  }
+
+  std::optional<T> try_pop() noexcept {
+    std::optional<T> out;
+    if (ring_.try_consume([&out](T&& v) noexcept { out.emplace(std::move(v)); })) not_full_.notify_one();
+    return out;
+  }
+
+  // Moves up to n values from the range starting at first, with one claim of
+  // the tail; returns how many were moved (always a prefix of the range).
+  template <class InputIt>
+  std::size_t try_push_n(InputIt first, std::size_t n) noexcept {
+    const std::size_t k = ring_.try_push_n(first, n);
+    if (k != 0) k == 1 ? not_empty_.notify_one() : not_empty_.notify_all();
+    return k;
+  }
+
+  // Pops up to n values into *out, *(out+1), ... (any output iterator whose
+  // assignment is noexcept); returns how many.
+  template <class OutputIt>
+  std::size_t try_pop_n(OutputIt out, std::size_t n) noexcept {
+    static_assert(noexcept(*out = std::declval<T&&>()),
+                  "runnel: try_pop_n needs a noexcept assignment through the output iterator; a "
+                  "throwing one would lose values that were already claimed");
+    const std::size_t k = ring_.try_consume_n(
+        [&out](T&& v) noexcept {
+          *out = std::move(v);
+          ++out;
+        },
+        n);
+    if (k != 0) k == 1 ? not_full_.notify_one() : not_full_.notify_all();
+    return k;
+  }
+
+  // ---- blocking (for threads that may wait) ---------------------------
+
+  void push(T&& v) noexcept {
+    detail::spin_then_park(not_full_, [&] { return ring_.try_push(std::move(v)); });
+    not_empty_.notify_one();
+  }
+
+  void push(const T& v) requires std::is_copy_constructible_v<T> {
+    T copy(v);
+    push(std::move(copy));
+  }
+
+  template <class... Args>
+  void emplace(Args&&... args) noexcept {
+    detail::spin_then_park(not_full_, [&] { return ring_.try_emplace(std::forward<Args>(args)...); });
+    not_empty_.notify_one();
+  }
+
+  T pop() noexcept {
+    std::optional<T> out;
+    detail::spin_then_park(not_empty_, [&] {
+      return ring_.try_consume([&out](T&& v) noexcept { out.emplace(std::move(v)); });
+    });
+    not_full_.notify_one();
+    return std::move(*out);
+  }
+
+  // ---- observers ------------------------------------------------------
+
+  std::size_t capacity() const noexcept { return ring_.capacity(); }
+  // A snapshot that may be stale by the time it is read.
+  std::size_t size_approx() const noexcept { return ring_.size_approx(); }
+  bool empty_approx() const noexcept { return size_approx() == 0; }
+
+ private:
+  detail::mpmc_ring<T> ring_;
+  // Consumers sleep on not_empty_, producers on not_full_; each on its own
+  // line so a sleeper's count update does not disturb the other side.
+  alignas(detail::false_sharing_range) detail::event_count not_empty_;
+  alignas(detail::false_sharing_range) detail::event_count not_full_;
+};
+
+}  // namespace runnel
