@@ -23,19 +23,21 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-// Spin with doubling pause counts, then a few scheduler yields (on an
-// oversubscribed machine the thread we wait for may need our core), then
-// report `should_park()`. The whole budget is a few microseconds of pauses
-// plus `yield_limit` yields, which bounds idle burn before sleeping.
+// Spin with doubling pause counts (capped, so that the condition is still
+// re-checked often), then a few scheduler yields (on an oversubscribed
+// machine the thread we wait for may need our core), then report
+// `should_park()`. With the defaults the spin phase is a few hundred pauses,
+// on the order of 10-50 microseconds, which bounds idle burn before sleeping.
 class backoff {
  public:
-  explicit backoff(std::uint32_t spin_limit = 6, std::uint32_t yield_limit = 4) noexcept
+  explicit backoff(std::uint32_t spin_limit = 32, std::uint32_t yield_limit = 4) noexcept
       : spin_limit_(spin_limit), yield_limit_(yield_limit) {}
 
   // Wait a little; returns false once the budget is spent.
   bool spin() noexcept {
     if (step_ < spin_limit_) {
-      for (std::uint32_t i = 0, n = 1u << step_; i < n; ++i) cpu_relax();
+      const std::uint32_t pauses = step_ < max_pause_shift ? 1u << step_ : 1u << max_pause_shift;
+      for (std::uint32_t i = 0; i < pauses; ++i) cpu_relax();
     } else if (step_ < spin_limit_ + yield_limit_) {
       std::this_thread::yield();
     } else {
@@ -49,6 +51,7 @@ class backoff {
   void reset() noexcept { step_ = 0; }
 
  private:
+  static constexpr std::uint32_t max_pause_shift = 4;  // at most 16 pauses between checks
   std::uint32_t spin_limit_;
   std::uint32_t yield_limit_;
   std::uint32_t step_ = 0;
