@@ -11,7 +11,9 @@
 //   then sleep on a futex; a thread that never sleeps pays no syscall, and a
 //   push or pop with nobody asleep pays no atomic read-modify-write for
 //   waking (see detail/event_count.hpp).
-// - Capacity is rounded up to a power of two; capacity() reports the real one.
+// - Capacity is rounded up to a power of two, and to at least 2 (the
+//   per-cell sequence numbers cannot tell full from free in a one-cell
+//   ring); capacity() reports the real one.
 //   0 throws std::invalid_argument, a size whose storage would overflow
 //   std::length_error.
 // - T is any type with a noexcept move constructor and destructor (checked at

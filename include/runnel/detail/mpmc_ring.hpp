@@ -43,8 +43,12 @@ class mpmc_ring {
   };
 
  public:
+  // At least two cells: with one, "holds the value pushed at pos" (seq ==
+  // pos + 1) and "free for the producer of the next lap" (seq == pos + cap)
+  // are the same number, so a second push would overwrite an unpopped value.
+  // A request for 1 therefore gets 2, which capacity() reports.
   explicit mpmc_ring(std::size_t capacity)
-      : mask_(checked_ring_capacity(capacity, sizeof(cell), "runnel::mpmc_queue") - 1),
+      : mask_((capacity == 1 ? 2 : checked_ring_capacity(capacity, sizeof(cell), "runnel::mpmc_queue")) - 1),
         cells_(new cell[mask_ + 1]) {
     for (std::size_t i = 0; i <= mask_; ++i) {
       // Relaxed: the ring is published to other threads by whatever hands
