@@ -1,0 +1,201 @@
+#include "runnel/task_group.hpp"
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runnel/thread_pool.hpp"
+#include "test_support.hpp"
+
+using runnel::task_group;
+using runnel::thread_pool;
+
+namespace {
+
+// One task per call: both recursive calls are group tasks.
+std::uint64_t fib(thread_pool& pool, int n) {
+  if (n < 2) return static_cast<std::uint64_t>(n);
+  std::uint64_t a = 0, b = 0;
+  task_group g{pool};
+  g.run([&] { a = fib(pool, n - 1); });
+  g.run([&] { b = fib(pool, n - 2); });
+  g.wait();
+  return a + b;
+}
+
+std::uint64_t fib_serial(int n) {
+  std::uint64_t a = 0, b = 1;
+  for (int i = 0; i < n; ++i) {
+    const std::uint64_t t = a + b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("fork-join fib is correct on 1, 2 and 8 workers", "[group]") {
+  const int n = runnel_test::under_sanitizer ? 17 : 25;
+  for (std::size_t threads : {1, 2, 8}) {
+    INFO("threads " << threads);
+    thread_pool pool{{.threads = threads, .pin = false}};
+    std::uint64_t r = 0;
+    // From inside the pool (the usual way) ...
+    r = pool.submit([&] { return fib(pool, n); }).get();
+    CHECK(r == fib_serial(n));
+    // ... and with the root wait() on an outside thread.
+    CHECK(fib(pool, n - 3) == fib_serial(n - 3));
+    pool.wait_idle();
+  }
+}
+
+TEST_CASE("deep fork-join fib(32) on one worker neither overflows nor deadlocks", "[group][deep]") {
+  const int n = runnel_test::under_sanitizer ? 20 : 32;
+  for (std::size_t threads : {1, 2}) {
+    INFO("threads " << threads);
+    thread_pool pool{{.threads = threads, .pin = false}};
+    CHECK(pool.submit([&] { return fib(pool, n); }).get() == fib_serial(n));
+  }
+}
+
+TEST_CASE("a deep chain of nested waits completes (bounded helping depth)", "[group][deep]") {
+  // Each level waits on a group whose only task is the next level, so every
+  // level is a nested wait; with stealing allowed everywhere this would be
+  // the worst case for stack growth.
+  const int depth = runnel_test::under_sanitizer ? 500 : 3000;
+  for (std::size_t threads : {1, 2, 4}) {
+    thread_pool pool{{.threads = threads, .pin = false}};
+    std::atomic<int> reached{0};
+    std::function<void(int)> level = [&](int d) {
+      reached.fetch_add(1, std::memory_order_relaxed);
+      if (d == 0) return;
+      task_group g{pool};
+      g.run([&level, d] { level(d - 1); });
+      g.wait();
+    };
+    pool.submit([&] { level(depth); }).get();
+    CHECK(reached.load() == depth + 1);
+  }
+}
+
+TEST_CASE("wait rethrows the first exception; the group is reusable", "[group][errors]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  task_group g{pool};
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 100; ++i) {
+    g.run([&ran, i] {
+      ++ran;
+      if (i % 10 == 3) throw std::runtime_error("task " + std::to_string(i));
+    });
+  }
+  std::string what;
+  try {
+    g.wait();
+  } catch (const std::runtime_error& e) {
+    what = e.what();
+  }
+  CHECK(ran.load() == 100);  // every task ran despite the failures
+  CHECK(what.rfind("task ", 0) == 0);
+  // Reuse after a failure: clean.
+  g.run([&ran] { ++ran; });
+  CHECK_NOTHROW(g.wait());
+  CHECK(ran.load() == 101);
+  CHECK(pool.error_count() == 0);  // group exceptions do not reach the pool handler
+}
+
+TEST_CASE("exceptions propagate through nested groups", "[group][errors]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  auto f = pool.submit([&] {
+    task_group outer{pool};
+    outer.run([&] {
+      task_group inner{pool};
+      inner.run([] { throw std::out_of_range("inner"); });
+      inner.wait();  // rethrows inside the outer task
+    });
+    outer.wait();
+  });
+  CHECK_THROWS_AS(f.get(), std::out_of_range);
+}
+
+TEST_CASE("nested groups and tasks that run more tasks in the same group", "[group]") {
+  const int width = runnel_test::under_sanitizer ? 20 : 100;
+  for (std::size_t threads : {1, 3}) {
+    thread_pool pool{{.threads = threads, .pin = false}};
+    std::atomic<int> leaves{0};
+    auto total = pool.submit([&] {
+      task_group outer{pool};
+      for (int i = 0; i < width; ++i) {
+        outer.run([&] {
+          task_group inner{pool};
+          for (int j = 0; j < width; ++j) inner.run([&] { ++leaves; });
+          inner.wait();
+          // Spawn into the outer group from one of its own tasks.
+          outer.run([&] { ++leaves; });
+        });
+      }
+      outer.wait();
+      return leaves.load();
+    });
+    CHECK(total.get() == width * width + width);
+  }
+}
+
+TEST_CASE("wait from threads outside the pool", "[group]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  const int per_thread = static_cast<int>(runnel_test::scaled(20'000));
+  std::atomic<int> ran{0};
+  runnel_test::run_threads(3, [&](std::size_t) {
+    task_group g{pool};
+    for (int i = 0; i < per_thread; ++i) g.run([&ran] { ran.fetch_add(1, std::memory_order_relaxed); });
+    g.wait();
+  });
+  CHECK(ran.load() == 3 * per_thread);
+  // A group whose tasks take a while: the outside waiter must sleep, not miss the end.
+  task_group g{pool};
+  std::atomic<bool> done{false};
+  g.run([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    done = true;
+  });
+  g.wait();
+  CHECK(done.load());
+}
+
+TEST_CASE("the destructor waits for the group and swallows its exception", "[group]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  std::atomic<int> ran{0};
+  {
+    task_group g{pool};
+    for (int i = 0; i < 1000; ++i) g.run([&ran] { ++ran; });
+    g.run([] { throw std::runtime_error("ignored"); });
+  }
+  CHECK(ran.load() == 1000);
+  CHECK(pool.error_count() == 0);
+}
+
+TEST_CASE("a waiting worker sleeps while the group's task runs elsewhere", "[group]") {
+  // Worker A waits on a task that worker B runs for a while; A must be woken
+  // by the group's last task, not by polling luck.
+  thread_pool pool{{.threads = 2, .pin = false, .spin_rounds = 2}};
+  for (int round = 0; round < 20; ++round) {
+    auto f = pool.submit([&] {
+      task_group g{pool};
+      std::atomic<bool> started{false};
+      g.run([&] {
+        started = true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      });
+      g.run([&] {
+        while (!started.load()) std::this_thread::yield();  // let the other be stolen
+      });
+      g.wait();
+      return started.load();
+    });
+    CHECK(f.get());
+  }
+}

@@ -1,0 +1,449 @@
+#include "runnel/thread_pool.hpp"
+
+#include <pthread.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <optional>
+#include <tuple>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_support.hpp"
+
+using runnel::pool_options;
+using runnel::thread_pool;
+using runnel_test::scaled;
+
+namespace {
+
+double process_cpu_seconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+// A gate a task can block on (in tests only: blocking a worker on purpose).
+struct gate {
+  std::mutex m;
+  std::condition_variable cv;
+  bool open = false;
+  void wait() {
+    std::unique_lock lock(m);
+    cv.wait(lock, [&] { return open; });
+  }
+  void release() {
+    {
+      std::lock_guard lock(m);
+      open = true;
+    }
+    cv.notify_all();
+  }
+};
+
+std::string current_thread_name() {
+  char buf[32] = {};
+  ::pthread_getname_np(::pthread_self(), buf, sizeof buf);
+  return buf;
+}
+
+}  // namespace
+
+TEST_CASE("posted tasks from several outside threads run exactly once", "[pool]") {
+  const std::size_t producers = 4;
+  const std::size_t per_producer = scaled(250'000);
+  std::vector<std::atomic<std::uint8_t>> runs(producers * per_producer);
+  for (auto& r : runs) r.store(0);
+  {
+    thread_pool pool{{.threads = 2, .pin = false}};
+    runnel_test::run_threads(producers, [&](std::size_t p) {
+      for (std::size_t i = 0; i < per_producer; ++i) {
+        pool.post([&runs, k = p * per_producer + i] { runs[k].fetch_add(1, std::memory_order_relaxed); });
+      }
+    });
+    pool.wait_idle();
+    std::size_t once = 0, other = 0;
+    for (auto& r : runs) (r.load() == 1 ? once : other)++;
+    CHECK(once == runs.size());
+    CHECK(other == 0);
+    CHECK(pool.error_count() == 0);
+  }
+  for (auto& r : runs) REQUIRE(r.load() == 1);  // nothing ran twice during destruction
+}
+
+TEST_CASE("a tiny injection ring overflows without dropping and keeps FIFO order", "[pool]") {
+  const std::size_t n = scaled(20'000);
+  std::vector<std::size_t> order;
+  order.reserve(n);
+  gate g;
+  thread_pool pool{{.threads = 1, .pin = false, .injection_capacity = 4}};
+  pool.post([&g] { g.wait(); });
+  for (std::size_t i = 0; i < n; ++i) pool.post([&order, i] { order.push_back(i); });
+  g.release();
+  pool.wait_idle();
+  REQUIRE(order.size() == n);
+  for (std::size_t i = 0; i < n; ++i) REQUIRE(order[i] == i);
+}
+
+TEST_CASE("submit delivers values and exceptions through the future", "[pool]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  auto f1 = pool.submit([] { return 6 * 7; });
+  auto f2 = pool.submit([] { throw std::runtime_error("boom"); });
+  auto f3 = pool.submit([p = std::make_unique<int>(5)] { return *p + 1; });  // move-only
+  std::atomic<int> side{0};
+  auto f4 = pool.submit([&side] { side = 9; });
+  CHECK(f1.get() == 42);
+  CHECK_THROWS_WITH(f2.get(), "boom");
+  CHECK(f3.get() == 6);
+  f4.get();
+  CHECK(side.load() == 9);
+  pool.wait_idle();
+  CHECK(pool.error_count() == 0);  // exceptions in submit() go to the future only
+}
+
+TEST_CASE("the error handler receives every posted-task exception and the count is exact", "[pool]") {
+  std::mutex m;
+  std::vector<std::string> messages;
+  const int throwers = 1000;
+  std::atomic<int> normal{0};
+  thread_pool pool{{.threads = 2, .pin = false, .on_error = [&](std::exception_ptr e) {
+                      try {
+                        std::rethrow_exception(e);
+                      } catch (const std::exception& ex) {
+                        std::lock_guard lock(m);
+                        messages.emplace_back(ex.what());
+                      }
+                    }}};
+  for (int i = 0; i < throwers; ++i) {
+    pool.post([i] { throw std::runtime_error("task " + std::to_string(i)); });
+    pool.post([&normal] { ++normal; });
+  }
+  pool.wait_idle();
+  CHECK(pool.error_count() == static_cast<std::uint64_t>(throwers));
+  CHECK(normal.load() == throwers);  // workers survive the exceptions
+  std::lock_guard lock(m);
+  REQUIRE(messages.size() == static_cast<std::size_t>(throwers));
+  std::set<std::string> distinct(messages.begin(), messages.end());
+  CHECK(distinct.size() == static_cast<std::size_t>(throwers));
+  CHECK(distinct.count("task 0") == 1);
+  CHECK(distinct.count("task 999") == 1);
+}
+
+TEST_CASE("the default error handler keeps the worker alive; a throwing handler is survived", "[pool]") {
+  std::atomic<int> after{0};
+  {
+    thread_pool pool{{.threads = 1, .pin = false}};
+    pool.post([] { throw std::logic_error("expected test exception (default handler prints this)"); });
+    pool.post([] { throw 7; });
+    pool.post([&after] { ++after; });
+    pool.wait_idle();
+    CHECK(pool.error_count() == 2);
+    CHECK(after.load() == 1);
+  }
+  {
+    thread_pool pool{{.threads = 1, .pin = false, .on_error = [](std::exception_ptr) { throw 1; }}};
+    pool.post([] { throw 2; });
+    pool.post([&after] { ++after; });
+    pool.wait_idle();
+    CHECK(pool.error_count() == 1);
+    CHECK(after.load() == 2);
+  }
+}
+
+namespace {
+// Each task posts `fanout` children down to `depth`; returns the node count.
+std::size_t tree_size(std::size_t fanout, std::size_t depth) {
+  std::size_t total = 0, level = 1;
+  for (std::size_t d = 0; d <= depth; ++d, level *= fanout) total += level;
+  return total;
+}
+void spawn_tree(thread_pool& pool, std::atomic<std::size_t>& count, std::size_t fanout, std::size_t depth) {
+  count.fetch_add(1, std::memory_order_relaxed);
+  if (depth == 0) return;
+  for (std::size_t i = 0; i < fanout; ++i)
+    pool.post([&pool, &count, fanout, depth] { spawn_tree(pool, count, fanout, depth - 1); });
+}
+}  // namespace
+
+TEST_CASE("tasks may post more tasks; current() and is_worker() identify the pool", "[pool]") {
+  const std::size_t depth = runnel_test::under_sanitizer ? 9 : 14;
+  for (std::size_t threads : {1, 2, 4}) {
+    thread_pool pool{{.threads = threads, .pin = false}};
+    std::atomic<std::size_t> count{0};
+    pool.post([&] { spawn_tree(pool, count, 2, depth); });
+    pool.wait_idle();
+    CHECK(count.load() == tree_size(2, depth));
+
+    CHECK_FALSE(pool.is_worker());
+    CHECK(thread_pool::current() == nullptr);
+    thread_pool other{{.threads = 1, .pin = false}};
+    auto f = pool.submit([&] {
+      return std::make_tuple(pool.is_worker(), thread_pool::current() == &pool, other.is_worker());
+    });
+    CHECK(f.get() == std::make_tuple(true, true, false));
+    auto g = pool.submit([&] {
+      bool threw = false;
+      try {
+        pool.wait_idle();
+      } catch (const std::logic_error&) {
+        threw = true;
+      }
+      return threw;
+    });
+    CHECK(g.get());
+  }
+}
+
+TEST_CASE("post_fair tasks are not starved by a worker whose deque keeps refilling", "[pool]") {
+  thread_pool pool{{.threads = 1, .pin = false}};
+  std::atomic<bool> fair_ran{false};
+  std::atomic<long> spins_before_fair{-1};
+  const long cap = 1'000'000;
+  std::atomic<long> spins{0};
+  gate g;
+  // The spinner re-posts itself to the worker's own deque until the fair
+  // task has run (or a cap is hit, which would mean starvation).
+  std::function<void()> spinner = [&] {
+    const long s = spins.fetch_add(1) + 1;
+    if (s == 1) g.release();
+    if (fair_ran.load() || s >= cap) return;
+    pool.post(spinner);
+  };
+  pool.post(spinner);
+  g.wait();  // the spinner is running on the only worker
+  pool.post_fair([&] {
+    spins_before_fair = spins.load();
+    fair_ran = true;
+  });
+  pool.wait_idle();
+  CHECK(fair_ran.load());
+  CHECK(spins_before_fair.load() < cap);
+}
+
+TEST_CASE("post_fair from inside a task queues behind the shared FIFO", "[pool]") {
+  thread_pool pool{{.threads = 1, .pin = false}};
+  std::vector<int> order;
+  gate g;
+  pool.post([&] { g.wait(); });
+  pool.post([&] {
+    order.push_back(1);
+    pool.post_fair([&] { order.push_back(3); });  // behind 2, already waiting
+  });
+  pool.post([&] { order.push_back(2); });
+  g.release();
+  pool.wait_idle();
+  CHECK(order == std::vector<int>{1, 2, 3});
+}
+
+TEST_CASE("destruction runs everything already posted, including follow-ups", "[pool]") {
+  const std::size_t n = scaled(200'000);
+  for (std::size_t threads : {1, 2, 3}) {
+    std::atomic<std::size_t> ran{0};
+    {
+      thread_pool pool{{.threads = threads, .pin = false, .injection_capacity = 1024}};
+      for (std::size_t i = 0; i < n; ++i) {
+        if (i % 100 == 0) {
+          pool.post([&ran, &pool] {
+            ran.fetch_add(1, std::memory_order_relaxed);
+            pool.post([&ran] { ran.fetch_add(1, std::memory_order_relaxed); });
+            pool.post_fair([&ran] { ran.fetch_add(1, std::memory_order_relaxed); });
+          });
+        } else {
+          pool.post([&ran] { ran.fetch_add(1, std::memory_order_relaxed); });
+        }
+      }
+    }  // destroyed with most of the work still queued
+    CHECK(ran.load() == n + 2 * (n / 100));
+  }
+}
+
+TEST_CASE("workers are named and pinned to the allowed CPUs in order", "[pool][affinity]") {
+  const std::vector<int> allowed = runnel::detail::affinity_cpus();
+  REQUIRE_FALSE(allowed.empty());
+  const std::size_t n = allowed.size() + 1;  // one more than CPUs: round-robin
+  thread_pool pool{{.threads = n, .pin = true, .name_prefix = "pintest"}};
+  REQUIRE(pool.size() == n);
+  REQUIRE(pool.cpus().size() == n);
+  for (std::size_t i = 0; i < n; ++i) CHECK(pool.cpus()[i] == allowed[i % allowed.size()]);
+
+  std::mutex m;
+  std::map<std::string, std::set<int>> seen;  // thread name -> CPUs observed
+  for (int i = 0; i < 2000; ++i) {
+    pool.post([&] {
+      const int cpu = ::sched_getcpu();
+      std::lock_guard lock(m);
+      seen[current_thread_name()].insert(cpu);
+    });
+  }
+  pool.wait_idle();
+  REQUIRE_FALSE(seen.empty());
+  for (const auto& [name, cpus] : seen) {
+    INFO("thread " << name);
+    REQUIRE(name.rfind("pintest-", 0) == 0);
+    const std::size_t index = std::stoul(name.substr(8));
+    REQUIRE(index < n);
+    REQUIRE(cpus.size() == 1);
+    CHECK(*cpus.begin() == pool.cpus()[index]);
+  }
+
+  thread_pool unpinned{{.threads = 2, .pin = false}};
+  CHECK(unpinned.cpus().empty());
+  CHECK(unpinned.size() == 2);
+}
+
+TEST_CASE("an affinity mask of one CPU gives a one-worker pool on that CPU", "[pool][affinity]") {
+  const std::vector<int> allowed = runnel::detail::affinity_cpus();
+  cpu_set_t saved;
+  CPU_ZERO(&saved);
+  REQUIRE(::sched_getaffinity(0, sizeof saved, &saved) == 0);
+  const int cpu = allowed.back();
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  REQUIRE(::sched_setaffinity(0, sizeof one, &one) == 0);
+  std::size_t size = 0;
+  std::vector<int> cpus;
+  int observed = -1;
+  std::vector<int> discovered;
+  try {
+    discovered = runnel::detail::affinity_cpus();
+    thread_pool pool;  // defaults: threads from the mask, pinned
+    size = pool.size();
+    cpus = pool.cpus();
+    observed = pool.submit([] { return ::sched_getcpu(); }).get();
+  } catch (...) {
+    ::sched_setaffinity(0, sizeof saved, &saved);
+    throw;
+  }
+  REQUIRE(::sched_setaffinity(0, sizeof saved, &saved) == 0);
+  CHECK(discovered == std::vector<int>{cpu});
+  CHECK(size == 1);
+  CHECK(cpus == std::vector<int>{cpu});
+  CHECK(observed == cpu);
+  CHECK(runnel::detail::affinity_cpus() == allowed);  // restored
+}
+
+TEST_CASE("cgroup quota parsing", "[pool][cgroup]") {
+  namespace cg = runnel::detail::cgroup;
+  CHECK_FALSE(cg::parse_cpu_max("max 100000\n").has_value());
+  CHECK(cg::parse_cpu_max("200000 100000\n") == Approx(2.0));
+  CHECK(cg::parse_cpu_max("150000 100000") == Approx(1.5));
+  CHECK(cg::parse_cpu_max("50000 100000") == Approx(0.5));
+  CHECK_FALSE(cg::parse_cpu_max("").has_value());
+  CHECK_FALSE(cg::parse_cpu_max("garbage").has_value());
+  CHECK_FALSE(cg::parse_cpu_max("100000 0").has_value());
+  CHECK_FALSE(cg::parse_cpu_max("12x 100000").has_value());
+
+  CHECK_FALSE(cg::parse_cfs_quota("-1\n", "100000\n").has_value());
+  CHECK(cg::parse_cfs_quota("300000\n", "100000\n") == Approx(3.0));
+  CHECK_FALSE(cg::parse_cfs_quota("abc", "100000").has_value());
+  CHECK_FALSE(cg::parse_cfs_quota("100000", "0").has_value());
+
+  CHECK(cg::cpus_for_limit(0.5) == 1);
+  CHECK(cg::cpus_for_limit(1.0) == 1);
+  CHECK(cg::cpus_for_limit(1.5) == 2);
+  CHECK(cg::cpus_for_limit(4.0) == 4);
+
+  CHECK(runnel::detail::default_worker_count(8, std::nullopt) == 8);
+  CHECK(runnel::detail::default_worker_count(8, 2.5) == 3);
+  CHECK(runnel::detail::default_worker_count(2, 16.0) == 2);
+  CHECK(runnel::detail::default_worker_count(8, 0.2) == 1);
+
+  const std::string v2 = "0::/user.slice/app.scope\n";
+  const std::string v1 = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n";
+  CHECK(cg::find_cgroup_path(v2, "") == std::optional<std::string>("/user.slice/app.scope"));
+  CHECK_FALSE(cg::find_cgroup_path(v2, "cpu").has_value());
+  CHECK(cg::find_cgroup_path(v1, "cpu") == std::optional<std::string>("/docker/abc"));
+  CHECK_FALSE(cg::find_cgroup_path(v1, "").has_value());
+  CHECK_FALSE(cg::find_cgroup_path(v1, "cpuset").has_value());
+}
+
+TEST_CASE("cgroup limit discovery from a file tree", "[pool][cgroup]") {
+  namespace cg = runnel::detail::cgroup;
+  char tmpl[] = "/tmp/runnel_cgroup_XXXXXX";
+  REQUIRE(::mkdtemp(tmpl) != nullptr);
+  const std::string root = tmpl;
+  auto write = [](const std::string& path, const std::string& text) {
+    std::ofstream(path) << text;
+  };
+  auto mkdir = [](const std::string& path) { ::mkdir(path.c_str(), 0700); };
+
+  // v2: the leaf has no limit, its parent allows 2.5 CPUs, the root none.
+  mkdir(root + "/user.slice");
+  mkdir(root + "/user.slice/app.scope");
+  write(root + "/cpu.max", "max 100000\n");
+  write(root + "/user.slice/cpu.max", "250000 100000\n");
+  write(root + "/user.slice/app.scope/cpu.max", "max 100000\n");
+  CHECK(cg::cpu_limit_at(root, "0::/user.slice/app.scope\n") == Approx(2.5));
+  // A tighter leaf wins.
+  write(root + "/user.slice/app.scope/cpu.max", "100000 100000\n");
+  CHECK(cg::cpu_limit_at(root, "0::/user.slice/app.scope\n") == Approx(1.0));
+  // Namespaced container: path "/" and the limit at the mount root.
+  write(root + "/cpu.max", "300000 100000\n");
+  CHECK(cg::cpu_limit_at(root, "0::/\n") == Approx(3.0));
+  write(root + "/cpu.max", "max 100000\n");
+  CHECK_FALSE(cg::cpu_limit_at(root, "0::/\n").has_value());
+
+  // v1: cpu,cpuacct controller.
+  mkdir(root + "/cpu,cpuacct");
+  mkdir(root + "/cpu,cpuacct/docker");
+  mkdir(root + "/cpu,cpuacct/docker/abc");
+  write(root + "/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "150000\n");
+  write(root + "/cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n");
+  CHECK(cg::cpu_limit_at(root, "4:cpu,cpuacct:/docker/abc\n") == Approx(1.5));
+  write(root + "/cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n");
+  CHECK_FALSE(cg::cpu_limit_at(root, "4:cpu,cpuacct:/docker/abc\n").has_value());
+  CHECK_FALSE(cg::cpu_limit_at(root + "/nonexistent", "0::/\n").has_value());
+
+  std::system(("rm -rf '" + root + "'").c_str());
+
+  // The live process: whatever the limit, the default pool respects it.
+  const auto limit = cg::process_cpu_limit();
+  const std::size_t expected = runnel::detail::default_worker_count(runnel::detail::affinity_cpus().size(), limit);
+  thread_pool pool{{.pin = false}};
+  CHECK(pool.size() == expected);
+}
+
+TEST_CASE("an idle pool uses almost no CPU", "[pool][idle]") {
+  thread_pool pool{{.pin = false}};
+  std::atomic<int> ran{0};
+  for (int i = 0; i < 10000; ++i) pool.post([&ran] { ++ran; });
+  pool.wait_idle();
+  REQUIRE(ran.load() == 10000);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let spinning end
+  const double before = process_cpu_seconds();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const double used = process_cpu_seconds() - before;
+  INFO("CPU seconds over 0.5 s idle: " << used);
+  CHECK(used < 0.1);  // < 20% of one core; a spinning pool would use ~100% per worker
+}
+
+TEST_CASE("no lost wake-ups: tasks posted while workers fall asleep always run", "[pool]") {
+  // Short spin budget so workers park between almost every post.
+  thread_pool pool{{.threads = 2, .pin = false, .spin_rounds = 0}};
+  const int rounds = static_cast<int>(scaled(20'000));
+  for (int i = 0; i < rounds; ++i) {
+    auto f = pool.submit([i] { return i; });
+    REQUIRE(f.get() == i);  // would hang (ctest timeout) on a lost wake-up
+    if (i % 1000 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  pool.wait_idle();
+}
