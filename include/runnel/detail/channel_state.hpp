@@ -1,0 +1,274 @@
+// The shared state behind runnel::sender / runnel::receiver and the
+// pipeline's internal channels: a lock-free ring, a closed flag with an
+// in-flight-sender count, and two kinds of waiters per direction (threads
+// sleeping on an event_count, pool tasks parked in a task_waiters list).
+//
+// The close race. A send checks "closed?" and then pushes; close() may run in
+// between. If a receiver could then see "closed and empty" before the push
+// lands, the value would be delivered after the end was reported (or never).
+// So a send announces itself in the same atomic word that holds the closed
+// bit (state_ = in_flight * 2 | closed) before it looks at the bit, and
+// withdraws after its push is published:
+//   - a send whose announcement precedes close() in state_'s modification
+//     order completes its push before it withdraws;
+//   - a send whose announcement follows close() sees the bit and fails,
+//     keeping its value;
+//   - a receiver reports "closed and drained" only after it saw the bit set
+//     with no send in flight *and* then found the ring empty; everything
+//     pushed by announced sends was published before their withdrawal, which
+//     that read synchronises with.
+// A withdrawal that finds the bit set wakes every receiver, since one of them
+// may have seen "closed, but a send is in flight" and gone back to sleep.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+#include "event_count.hpp"
+#include "mpmc_ring.hpp"
+#include "task_waiters.hpp"
+
+namespace runnel {
+
+enum class channel_status {
+  ok,       // the operation moved a value
+  full,     // try_send: no space right now
+  empty,    // try_recv: nothing right now, but the channel is open
+  closed,   // send: the channel is closed; recv: closed and drained
+  timeout,  // *_for: the time ran out
+};
+
+}  // namespace runnel
+
+namespace runnel::detail {
+
+template <class T>
+class channel_state {
+ public:
+  explicit channel_state(std::size_t capacity) : ring_(capacity) {}
+  channel_state(const channel_state&) = delete;
+  channel_state& operator=(const channel_state&) = delete;
+
+  std::size_t capacity() const noexcept { return ring_.capacity(); }
+  std::size_t size_approx() const noexcept { return ring_.size_approx(); }
+
+  bool is_closed() const noexcept { return (state_.load() & closed_bit) != 0; }
+
+  // Closes the channel (idempotent) and wakes every waiter on both sides.
+  void close() noexcept {
+    const std::uint64_t prev = state_.fetch_or(closed_bit);
+    if ((prev & closed_bit) != 0) return;
+    wake_all();
+  }
+
+  // ---- non-blocking core ------------------------------------------------
+
+  // Moves v in (ok), or leaves v intact (full / closed).
+  channel_status try_send(T& v) noexcept {
+    if (!enter_send()) return channel_status::closed;
+    const bool ok = ring_.try_push(std::move(v));
+    leave_send();
+    if (!ok) return channel_status::full;
+    not_empty_.notify_one();
+    recv_tasks_.notify_n(1);
+    return channel_status::ok;
+  }
+
+  // Moves a prefix of [first, first + n) in; returns its length, or nullopt
+  // when the channel is closed (nothing moved).
+  template <class It>
+  std::optional<std::size_t> try_send_n(It first, std::size_t n) noexcept {
+    if (!enter_send()) return std::nullopt;
+    const std::size_t k = ring_.try_push_n(first, n);
+    leave_send();
+    if (k != 0) {
+      k == 1 ? not_empty_.notify_one() : not_empty_.notify_all();
+      recv_tasks_.notify_n(k);
+    }
+    return k;
+  }
+
+  // Hands up to n values to sink(T&&) (which must not throw); returns how
+  // many, or nullopt when the channel is closed and drained.
+  template <class Sink>
+  std::optional<std::size_t> try_recv_n(Sink&& sink, std::size_t n) noexcept {
+    std::size_t k = ring_.try_consume_n(sink, n);
+    if (k == 0) {
+      if (!drained_if_closed()) return std::size_t{0};
+      // Closed with no send in flight: whatever is in the ring now is all
+      // there will ever be. Look once more (see the header comment).
+      k = ring_.try_consume_n(sink, n);
+      if (k == 0) {
+        // Relaxed: see drained_if_closed().
+        ended_.store(true, std::memory_order_relaxed);
+        return std::nullopt;
+      }
+    }
+    k == 1 ? not_full_.notify_one() : not_full_.notify_all();
+    send_tasks_.notify_n(k);
+    return k;
+  }
+
+  channel_status try_recv(std::optional<T>& out) noexcept {
+    const auto r = try_recv_n([&out](T&& v) noexcept { out.emplace(std::move(v)); }, 1);
+    if (!r) return channel_status::closed;
+    return *r == 0 ? channel_status::empty : channel_status::ok;
+  }
+
+  // ---- blocking (threads) -------------------------------------------------
+
+  // Waits while full; ok or closed (v intact when closed).
+  channel_status send(T& v) noexcept {
+    channel_status st = channel_status::full;
+    spin_then_park(not_full_, [&]() noexcept {
+      st = try_send(v);
+      return st != channel_status::full;
+    });
+    return st;
+  }
+
+  channel_status send_until(T& v, std::chrono::steady_clock::time_point deadline) noexcept {
+    return wait_until(not_full_, deadline, [&]() noexcept { return try_send(v); },
+                      channel_status::full);
+  }
+
+  channel_status recv(std::optional<T>& out) noexcept {
+    channel_status st = channel_status::empty;
+    spin_then_park(not_empty_, [&]() noexcept {
+      st = try_recv(out);
+      return st != channel_status::empty;
+    });
+    return st;
+  }
+
+  channel_status recv_until(std::optional<T>& out,
+                            std::chrono::steady_clock::time_point deadline) noexcept {
+    return wait_until(not_empty_, deadline, [&]() noexcept { return try_recv(out); },
+                      channel_status::empty);
+  }
+
+  // ---- parking hooks for pool tasks ----------------------------------------
+  //
+  // park_*(w): registers w to be woken when the channel may have become
+  // readable (resp. writable) or closed. Returns true when w stays parked (the
+  // caller must return and let w.wake resume it, exactly once), false when
+  // the condition already holds and w was taken back (the caller retries).
+
+  bool park_receiver(waker& w) noexcept {
+    return park(recv_tasks_, w, [this]() noexcept { return readable_or_ended(); });
+  }
+  bool park_sender(waker& w) noexcept {
+    return park(send_tasks_, w, [this]() noexcept { return writable_or_closed(); });
+  }
+  // Takes w back from whichever list of this channel holds it; false if it
+  // is in neither (already woken, or never parked here).
+  bool unpark(waker& w) noexcept { return recv_tasks_.remove(w) || send_tasks_.remove(w); }
+
+  // Senders and receivers alive (handles, pipeline ends). The last of either
+  // kind to go closes the channel, so nobody waits for a peer that is gone.
+  std::atomic<std::size_t> senders{0};
+  std::atomic<std::size_t> receivers{0};
+
+ private:
+  static constexpr std::uint64_t closed_bit = 1;
+  static constexpr std::uint64_t one_sender = 2;
+
+  // Announce a send; false (and withdrawn) when the channel is closed.
+  bool enter_send() noexcept {
+    // Fast refusal once closed, so that late sends do not keep bumping the
+    // in-flight count that receivers wait to see at zero.
+    if (is_closed()) return false;
+    // seq_cst RMW: its place in state_'s modification order relative to
+    // close()'s fetch_or decides whether this send counts (header comment).
+    if ((state_.fetch_add(one_sender) & closed_bit) == 0) return true;
+    leave_send();
+    return false;
+  }
+
+  void leave_send() noexcept {
+    // seq_cst RMW (release would do for the hand-over of the pushed value;
+    // the extra order is free on x86 and keeps the reasoning simple).
+    const std::uint64_t prev = state_.fetch_sub(one_sender);
+    if ((prev & closed_bit) != 0 && prev - one_sender == closed_bit) {
+      // The last in-flight send after close(): receivers that saw it in
+      // flight went back to waiting; now they can finish.
+      not_empty_.notify_all();
+      recv_tasks_.notify_all();
+    }
+  }
+
+  // True when closed with no send in flight. A send that arrives after
+  // close() announces itself for an instant before it sees the bit; ended_
+  // remembers a positive answer so that "closed and drained", once reported,
+  // stays reported.
+  bool drained_if_closed() const noexcept {
+    // Relaxed: ended_ is only set after a seq_cst read of state_ saw the
+    // channel closed with nothing in flight, which never changes again; a
+    // reader that misses the flag falls back to that same read.
+    if (ended_.load(std::memory_order_relaxed)) return true;
+    if (state_.load() != closed_bit) return false;
+    return true;
+  }
+
+  bool readable_or_ended() const noexcept {
+    // size_approx counts claimed-but-unpublished cells as present: it may say
+    // "readable" early, which only costs the caller a retry, never a lost
+    // wake-up (the publisher notifies after publishing).
+    return ring_.size_approx() != 0 || drained_if_closed();
+  }
+  bool writable_or_closed() const noexcept {
+    return ring_.size_approx() < ring_.capacity() || is_closed();
+  }
+
+  template <class Cond>
+  static bool park(task_waiters& list, waker& w, Cond cond) noexcept {
+    list.add(w);
+    if (!cond()) return true;
+    return !list.remove(w);
+  }
+
+  template <class Attempt>
+  static channel_status wait_until(event_count& ec, std::chrono::steady_clock::time_point deadline,
+                                   Attempt attempt, channel_status busy) noexcept {
+    backoff bo;
+    for (;;) {
+      const channel_status st = attempt();
+      if (st != busy) return st;
+      if (std::chrono::steady_clock::now() >= deadline) return channel_status::timeout;
+      if (bo.spin()) continue;
+      const auto key = ec.prepare_wait();
+      const channel_status again = attempt();
+      if (again != busy) {
+        ec.cancel_wait();
+        return again;
+      }
+      ec.wait_until(key, deadline);
+      bo.reset();
+    }
+  }
+
+  void wake_all() noexcept {
+    not_empty_.notify_all();
+    not_full_.notify_all();
+    recv_tasks_.notify_all();
+    send_tasks_.notify_all();
+  }
+
+  mpmc_ring<T> ring_;
+  // in_flight_sends * 2 | closed. See the header comment.
+  alignas(false_sharing_range) std::atomic<std::uint64_t> state_{0};
+  // Set once some receiver saw the channel closed and drained (see
+  // drained_if_closed()); never cleared.
+  std::atomic<bool> ended_{false};
+  // Receivers (threads / tasks) wait on the first pair, senders on the second.
+  alignas(false_sharing_range) event_count not_empty_;
+  task_waiters recv_tasks_;
+  alignas(false_sharing_range) event_count not_full_;
+  task_waiters send_tasks_;
+};
+
+}  // namespace runnel::detail

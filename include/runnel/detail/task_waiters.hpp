@@ -1,0 +1,126 @@
+// A list of parked tasks waiting for a condition on a channel ("data
+// available", "space available"), with the same lost-wake-up-free handshake
+// as event_count but waking by callback instead of by futex: a pool task that
+// cannot proceed registers a waker and returns; the next notify hands the
+// waker back to its owner, who re-schedules the task.
+//
+// Parker:                                   Notifier:
+//   list.add(w);          // heavy fence      publish the change;
+//   if (condition holds)                      list.notify_n(k);  // light fence,
+//     if (list.remove(w)) retry;  // ours        then reads count_
+//     else return;  // a notifier took w and will call w.wake
+//   return;                // parked
+//
+// Exactly one party removes a registered waker: remove() or a notify. The one
+// that removes it owns the resumption, so a task is never scheduled twice.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+
+#include "asymmetric_fence.hpp"
+
+namespace runnel::detail {
+
+class task_waiters;
+
+// Intrusive list node. The owner keeps it alive while it is registered.
+struct waker {
+  // Called by the notifier after removing the node; it must only schedule
+  // work (e.g. post a task), never run the task inline or block.
+  void (*wake)(waker*) noexcept = nullptr;
+
+  waker* prev_ = nullptr;
+  waker* next_ = nullptr;
+  // Which list holds the node, or nullptr. Written only under that list's
+  // mutex; read by remove() of possibly another list, hence atomic.
+  std::atomic<task_waiters*> owner_{nullptr};
+};
+
+class task_waiters {
+ public:
+  task_waiters() = default;
+  task_waiters(const task_waiters&) = delete;
+  task_waiters& operator=(const task_waiters&) = delete;
+
+  // Registers w (which must not be registered anywhere) and issues the heavy
+  // side of the fence; the caller then re-checks its condition.
+  void add(waker& w) noexcept {
+    {
+      std::lock_guard lock(m_);
+      w.prev_ = tail_;
+      w.next_ = nullptr;
+      if (tail_ != nullptr) tail_->next_ = &w; else head_ = &w;
+      tail_ = &w;
+      // Relaxed: only this list's mutex holders write owner_; remove() of
+      // this list reads it under the same mutex.
+      w.owner_.store(this, std::memory_order_relaxed);
+      // Relaxed: the heavy fence below orders it before the caller's re-check.
+      count_.fetch_add(1, std::memory_order_relaxed);
+    }
+    heavy_fence();
+  }
+
+  // Takes w back if it is still registered here. False means a notifier
+  // already removed it and will call (or has called) w.wake.
+  bool remove(waker& w) noexcept {
+    std::lock_guard lock(m_);
+    // Relaxed: owner_ == this is only ever written under m_, which we hold.
+    if (w.owner_.load(std::memory_order_relaxed) != this) return false;
+    unlink(w);
+    return true;
+  }
+
+  // Wakes up to n registered wakers, oldest first. With nobody registered it
+  // costs a compiler barrier and one read of a mostly-shared line.
+  void notify_n(std::size_t n) noexcept {
+    light_fence();
+    // Relaxed: ordered after the caller's publish by light_fence().
+    if (n == 0 || count_.load(std::memory_order_relaxed) == 0) return;
+    waker* taken = nullptr;
+    {
+      std::lock_guard lock(m_);
+      while (n-- != 0 && head_ != nullptr) {
+        waker* w = head_;
+        unlink(*w);
+        w->next_ = taken;  // reuse the link for our private list
+        taken = w;
+      }
+    }
+    // Wake outside the lock: wake() posts to a pool, which takes its own
+    // locks. Reverse order does not matter: every woken task re-checks.
+    while (taken != nullptr) {
+      waker* next = taken->next_;
+      taken->wake(taken);
+      taken = next;
+    }
+  }
+
+  void notify_all() noexcept { notify_n(SIZE_MAX); }
+
+  bool empty_approx() const noexcept {
+    // Relaxed: a monitoring hint.
+    return count_.load(std::memory_order_relaxed) == 0;
+  }
+
+ private:
+  void unlink(waker& w) noexcept {
+    if (w.prev_ != nullptr) w.prev_->next_ = w.next_; else head_ = w.next_;
+    if (w.next_ != nullptr) w.next_->prev_ = w.prev_; else tail_ = w.prev_;
+    w.prev_ = w.next_ = nullptr;
+    // Relaxed: under m_, see add().
+    w.owner_.store(nullptr, std::memory_order_relaxed);
+    // Relaxed: a notifier reading a stale non-zero count only takes the lock.
+    count_.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  std::mutex m_;
+  waker* head_ = nullptr;  // guarded by m_
+  waker* tail_ = nullptr;  // guarded by m_
+  // Number of registered wakers; read without the lock by notifiers.
+  std::atomic<std::uint32_t> count_{0};
+};
+
+}  // namespace runnel::detail
