@@ -158,11 +158,17 @@ class channel_state {
   // caller must return and let w.wake resume it, exactly once), false when
   // the condition already holds and w was taken back (the caller retries).
 
-  bool park_receiver(waker& w) noexcept {
-    return park(recv_tasks_, w, [this]() noexcept { return readable_or_ended(); });
+  // `also` is an extra condition re-checked after registering (e.g. "the
+  // run was cancelled"); whoever makes it true must then unpark(w).
+  bool park_receiver(waker& w) noexcept { return park_receiver(w, [] { return false; }); }
+  bool park_sender(waker& w) noexcept { return park_sender(w, [] { return false; }); }
+  template <class Also>
+  bool park_receiver(waker& w, Also also) noexcept {
+    return park(recv_tasks_, w, [&]() noexcept { return readable_or_ended() || also(); });
   }
-  bool park_sender(waker& w) noexcept {
-    return park(send_tasks_, w, [this]() noexcept { return writable_or_closed(); });
+  template <class Also>
+  bool park_sender(waker& w, Also also) noexcept {
+    return park(send_tasks_, w, [&]() noexcept { return writable_or_closed() || also(); });
   }
   // Takes w back from whichever list of this channel holds it; false if it
   // is in neither (already woken, or never parked here).

@@ -1,0 +1,746 @@
+// The machinery behind runnel::pipeline: the shared run state, and the nodes
+// (source, stage, sink) whose lanes run as pool tasks.
+//
+// Lanes. A node with `workers = N` has N lanes. A lane is a resumable task:
+// one activation drains a few batches from its input channel, runs the user
+// function on each message, pushes the results, and then either re-posts
+// itself with post_fair (to let other stages run) or parks: on its input
+// channel when that is empty, on its output channel when that is full. A
+// parked lane is a registered waker, not a task; the next send / receive /
+// close on that channel removes the waker and posts the lane again. So no
+// worker ever blocks on a channel, and any number of stages run on any number
+// of workers (even one).
+//
+// Exactly one activation of a lane exists at any time: a lane is either
+// running, queued in the pool, or registered as a waker in exactly one list,
+// and whoever removes it from that list (the notifier, cancel(), or the lane
+// itself after its re-check) is the only one who may schedule it.
+//
+// Ordered parallel stages. Lanes take batches from the input under the
+// window mutex, which gives each message a sequence number in input order.
+// Results go to a reorder window of W slots indexed by sequence number; a
+// lane that would take a message more than W ahead of the oldest unemitted
+// one parks on the window instead (bounded memory). Whoever fills the oldest
+// slot while nobody holds the "emitter" token takes it and pushes the
+// contiguous ready run to the output in order; a full output parks the
+// emitter (token held) on the output channel. Filtered, failed and discarded
+// messages leave empty slots that the emitter skips.
+//
+// Accounting. Each node counts in / out / filtered / failed / discarded; per
+// node, in == out + filtered + failed + discarded once the run has finished,
+// and one node's out is the next node's in. Cancel closes the internal
+// channels (so upstream pushes fail and their values are counted as
+// discarded) and lets every lane drain and count what it holds.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+#include "../channel.hpp"
+#include "../thread_pool.hpp"
+#include "asymmetric_fence.hpp"
+#include "channel_state.hpp"
+#include "ring_common.hpp"
+#include "task_waiters.hpp"
+
+namespace runnel {
+
+// Options of one pipeline node. Designated initialisers:
+//   .stage(fn, {.workers = 4, .ordered = true})
+struct stage_options {
+  // Concurrent invocations of the function (lanes). A source has exactly one.
+  std::size_t workers = 1;
+  // With workers > 1: deliver outputs in input order (bounded reordering).
+  bool ordered = false;
+  // Capacity of the channel that carries this node's output (backpressure).
+  std::size_t capacity = 1024;
+  // Messages taken from the input per batch; a lane runs a few batches, then
+  // yields to other tasks of the pool.
+  std::size_t batch = 64;
+  // Shown in stats() and stage_failure; default "source", "stage 1", ...
+  std::string name{};
+};
+
+// What an error handler learns about a failed message.
+struct stage_failure {
+  std::size_t stage = 0;          // node index: 0 is the source (or first stage)
+  std::string_view stage_name{};
+  std::exception_ptr error{};
+  // The message whose processing threw, as the node's input type (nullptr
+  // for a source, whose generator threw before producing one, or for a wrong
+  // T). The handler may move from it; it is destroyed after the handler.
+  template <class T>
+  T* message() const noexcept {
+    return message_type != nullptr && *message_type == typeid(T) ? static_cast<T*>(message_ptr)
+                                                                : nullptr;
+  }
+  const std::type_info* message_type = nullptr;
+  void* message_ptr = nullptr;
+};
+
+using error_handler = std::function<void(const stage_failure&)>;
+
+struct stage_stats {
+  std::string name;
+  std::size_t workers = 0;
+  std::uint64_t in = 0;         // messages taken (a source: produced)
+  std::uint64_t out = 0;        // messages passed on (a sink: delivered)
+  std::uint64_t filtered = 0;   // the function returned an empty optional
+  std::uint64_t failed = 0;     // the function threw
+  std::uint64_t discarded = 0;  // dropped by cancel (or a closed .to() channel)
+  std::size_t queue_depth = 0;  // messages waiting in the input channel now
+};
+
+struct pipeline_stats {
+  std::uint64_t produced = 0;   // first node's in
+  std::uint64_t delivered = 0;  // last node's out
+  std::uint64_t filtered = 0;
+  std::uint64_t failed = 0;
+  std::uint64_t discarded = 0;
+  bool finished = false;
+  bool cancelled = false;
+  std::vector<stage_stats> stages;
+};
+
+template <class T>
+struct pipeline_access {
+  static const std::shared_ptr<detail::channel_state<T>>& state(const sender<T>& s) { return s.s_; }
+  static const std::shared_ptr<detail::channel_state<T>>& state(const receiver<T>& r) { return r.s_; }
+};
+
+}  // namespace runnel
+
+namespace runnel::detail {
+
+class pipeline_state;
+
+// Relaxed counter used for statistics. Relaxed everywhere: a monitoring
+// snapshot while running; the final values are read after the run finished,
+// which the run's completion (a mutex) orders after every increment.
+struct stat_counter {
+  std::atomic<std::uint64_t> v{0};
+  void add(std::uint64_t n) noexcept {
+    if (n != 0) v.fetch_add(n, std::memory_order_relaxed);  // Relaxed: see above.
+  }
+  std::uint64_t get() const noexcept { return v.load(std::memory_order_relaxed); }  // Relaxed: see above.
+};
+
+struct node_base {
+  explicit node_base(pipeline_state& s, std::string n, std::size_t w) : st(s), name(std::move(n)), workers(w) {}
+  virtual ~node_base() = default;
+  node_base(const node_base&) = delete;
+  node_base& operator=(const node_base&) = delete;
+
+  virtual void start() = 0;
+  // Called once by cancel(), after the cancelled flag is set: close internal
+  // channels, take back parked lanes that nothing else would wake.
+  virtual void on_cancel() noexcept = 0;
+  virtual std::size_t queue_depth() const noexcept = 0;
+
+  pipeline_state& st;
+  std::size_t index = 0;
+  std::string name;
+  std::size_t workers;
+  stat_counter in, out, filtered, failed, discarded;
+};
+
+// A resumable task of a node; parks as a waker.
+struct lane : waker {
+  lane() { wake = &lane::on_wake; }
+  virtual ~lane() = default;
+  virtual void run() noexcept = 0;
+  pipeline_state* st = nullptr;
+  static void on_wake(waker* w) noexcept;
+};
+
+class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
+ public:
+  explicit pipeline_state(thread_pool& p) : pool(p) {}
+
+  // Posts the lane again (after a wake-up: it continues where it parked).
+  void resume(lane* l) {
+    pool.post([self = shared_from_this(), l] { l->run(); });
+  }
+  // Re-posts behind other waiting work (yield after a busy activation).
+  void yield(lane* l) {
+    pool.post_fair([self = shared_from_this(), l] { l->run(); });
+  }
+
+  bool cancelled() const noexcept { return cancelled_.load(); }
+
+  void cancel() noexcept {
+    if (cancelled_.exchange(true)) return;
+    // Lanes re-check cancelled() after registering a waker (heavy fence);
+    // on_cancel() reads their registrations after this fence.
+    light_fence();
+    for (auto& n : nodes) n->on_cancel();
+  }
+
+  // An exception that ends the run (no handler, or the handler threw).
+  void fail(std::exception_ptr e) noexcept {
+    {
+      std::lock_guard lock(m_);
+      if (!first_error_) first_error_ = std::move(e);
+    }
+    cancel();
+  }
+
+  // A user function threw while processing `msg` (may be null) in `node`.
+  template <class T>
+  void report(const node_base& node, std::exception_ptr e, T* msg) noexcept {
+    if (!on_error) {
+      fail(std::move(e));
+      return;
+    }
+    stage_failure f;
+    f.stage = node.index;
+    f.stage_name = node.name;
+    f.error = std::move(e);
+    if (msg != nullptr) {
+      f.message_type = &typeid(T);
+      f.message_ptr = msg;
+    }
+    try {
+      // Serialised: stages call it from several workers at once.
+      std::lock_guard lock(handler_m_);
+      on_error(f);
+    } catch (...) {
+      fail(std::current_exception());
+    }
+  }
+
+  void node_done() noexcept {
+    if (live_.fetch_sub(1) != 1) return;
+    std::lock_guard lock(m_);
+    finished_ = true;
+    cv_.notify_all();
+  }
+
+  void start() {
+    live_.store(nodes.size());
+    for (auto& n : nodes) n->start();
+  }
+
+  bool finished() const {
+    std::lock_guard lock(m_);
+    return finished_;
+  }
+
+  // Blocks until every node is done; returns the error that ended the run.
+  std::exception_ptr wait() {
+    std::unique_lock lock(m_);
+    cv_.wait(lock, [this] { return finished_; });
+    return first_error_;
+  }
+
+  pipeline_stats stats() const {
+    pipeline_stats s;
+    for (auto& n : nodes) {
+      stage_stats x;
+      x.name = n->name;
+      x.workers = n->workers;
+      x.in = n->in.get();
+      x.out = n->out.get();
+      x.filtered = n->filtered.get();
+      x.failed = n->failed.get();
+      x.discarded = n->discarded.get();
+      x.queue_depth = n->queue_depth();
+      s.filtered += x.filtered;
+      s.failed += x.failed;
+      s.discarded += x.discarded;
+      s.stages.push_back(std::move(x));
+    }
+    if (!s.stages.empty()) {
+      s.produced = s.stages.front().in;
+      s.delivered = s.stages.back().out;
+    }
+    s.finished = finished();
+    s.cancelled = cancelled();
+    return s;
+  }
+
+  thread_pool& pool;
+  error_handler on_error;
+  std::vector<std::unique_ptr<node_base>> nodes;
+
+ private:
+  std::atomic<bool> cancelled_{false};
+  std::atomic<std::size_t> live_{0};
+  mutable std::mutex m_;
+  std::mutex handler_m_;
+  std::condition_variable cv_;
+  bool finished_ = false;               // guarded by m_
+  std::exception_ptr first_error_;      // guarded by m_
+};
+
+inline void lane::on_wake(waker* w) noexcept {
+  auto* l = static_cast<lane*>(w);
+  l->st->resume(l);
+}
+
+// Where a node's output goes: an internal channel (closed when the node is
+// done) or a user's channel given to .to() (the pipeline's sender handle is
+// dropped when the node is done, closing it if it was the last).
+template <class U>
+struct output_port {
+  std::shared_ptr<channel_state<U>> ch;
+  std::optional<sender<U>> external;  // engaged for .to()
+  std::size_t capacity_hint = 1024;
+
+  void finish() noexcept {
+    if (external) external.reset();
+    else if (ch) ch->close();
+  }
+  void close_if_internal() noexcept {
+    if (!external && ch) ch->close();
+  }
+};
+
+template <class T>
+struct input_port {
+  std::shared_ptr<channel_state<T>> ch;
+  std::optional<receiver<T>> external;  // engaged for .from()
+};
+
+// Calls fn with the message as an lvalue when it accepts one (so the message
+// survives an exception and can reach the error handler), else as an rvalue.
+template <class F, class T>
+decltype(auto) call_with(F& fn, T& msg) {
+  if constexpr (std::is_invocable_v<F&, T&>) return fn(msg);
+  else return fn(std::move(msg));
+}
+
+template <class F, class T>
+using call_result_t = typename std::conditional_t<std::is_invocable_v<F&, T&>,
+                                                  std::invoke_result<F&, T&>,
+                                                  std::invoke_result<F&, T&&>>::type;
+
+template <class R> struct unwrap_optional { using type = R; static constexpr bool filters = false; };
+template <class R> struct unwrap_optional<std::optional<R>> { using type = R; static constexpr bool filters = true; };
+
+// Lanes run at most this many batches per activation before yielding.
+inline constexpr int rounds_per_activation = 4;
+
+// ---- source ------------------------------------------------------------------
+
+template <class T, class Gen>
+class source_node final : public node_base {
+ public:
+  source_node(pipeline_state& s, Gen g, const stage_options& o)
+      : node_base(s, o.name.empty() ? "source" : o.name, 1), gen_(std::move(g)), batch_(o.batch) {
+    out_port.capacity_hint = o.capacity;
+    lane_.owner = this;
+    lane_.st = &s;
+  }
+
+  void start() override { st.yield(&lane_); }
+  void on_cancel() noexcept override {
+    out_port.close_if_internal();  // wakes the lane if it is parked on it
+    if (out_port.ch->unpark(lane_)) st.resume(&lane_);
+  }
+  std::size_t queue_depth() const noexcept override { return 0; }
+
+  output_port<T> out_port;
+
+ private:
+  struct source_lane final : lane {
+    source_node* owner = nullptr;
+    void run() noexcept override { owner->activate(); }
+  };
+
+  void activate() noexcept {
+    auto& och = *out_port.ch;
+    for (std::size_t n = 0; n < batch_ * rounds_per_activation; ++n) {
+      if (st.cancelled()) return finish();
+      if (stash_) {
+        const channel_status s = och.try_send(*stash_);
+        if (s == channel_status::closed) {
+          // A .to() channel closed by its receivers: nobody will take more.
+          discarded.add(1);
+          stash_.reset();
+          st.cancel();
+          return finish();
+        }
+        if (s == channel_status::full) {
+          if (och.park_sender(lane_, [this]() noexcept { return st.cancelled(); })) return;
+          continue;  // space appeared (or cancelled) right away: retry
+        }
+        out.add(1);
+        stash_.reset();
+      }
+      std::optional<T> v;
+      try {
+        v = gen_();
+      } catch (...) {
+        st.report<T>(*this, std::current_exception(), nullptr);
+        continue;
+      }
+      if (!v) {
+        return finish();
+      }
+      in.add(1);
+      stash_.emplace(std::move(*v));
+    }
+    st.yield(&lane_);
+  }
+
+  void finish() noexcept {
+    if (stash_) {
+      discarded.add(1);
+      stash_.reset();
+    }
+    out_port.finish();
+    st.node_done();
+  }
+
+  Gen gen_;
+  std::size_t batch_;
+  std::optional<T> stash_;  // produced, not yet accepted by the output
+  source_lane lane_;
+};
+
+// ---- stage / sink ----------------------------------------------------------------
+
+// U = void: a sink (the function's result is ignored, a message that did not
+// throw counts as delivered).
+template <class T, class U, class F>
+class stage_node final : public node_base {
+  static constexpr bool is_sink = std::is_void_v<U>;
+  using R = call_result_t<F, T>;
+  static constexpr bool filters = !is_sink && unwrap_optional<R>::filters;
+  using out_t = std::conditional_t<is_sink, char, U>;  // placeholder for sinks
+
+ public:
+  stage_node(pipeline_state& s, F f, const stage_options& o, input_port<T> in_port, std::size_t idx)
+      : node_base(s, o.name.empty() ? (is_sink ? "sink" : "stage " + std::to_string(idx)) : o.name,
+                  o.workers),
+        fn_(std::move(f)),
+        batch_(o.batch),
+        ordered_(!is_sink && o.ordered && o.workers > 1),
+        in_(std::move(in_port)) {
+    if constexpr (!is_sink) out_port.capacity_hint = o.capacity;
+    lanes_.reserve(workers);
+    for (std::size_t i = 0; i < workers; ++i) {
+      auto l = std::make_unique<stage_lane>();
+      l->owner = this;
+      l->st = &s;
+      l->inbuf.reserve(batch_);
+      lanes_.push_back(std::move(l));
+    }
+    if (ordered_) {
+      window_size_ = round_up_pow2(std::max<std::size_t>(2 * workers * batch_, 2));
+      slots_.resize(window_size_);
+      emitter_.owner = this;
+      emitter_.st = &s;
+    }
+  }
+
+  void start() override {
+    for (auto& l : lanes_) st.yield(l.get());
+  }
+
+  void on_cancel() noexcept override {
+    if constexpr (!is_sink) out_port.close_if_internal();
+    // Lanes parked on a channel that close() did not reach (a .from() or
+    // .to() channel of the user), or on the reorder window.
+    for (auto& l : lanes_) take_back(*l);
+    if (ordered_) {
+      std::vector<lane*> waiters;
+      {
+        std::lock_guard lock(wm_);
+        waiters.swap(window_waiters_);
+      }
+      for (lane* l : waiters) st.resume(l);
+      if constexpr (!is_sink) {
+        if (out_port.ch->unpark(emitter_)) st.resume(&emitter_);
+      }
+    }
+  }
+
+  std::size_t queue_depth() const noexcept override { return in_.ch->size_approx(); }
+
+  std::conditional_t<is_sink, char, output_port<out_t>> out_port{};
+
+ private:
+  struct stage_lane final : lane {
+    stage_node* owner = nullptr;
+    std::vector<T> inbuf;           // the batch being processed
+    std::vector<out_t> outbuf;      // results not yet accepted by the output
+    std::size_t out_pos = 0;        // outbuf[out_pos..] still to push
+    std::vector<std::optional<out_t>> results;  // ordered: one per message
+    void run() noexcept override { owner->activate(*this); }
+  };
+  struct emitter_lane final : lane {
+    stage_node* owner = nullptr;
+    void run() noexcept override { owner->emit(); }
+  };
+
+  void take_back(lane& l) noexcept {
+    if (in_.ch->unpark(l)) {
+      st.resume(&l);
+      return;
+    }
+    if constexpr (!is_sink) {
+      if (out_port.ch->unpark(l)) st.resume(&l);
+    }
+  }
+
+  auto cancelled_fn() {
+    return [this]() noexcept { return st.cancelled(); };
+  }
+
+  // One activation of a lane.
+  void activate(stage_lane& l) noexcept {
+    auto& inch = *in_.ch;
+    for (int round = 0; round < rounds_per_activation; ++round) {
+      if constexpr (!is_sink) {
+        if (!flush(l)) return;  // parked on the output
+      }
+      std::size_t seq0 = 0;
+      std::optional<std::size_t> got;
+      const auto take = [&l](T&& v) noexcept { l.inbuf.push_back(std::move(v)); };
+      if (st.cancelled()) {
+        // Stop taking from a user's channel; drain an internal one (it is
+        // closed) so that everything in it is counted.
+        if (in_.external) return lane_finished(l);
+        got = inch.try_recv_n(take, batch_);
+        if (got) {
+          in.add(*got);
+          discarded.add(*got);
+          l.inbuf.clear();
+          if (*got != 0) continue;
+        }
+      } else if (ordered_) {
+        std::unique_lock lock(wm_);
+        const std::size_t room = window_size_ - (next_seq_ - base_);
+        if (room == 0) {
+          // Too far ahead of the oldest unemitted message: park on the
+          // window; the emitter resumes us when it advances (or cancel()).
+          if (st.cancelled()) continue;
+          window_waiters_.push_back(&l);
+          return;
+        }
+        got = inch.try_recv_n(take, std::min(batch_, room));
+        seq0 = next_seq_;
+        if (got) next_seq_ += *got;
+      } else {
+        got = inch.try_recv_n(take, batch_);
+      }
+      if (!got) return lane_finished(l);
+      if (*got == 0) {
+        if (inch.park_receiver(l, cancelled_fn())) return;
+        continue;  // data, close or cancel arrived while parking: retry
+      }
+      in.add(*got);
+      process(l, seq0);
+    }
+    st.yield(&l);
+  }
+
+  // Runs the function over l.inbuf; results go to l.outbuf (unordered) or the
+  // reorder window (ordered).
+  void process(stage_lane& l, std::size_t seq0) noexcept {
+    std::uint64_t n_out = 0, n_filtered = 0, n_failed = 0, n_discarded = 0;
+    if (ordered_) l.results.clear();
+    for (std::size_t i = 0; i < l.inbuf.size(); ++i) {
+      T& msg = l.inbuf[i];
+      std::optional<out_t> res;
+      if (st.cancelled()) {
+        ++n_discarded;
+      } else {
+        try {
+          if constexpr (is_sink) {
+            call_with(fn_, msg);
+            ++n_out;
+          } else if constexpr (filters) {
+            R r = call_with(fn_, msg);
+            if (r) res.emplace(std::move(*r)); else ++n_filtered;
+          } else {
+            res.emplace(call_with(fn_, msg));
+          }
+        } catch (...) {
+          ++n_failed;
+          st.report(*this, std::current_exception(), &msg);
+        }
+      }
+      if constexpr (!is_sink) {
+        if (ordered_) l.results.push_back(std::move(res));
+        else if (res) l.outbuf.push_back(std::move(*res));
+      }
+    }
+    l.inbuf.clear();
+    if constexpr (is_sink) out.add(n_out);
+    filtered.add(n_filtered);
+    failed.add(n_failed);
+    discarded.add(n_discarded);
+    if constexpr (!is_sink) {
+      if (ordered_) insert_results(l, seq0);
+    }
+  }
+
+  // Pushes l.outbuf; false when the lane parked on a full output.
+  bool flush(stage_lane& l) noexcept {
+    if constexpr (!is_sink) {
+      auto& och = *out_port.ch;
+      while (l.out_pos < l.outbuf.size()) {
+        const std::size_t left = l.outbuf.size() - l.out_pos;
+        if (st.cancelled()) {
+          discarded.add(left);
+          break;
+        }
+        const auto k = och.try_send_n(l.outbuf.begin() + static_cast<std::ptrdiff_t>(l.out_pos), left);
+        if (!k) {
+          discarded.add(left);
+          if (!st.cancelled()) st.cancel();  // a .to() channel closed by its receivers
+          break;
+        }
+        out.add(*k);
+        l.out_pos += *k;
+        if (*k == left) break;
+        if (och.park_sender(l, cancelled_fn())) return false;
+      }
+      l.outbuf.clear();
+      l.out_pos = 0;
+    }
+    return true;
+  }
+
+  void lane_finished(stage_lane& l) noexcept {
+    (void)l;
+    if (ordered_) {
+      bool complete = false;
+      {
+        std::lock_guard lock(wm_);
+        ++lanes_done_;
+        complete = lanes_done_ == workers && !emitting_ && base_ == next_seq_;
+        if (complete) emitting_ = true;  // nobody may emit any more
+      }
+      if (complete) node_complete();
+      return;
+    }
+    if (lanes_done_atomic_.fetch_add(1) + 1 == workers) node_complete();
+  }
+
+  void node_complete() noexcept {
+    if constexpr (!is_sink) out_port.finish();
+    in_.external.reset();
+    st.node_done();
+  }
+
+  // ---- ordered: reorder window -----------------------------------------------
+
+  void insert_results(stage_lane& l, std::size_t seq0) noexcept {
+    bool become_emitter = false;
+    {
+      std::lock_guard lock(wm_);
+      for (std::size_t i = 0; i < l.results.size(); ++i) {
+        slot& s = slots_[(seq0 + i) & (window_size_ - 1)];
+        s.value = std::move(l.results[i]);
+        s.ready = true;
+      }
+      if (!emitting_ && slots_[base_ & (window_size_ - 1)].ready) {
+        emitting_ = true;
+        become_emitter = true;
+      }
+    }
+    l.results.clear();
+    if (become_emitter) emit();
+  }
+
+  // Runs with the emitter token held.
+  void emit() noexcept {
+    if constexpr (!is_sink) {
+      auto& och = *out_port.ch;
+      for (int round = 0; round < rounds_per_activation; ++round) {
+        // 1. push what we already took from the window
+        while (epos_ < ebuf_.size()) {
+          const std::size_t left = ebuf_.size() - epos_;
+          if (st.cancelled()) {
+            discarded.add(left);
+            break;
+          }
+          const auto k = och.try_send_n(ebuf_.begin() + static_cast<std::ptrdiff_t>(epos_), left);
+          if (!k) {
+            discarded.add(left);
+            if (!st.cancelled()) st.cancel();
+            break;
+          }
+          out.add(*k);
+          epos_ += *k;
+          if (*k == left) break;
+          if (och.park_sender(emitter_, cancelled_fn())) return;  // token stays with us
+        }
+        ebuf_.clear();
+        epos_ = 0;
+        // 2. take the next contiguous ready run from the window
+        std::vector<lane*> waiters;
+        bool complete = false, idle = false;
+        {
+          std::lock_guard lock(wm_);
+          std::size_t taken = 0;
+          while (taken < batch_ && base_ != next_seq_) {
+            slot& s = slots_[base_ & (window_size_ - 1)];
+            if (!s.ready) break;
+            if (s.value) ebuf_.push_back(std::move(*s.value));
+            s.value.reset();
+            s.ready = false;
+            ++base_;
+            ++taken;
+          }
+          if (taken != 0) waiters.swap(window_waiters_);
+          if (ebuf_.empty() && taken == 0) {
+            idle = true;
+            if (lanes_done_ == workers && base_ == next_seq_) complete = true;  // keep the token
+            else emitting_ = false;
+          }
+        }
+        for (lane* w : waiters) st.resume(w);
+        if (complete) return node_complete();
+        if (idle) return;
+      }
+      st.yield(&emitter_);
+    }
+  }
+
+  struct slot {
+    std::optional<out_t> value;
+    bool ready = false;
+  };
+
+  F fn_;
+  std::size_t batch_;
+  bool ordered_;
+  input_port<T> in_;
+  std::vector<std::unique_ptr<stage_lane>> lanes_;
+  std::atomic<std::size_t> lanes_done_atomic_{0};  // unordered nodes
+
+  // Ordered nodes: everything below is guarded by wm_, except ebuf_/epos_,
+  // which belong to whoever holds the emitter token.
+  std::mutex wm_;
+  std::size_t window_size_ = 0;
+  std::vector<slot> slots_;
+  std::size_t base_ = 0;       // oldest sequence number not yet emitted
+  std::size_t next_seq_ = 0;   // next sequence number to hand out
+  std::size_t lanes_done_ = 0;
+  bool emitting_ = false;      // the emitter token is taken
+  std::vector<lane*> window_waiters_;
+  emitter_lane emitter_;
+  std::vector<out_t> ebuf_;
+  std::size_t epos_ = 0;
+};
+
+}  // namespace runnel::detail

@@ -1,0 +1,308 @@
+// runnel::pipeline: producers, stages and consumers as plain function
+// objects, wired by bounded channels and run as tasks of a thread_pool.
+//
+//   runnel::thread_pool pool;
+//   int next = 0;
+//   auto run = runnel::pipeline{pool}
+//       .source([&]() -> std::optional<int> {              // nullopt ends
+//         if (next == 1000) return std::nullopt;
+//         return next++; })
+//       .stage([](int x) { return x * x; },                 // T -> U
+//              {.workers = 4, .ordered = true})
+//       .stage([](int x) -> std::optional<int> {             // T -> optional<U>
+//         if (x % 3 == 0) return std::nullopt;               //   filters
+//         return x; })
+//       .sink([](int x) { std::printf("%d\n", x); })         // called serially
+//       .run();
+//   run.wait();        // rethrows the first error when there is no handler
+//
+// Entry points: pipeline{pool}.source(gen) or .from(receiver); then any
+// number of .stage(fn, options); then .sink(fn, options) or .to(sender); then
+// .run(). .on_error(handler) may appear anywhere before run(). Several
+// pipelines may share one pool.
+//
+// Execution. Every node (source, stage, sink) runs as pool tasks woken by
+// its channels: a task takes a batch, processes it, and yields; an empty
+// input or a full output parks the node on that channel until the next send
+// or receive re-schedules it. No worker ever blocks on a channel, so any
+// pipeline finishes on any pool, even a 1-worker one. A node with
+// workers = N runs its function on up to N messages at once (the function
+// must then be safe to call concurrently); a source, and any node with
+// workers = 1, is called serially. .ordered = true keeps a parallel stage's
+// outputs in input order, with a reorder window of about 2 * workers * batch
+// messages.
+//
+// Backpressure. Each node's output channel holds `capacity` messages; a full
+// channel parks its producer, and a source is not called while its output is
+// full. Memory is bounded by capacities, batches and the reorder windows.
+//
+// Stage functions. T -> U, or T -> std::optional<U> (an empty optional drops
+// the message: "filtered"). The message is passed as an lvalue when the
+// function accepts one, so that after an exception the handler still sees it
+// (take `const T&` to avoid a copy); a function taking only T&& gets an
+// rvalue and the handler sees what it left behind.
+//
+// Errors. With .on_error(handler) an exception thrown by a stage or sink
+// function is given to the handler (stage_failure: node index and name, the
+// exception, the message) and the run goes on; handler calls are serialised.
+// A generator that throws is reported the same way without a message, and is
+// called again. Without a handler, or when the handler throws, the first
+// exception cancels the run and wait() rethrows it.
+//
+// End of a run. A natural end (generator returned nullopt, or the .from()
+// channel closed) drains every message through every node before wait()
+// returns; a .to() channel is then closed if the pipeline held its last
+// sender. cancel() stops promptly: messages held by the pipeline are counted
+// as discarded, not processed. Nothing vanishes uncounted: after the run,
+//   produced == delivered + filtered + failed + discarded.
+// If the receivers of a .to() channel close it, the message that could not
+// be sent is discarded and the run is cancelled.
+//
+// Threads. run(), cancel() and stats() may be called from anywhere. wait()
+// blocks, so it is for threads outside the pool (on a worker of the
+// pipeline's pool it throws std::logic_error). Destroying an unfinished
+// handle cancels the run and waits for it (on a pool worker it only cancels).
+// The pool must outlive the run.
+#pragma once
+
+#include <cstddef>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+
+#include "channel.hpp"
+#include "detail/pipeline_nodes.hpp"
+#include "thread_pool.hpp"
+
+namespace runnel {
+
+// A running (or finished) pipeline.
+class pipeline_handle {
+ public:
+  pipeline_handle() noexcept = default;
+  explicit pipeline_handle(std::shared_ptr<detail::pipeline_state> s) noexcept : st_(std::move(s)) {}
+  pipeline_handle(pipeline_handle&&) noexcept = default;
+  pipeline_handle& operator=(pipeline_handle&& o) noexcept {
+    if (this != &o) {
+      stop();
+      st_ = std::move(o.st_);
+    }
+    return *this;
+  }
+  ~pipeline_handle() { stop(); }
+
+  // Waits until every node has finished; rethrows the exception that ended
+  // the run, if any. Not on a worker of the pipeline's pool.
+  void wait() {
+    if (!st_) throw std::logic_error("runnel: wait() on an empty pipeline_handle");
+    if (st_->pool.is_worker())
+      throw std::logic_error("runnel: pipeline_handle::wait() on a worker of the pipeline's pool "
+                             "would block a worker the pipeline needs");
+    if (std::exception_ptr e = st_->wait()) std::rethrow_exception(e);
+  }
+
+  // Stops the run promptly; messages still held are discarded (counted).
+  void cancel() noexcept {
+    if (st_) st_->cancel();
+  }
+
+  bool done() const { return st_ && st_->finished(); }
+
+  // Per-node counters and queue depths; consistent totals once done().
+  pipeline_stats stats() const { return st_ ? st_->stats() : pipeline_stats{}; }
+
+ private:
+  void stop() noexcept {
+    if (!st_) return;
+    if (!st_->finished()) {
+      st_->cancel();
+      if (!st_->pool.is_worker()) (void)st_->wait();
+    }
+    st_.reset();
+  }
+
+  std::shared_ptr<detail::pipeline_state> st_;
+};
+
+// A complete pipeline, ready to run.
+class pipeline_plan {
+ public:
+  explicit pipeline_plan(std::shared_ptr<detail::pipeline_state> s) noexcept : st_(std::move(s)) {}
+
+  pipeline_plan& on_error(error_handler h) {
+    state().on_error = std::move(h);
+    return *this;
+  }
+
+  // Starts every node; the plan is consumed.
+  pipeline_handle run() {
+    auto s = std::move(st_);
+    if (!s) throw std::logic_error("runnel: pipeline already run");
+    s->start();
+    return pipeline_handle(std::move(s));
+  }
+
+ private:
+  detail::pipeline_state& state() const {
+    if (!st_) throw std::logic_error("runnel: pipeline already run");
+    return *st_;
+  }
+  std::shared_ptr<detail::pipeline_state> st_;
+};
+
+namespace detail {
+inline void check_options(const stage_options& o, bool source) {
+  if (o.workers == 0) throw std::invalid_argument("runnel: stage_options::workers must be at least 1");
+  if (source && o.workers != 1)
+    throw std::invalid_argument("runnel: a source is called serially; stage_options::workers must be 1");
+  if (o.batch == 0) throw std::invalid_argument("runnel: stage_options::batch must be at least 1");
+  if (o.capacity == 0) throw std::invalid_argument("runnel: stage_options::capacity must be at least 1");
+}
+}  // namespace detail
+
+// A pipeline under construction whose last node produces T.
+template <class T>
+class pipeline_flow {
+ public:
+  pipeline_flow(std::shared_ptr<detail::pipeline_state> s, detail::output_port<T>* port,
+                std::optional<receiver<T>> from) noexcept
+      : st_(std::move(s)), port_(port), from_(std::move(from)) {}
+
+  pipeline_flow& on_error(error_handler h) {
+    state().on_error = std::move(h);
+    return *this;
+  }
+
+  // Adds a stage: fn is T -> U, or T -> std::optional<U> to filter.
+  template <class F>
+  auto stage(F fn, stage_options opts = {}) {
+    using R = detail::call_result_t<F, T>;
+    static_assert(!std::is_void_v<R>, "runnel: a stage must return a value; use sink() for a consumer");
+    using U = typename detail::unwrap_optional<R>::type;
+    static_assert(!std::is_reference_v<U>, "runnel: a stage must return a value, not a reference");
+    detail::check_options(opts, false);
+    auto& s = state();
+    auto node = std::make_unique<detail::stage_node<T, U, F>>(s, std::move(fn), opts, take_input(),
+                                                              s.nodes.size());
+    auto* port = &node->out_port;
+    node->index = s.nodes.size();
+    s.nodes.push_back(std::move(node));
+    return pipeline_flow<U>(std::move(st_), port, std::nullopt);
+  }
+
+  // Ends the pipeline with a consumer (its result, if any, is ignored).
+  template <class F>
+  pipeline_plan sink(F fn, stage_options opts = {}) {
+    static_assert(std::is_invocable_v<F&, T&> || std::is_invocable_v<F&, T&&>,
+                  "runnel: the sink must be callable with the message");
+    detail::check_options(opts, false);
+    auto& s = state();
+    auto node = std::make_unique<detail::stage_node<T, void, F>>(s, std::move(fn), opts, take_input(),
+                                                                 s.nodes.size());
+    node->index = s.nodes.size();
+    s.nodes.push_back(std::move(node));
+    return pipeline_plan(std::move(st_));
+  }
+
+  // Ends the pipeline in a user's channel (for a consumer outside the pool).
+  // The pipeline holds a sender until its last node is done.
+  pipeline_plan to(sender<T> tx) {
+    if (!tx.valid()) throw std::invalid_argument("runnel: to() needs a valid sender");
+    state();
+    if (port_ == nullptr) {
+      // from(rx).to(tx): move the messages with an identity stage.
+      return stage([](T& v) noexcept -> T { return std::move(v); }).to(std::move(tx));
+    }
+    port_->ch = pipeline_access<T>::state(tx);
+    port_->external.emplace(std::move(tx));
+    return pipeline_plan(std::move(st_));
+  }
+
+ private:
+  detail::pipeline_state& state() const {
+    if (!st_) throw std::logic_error("runnel: pipeline builder used after it was consumed");
+    return *st_;
+  }
+
+  detail::input_port<T> take_input() {
+    detail::input_port<T> in;
+    if (port_ != nullptr) {
+      port_->ch = std::make_shared<detail::channel_state<T>>(port_->capacity_hint);
+      in.ch = port_->ch;
+    } else {
+      in.ch = pipeline_access<T>::state(*from_);
+      in.external = std::move(from_);
+      from_.reset();
+    }
+    return in;
+  }
+
+  std::shared_ptr<detail::pipeline_state> st_;
+  detail::output_port<T>* port_;     // the last node's output, or nullptr after from()
+  std::optional<receiver<T>> from_;  // engaged after from() until the first node takes it
+};
+
+// Entry point: runnel::pipeline{pool}.source(gen) / .from(rx) ...
+class pipeline {
+ public:
+  explicit pipeline(thread_pool& pool) : st_(std::make_shared<detail::pipeline_state>(pool)) {}
+
+  pipeline& on_error(error_handler h) {
+    state().on_error = std::move(h);
+    return *this;
+  }
+
+  // gen: () -> std::optional<T>, called serially; nullopt ends the stream.
+  // Only opts.capacity, .batch and .name apply.
+  template <class Gen>
+  auto source(Gen gen, stage_options opts = {}) {
+    using R = std::invoke_result_t<Gen&>;
+    static_assert(detail::unwrap_optional<R>::filters,
+                  "runnel: a source must return std::optional<T> (nullopt ends the stream)");
+    using T = typename detail::unwrap_optional<R>::type;
+    detail::check_options(opts, true);
+    auto& s = state();
+    auto node = std::make_unique<detail::source_node<T, Gen>>(s, std::move(gen), opts);
+    auto* port = &node->out_port;
+    node->index = 0;
+    s.nodes.push_back(std::move(node));
+    return pipeline_flow<T>(std::move(st_), port, std::nullopt);
+  }
+
+  // Messages come from a user's channel (filled by threads outside the
+  // pool); the run ends naturally when that channel is closed and drained.
+  template <class T>
+  pipeline_flow<T> from(receiver<T> rx) {
+    if (!rx.valid()) throw std::invalid_argument("runnel: from() needs a valid receiver");
+    state();
+    return pipeline_flow<T>(std::move(st_), nullptr, std::move(rx));
+  }
+
+ private:
+  detail::pipeline_state& state() const {
+    if (!st_) throw std::logic_error("runnel: pipeline builder used after it was consumed");
+    return *st_;
+  }
+  std::shared_ptr<detail::pipeline_state> st_;
+};
+
+// Runs gen (() -> std::optional<T>) on the pool, sending into tx until it
+// returns nullopt; then drops its sender (closing the channel if last).
+template <class T, class Gen>
+pipeline_handle produce(thread_pool& pool, sender<T> tx, Gen gen, stage_options opts = {}) {
+  return pipeline{pool}.source(std::move(gen), std::move(opts)).to(std::move(tx)).run();
+}
+
+// Runs fn over every message of rx with up to `workers` concurrent calls,
+// until rx is closed and drained.
+template <class T, class F>
+pipeline_handle consume(thread_pool& pool, receiver<T> rx, F fn, std::size_t workers = 1) {
+  stage_options o;
+  o.workers = workers;
+  return pipeline{pool}.from(std::move(rx)).sink(std::move(fn), std::move(o)).run();
+}
+
+}  // namespace runnel

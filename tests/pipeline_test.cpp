@@ -1,0 +1,463 @@
+// Tests for runnel::pipeline and the produce/consume primitives: exact counts
+// for several shapes (fan-out, fan-in, 1..8 workers per stage, ordered and
+// unordered, filters), more stages than workers on a 1-worker pool, errors
+// with and without a handler, cancel under load, .from/.to with outside
+// threads, and the accounting invariant
+//   produced == delivered + filtered + failed + discarded.
+#include <runnel/pipeline.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_support.hpp"
+
+using runnel::pipeline;
+using runnel::stage_options;
+using runnel::thread_pool;
+
+namespace {
+
+void check_invariant(const runnel::pipeline_stats& s) {
+  INFO("produced " << s.produced << " delivered " << s.delivered << " filtered " << s.filtered
+                   << " failed " << s.failed << " discarded " << s.discarded);
+  CHECK(s.finished);
+  CHECK(s.produced == s.delivered + s.filtered + s.failed + s.discarded);
+  for (std::size_t i = 0; i < s.stages.size(); ++i) {
+    const auto& n = s.stages[i];
+    INFO("node " << i << " (" << n.name << ")");
+    if (i == 0 && n.name == "source") {
+      CHECK(n.in == n.out + n.discarded);
+    } else {
+      CHECK(n.in == n.out + n.filtered + n.failed + n.discarded);
+    }
+    if (i + 1 < s.stages.size()) CHECK(n.out == s.stages[i + 1].in);
+  }
+}
+
+// A counting source of n values 0..n-1.
+auto counter(std::uint64_t n) {
+  return [i = std::uint64_t{0}, n]() mutable -> std::optional<std::uint64_t> {
+    if (i == n) return std::nullopt;
+    return i++;
+  };
+}
+
+runnel::pool_options pool_of(std::size_t threads) {
+  runnel::pool_options o;
+  o.threads = threads;
+  o.pin = false;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("pipeline: source -> stage -> sink, 1..8 workers, ordered and unordered",
+          "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(100000);
+  thread_pool pool(pool_of(2));
+  for (std::size_t workers : {1, 2, 3, 8}) {
+    for (bool ordered : {false, true}) {
+      INFO("workers " << workers << " ordered " << ordered);
+      std::uint64_t sum = 0, count = 0, next = 0;
+      bool in_order = true;
+      auto run = pipeline{pool}
+                     .source(counter(n), {.capacity = 64})
+                     .stage([](std::uint64_t x) { return 2 * x + 1; },
+                            {.workers = workers, .ordered = ordered, .capacity = 32, .batch = 16})
+                     .sink([&](std::uint64_t y) {  // serial: one lane
+                       in_order &= y == 2 * next + 1;
+                       ++next;
+                       sum += y;
+                       ++count;
+                     })
+                     .run();
+      run.wait();
+      CHECK(count == n);
+      CHECK(sum == n * n);  // sum of the first n odd numbers
+      if (ordered || workers == 1) CHECK(in_order);
+      auto s = run.stats();
+      CHECK(s.produced == n);
+      CHECK(s.delivered == n);
+      check_invariant(s);
+    }
+  }
+}
+
+TEST_CASE("pipeline: filters, several parallel stages, fan-out sink", "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(60000);
+  thread_pool pool(pool_of(2));
+  std::atomic<std::uint64_t> sum{0}, count{0};
+  auto run = pipeline{pool}
+                 .source(counter(n))
+                 .stage([](std::uint64_t x) -> std::optional<std::uint64_t> {
+                   if (x % 3 == 0) return std::nullopt;
+                   return x;
+                 }, {.workers = 4, .ordered = true, .capacity = 16, .batch = 8})
+                 .stage([](const std::uint64_t& x) { return std::to_string(x); },
+                        {.workers = 3, .capacity = 128})
+                 .stage([](std::string s) -> std::optional<std::uint64_t> {
+                   const auto v = std::stoull(s);
+                   if (v % 5 == 0) return std::nullopt;
+                   return v;
+                 }, {.workers = 2, .ordered = true, .batch = 3})
+                 .sink([&](std::uint64_t v) {
+                   sum += v;
+                   ++count;
+                 }, {.workers = 4})
+                 .run();
+  run.wait();
+  std::uint64_t want_sum = 0, want_count = 0;
+  for (std::uint64_t x = 0; x < n; ++x) {
+    if (x % 3 != 0 && x % 5 != 0) {
+      want_sum += x;
+      ++want_count;
+    }
+  }
+  CHECK(count == want_count);
+  CHECK(sum == want_sum);
+  auto s = run.stats();
+  CHECK(s.filtered == n - want_count);
+  CHECK(s.discarded == 0);
+  CHECK(s.stages.size() == 5);
+  check_invariant(s);
+}
+
+TEST_CASE("pipeline: more stages than workers on a 1-worker pool finishes", "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(20000);
+  thread_pool pool(pool_of(1));
+  auto add = [](std::uint64_t x) { return x + 1; };
+  std::uint64_t sum = 0;
+  auto run = pipeline{pool}
+                 .source(counter(n), {.capacity = 2, .batch = 1})
+                 .stage(add, {.capacity = 2})
+                 .stage(add, {.workers = 3, .ordered = true, .capacity = 1, .batch = 1})
+                 .stage(add, {.workers = 2, .capacity = 2})
+                 .stage(add, {.capacity = 2, .batch = 2})
+                 .stage(add, {.workers = 4, .ordered = true, .capacity = 2})
+                 .stage(add, {.capacity = 1})
+                 .stage(add, {.workers = 2, .ordered = true, .capacity = 2, .batch = 5})
+                 .stage(add, {.capacity = 2})
+                 .stage(add, {.capacity = 2})
+                 .stage(add, {.capacity = 2})
+                 .stage(add, {.capacity = 2})
+                 .stage(add, {.capacity = 2})
+                 .sink([&](std::uint64_t v) { sum += v; })
+                 .run();
+  run.wait();
+  CHECK(sum == n * (n - 1) / 2 + 12 * n);
+  check_invariant(run.stats());
+}
+
+TEST_CASE("pipeline: ordered delivery survives a 1-worker pool and tiny windows", "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(20000);
+  thread_pool pool(pool_of(1));
+  std::uint64_t next = 0;
+  bool in_order = true;
+  auto run = pipeline{pool}
+                 .source(counter(n), {.capacity = 1})
+                 .stage([](std::uint64_t x) { return x; }, {.workers = 5, .ordered = true, .capacity = 1, .batch = 1})
+                 .stage([](std::uint64_t x) { return x; }, {.workers = 3, .ordered = true, .capacity = 3, .batch = 2})
+                 .sink([&](std::uint64_t v) { in_order &= v == next++; })
+                 .run();
+  run.wait();
+  CHECK(next == n);
+  CHECK(in_order);
+  check_invariant(run.stats());
+}
+
+TEST_CASE("pipeline: errors reach the handler with their message; the run goes on",
+          "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(20000);
+  thread_pool pool(pool_of(2));
+  std::uint64_t handled = 0, wrong = 0, delivered = 0;  // the handler is serialised
+  std::string seen_name;
+  auto run = pipeline{pool}
+                 .on_error([&](const runnel::stage_failure& f) {
+                   ++handled;
+                   const std::uint64_t* m = f.message<std::uint64_t>();
+                   if (m == nullptr || *m % 7 != 0 || f.stage != 1) ++wrong;
+                   if (f.message<int>() != nullptr) ++wrong;  // wrong type: nullptr
+                   try {
+                     std::rethrow_exception(f.error);
+                   } catch (const std::runtime_error& e) {
+                     if (std::string(e.what()) != "seven") ++wrong;
+                   }
+                   seen_name = f.stage_name;
+                 })
+                 .source(counter(n))
+                 .stage([](const std::uint64_t& x) {
+                   if (x % 7 == 0) throw std::runtime_error("seven");
+                   return x;
+                 }, {.workers = 3, .ordered = true, .name = "picky"})
+                 .sink([&](std::uint64_t) { ++delivered; })
+                 .run();
+  run.wait();
+  const std::uint64_t sevens = (n + 6) / 7;
+  CHECK(handled == sevens);
+  CHECK(wrong == 0);
+  CHECK(seen_name == "picky");
+  CHECK(delivered == n - sevens);
+  auto s = run.stats();
+  CHECK(s.failed == sevens);
+  CHECK(s.stages[1].name == "picky");
+  CHECK(s.discarded == 0);
+  check_invariant(s);
+}
+
+TEST_CASE("pipeline: without a handler the first exception cancels and wait() rethrows",
+          "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  for (bool in_sink : {false, true}) {
+    auto flow = pipeline{pool}.source(counter(1'000'000'000)).stage(
+        [in_sink](std::uint64_t x) {
+          if (!in_sink && x == 1000) throw std::domain_error("boom");
+          return x;
+        }, {.workers = 2});
+    auto run = std::move(flow)
+                   .sink([in_sink](std::uint64_t x) {
+                     if (in_sink && x >= 500) throw std::domain_error("sink boom");
+                   })
+                   .run();
+    CHECK_THROWS_AS(run.wait(), std::domain_error);
+    auto s = run.stats();
+    CHECK(s.cancelled);
+    CHECK(s.failed >= 1);
+    check_invariant(s);
+  }
+}
+
+TEST_CASE("pipeline: generator exceptions", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  SECTION("with a handler: reported without a message, generator called again") {
+    int calls = 0, reported = 0, no_msg = 0;
+    std::uint64_t got = 0;
+    auto run = pipeline{pool}
+                   .on_error([&](const runnel::stage_failure& f) {
+                     ++reported;
+                     if (f.message<int>() == nullptr && f.stage == 0) ++no_msg;
+                   })
+                   .source([&]() -> std::optional<int> {
+                     ++calls;
+                     if (calls > 100) return std::nullopt;
+                     if (calls % 10 == 0) throw std::runtime_error("gen");
+                     return calls;
+                   })
+                   .sink([&](int) { ++got; })
+                   .run();
+    run.wait();
+    CHECK(reported == 10);
+    CHECK(no_msg == 10);
+    CHECK(got == 90);
+    check_invariant(run.stats());
+  }
+  SECTION("without a handler") {
+    auto run = pipeline{pool}
+                   .source([n = 0]() mutable -> std::optional<int> {
+                     if (++n == 50) throw std::runtime_error("gen");
+                     return n;
+                   })
+                   .sink([](int) {})
+                   .run();
+    CHECK_THROWS_AS(run.wait(), std::runtime_error);
+    check_invariant(run.stats());
+  }
+}
+
+TEST_CASE("pipeline: cancel under load stops and counts everything", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  for (int round = 0; round < 6; ++round) {
+    std::atomic<std::uint64_t> delivered{0};
+    auto run = pipeline{pool}
+                   .source(counter(UINT64_MAX), {.capacity = 256})
+                   .stage([](std::uint64_t x) { return x ^ 1; },
+                          {.workers = 3, .ordered = (round & 1) != 0, .capacity = 64})
+                   .stage([](std::uint64_t x) -> std::optional<std::uint64_t> {
+                     if (x % 10 == 0) return std::nullopt;
+                     return x;
+                   }, {.workers = 2, .capacity = 64})
+                   .sink([&](std::uint64_t) { ++delivered; }, {.workers = 2})
+                   .run();
+    while (delivered.load() < 1000 * static_cast<std::uint64_t>(round + 1)) std::this_thread::yield();
+    auto mid = run.stats();  // readable while running
+    CHECK_FALSE(mid.finished);
+    for (const auto& st : mid.stages) CHECK(st.queue_depth <= 256);
+    run.cancel();
+    run.wait();  // no exception: cancel is not an error
+    auto s = run.stats();
+    CHECK(s.cancelled);
+    CHECK(s.delivered == delivered.load());
+    check_invariant(s);
+  }
+}
+
+TEST_CASE("pipeline: destroying an unfinished handle cancels it", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  std::atomic<std::uint64_t> delivered{0};
+  {
+    auto run = pipeline{pool}.source(counter(UINT64_MAX)).sink([&](std::uint64_t) { ++delivered; }).run();
+    while (delivered.load() < 100) std::this_thread::yield();
+  }
+  pool.wait_idle();
+  const auto after = delivered.load();
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  CHECK(delivered.load() == after);
+}
+
+TEST_CASE("pipeline: .from and .to connect threads outside the pool", "[pipeline]") {
+  const std::uint64_t per = runnel_test::scaled(20000);
+  constexpr std::uint64_t producers = 3;
+  thread_pool pool(pool_of(2));
+  for (bool ordered : {false, true}) {
+    auto [in_tx, in_rx] = runnel::make_channel<std::uint64_t>(16);
+    auto [out_tx, out_rx] = runnel::make_channel<std::uint64_t>(8);
+    auto run = pipeline{pool}
+                   .from(std::move(in_rx))
+                   .stage([](std::uint64_t x) { return x * 10; },
+                          {.workers = ordered ? 4u : 1u, .ordered = ordered, .capacity = 8})
+                   .to(std::move(out_tx))
+                   .run();
+    std::vector<std::thread> ts;
+    std::atomic<int> send_failures{0};
+    for (std::uint64_t p = 0; p < producers; ++p) {
+      ts.emplace_back([tx = in_tx, p, per, &send_failures]() mutable {
+        for (std::uint64_t i = 0; i < per; ++i)
+          if (!tx.send((p << 32) | i).ok()) ++send_failures;
+      });
+    }
+    in_tx.reset();  // the producers' copies close the channel when they finish
+    std::vector<std::int64_t> last(producers, -1);
+    std::uint64_t got = 0, order_errors = 0;
+    for (std::uint64_t v : out_rx) {  // ends when the pipeline drops its sender
+      v /= 10;
+      const auto p = v >> 32;
+      const auto i = static_cast<std::int64_t>(v & 0xffffffffu);
+      if (i <= last[p]) ++order_errors;  // per-producer order kept (ordered or 1 worker)
+      last[p] = i;
+      ++got;
+    }
+    for (auto& t : ts) t.join();
+    run.wait();
+    CHECK(send_failures == 0);
+    CHECK(got == producers * per);
+    CHECK(order_errors == 0);
+    check_invariant(run.stats());
+  }
+}
+
+TEST_CASE("pipeline: produce/consume primitives, fan-in and fan-out", "[pipeline]") {
+  const std::uint64_t per = runnel_test::scaled(30000);
+  thread_pool pool(pool_of(2));
+  auto [tx, rx] = runnel::make_channel<std::uint64_t>(32);
+  std::vector<runnel::pipeline_handle> producers;
+  for (std::uint64_t p = 0; p < 3; ++p)  // fan-in: three producer tasks, one channel
+    producers.push_back(runnel::produce(pool, tx, counter(per)));
+  tx.reset();
+  std::atomic<std::uint64_t> sum{0}, count{0};
+  std::atomic<int> concurrent{0}, max_concurrent{0};
+  auto consumer = runnel::consume(pool, std::move(rx), [&](std::uint64_t v) {  // fan-out
+    const int c = ++concurrent;
+    int m = max_concurrent.load();
+    while (c > m && !max_concurrent.compare_exchange_weak(m, c)) {}
+    sum += v;
+    ++count;
+    --concurrent;
+  }, 4);
+  for (auto& p : producers) p.wait();
+  consumer.wait();
+  CHECK(count == 3 * per);
+  CHECK(sum == 3 * (per * (per - 1) / 2));
+  CHECK(max_concurrent <= 4);
+  check_invariant(consumer.stats());
+}
+
+TEST_CASE("pipeline: several pipelines share one pool", "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(20000);
+  thread_pool pool(pool_of(2));
+  constexpr int k = 5;
+  std::vector<std::atomic<std::uint64_t>> sums(k);
+  std::vector<runnel::pipeline_handle> runs;
+  for (int i = 0; i < k; ++i) {
+    runs.push_back(pipeline{pool}
+                       .source(counter(n), {.capacity = 8})
+                       .stage([](std::uint64_t x) { return x + 1; }, {.workers = 2, .ordered = i % 2 == 0})
+                       .sink([&sums, i](std::uint64_t v) { sums[i] += v; })
+                       .run());
+  }
+  for (auto& r : runs) r.wait();
+  for (int i = 0; i < k; ++i) CHECK(sums[i] == n * (n + 1) / 2);
+}
+
+TEST_CASE("pipeline: the source is not called while its output is full", "[pipeline]") {
+  const std::uint64_t n = runnel_test::scaled(5000);
+  thread_pool pool(pool_of(2));
+  std::atomic<std::uint64_t> generated{0}, consumed{0};
+  std::atomic<int> violations{0};
+  // In flight at any moment: the channel (4), the source's held value (1),
+  // the sink's batch (1).
+  constexpr std::uint64_t bound = 4 + 1 + 1;
+  auto run = pipeline{pool}
+                 .source([&]() -> std::optional<std::uint64_t> {
+                   if (generated.load() == n) return std::nullopt;
+                   if (generated.load() - consumed.load() >= bound) ++violations;
+                   return generated++;
+                 }, {.capacity = 4})
+                 .sink([&](std::uint64_t) {
+                   for (int i = 0; i < 50; ++i) std::this_thread::yield();  // slow consumer
+                   ++consumed;
+                 }, {.batch = 1})
+                 .run();
+  run.wait();
+  CHECK(consumed == n);
+  CHECK(violations == 0);
+}
+
+TEST_CASE("pipeline: move-only messages", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  std::uint64_t sum = 0;
+  auto run = pipeline{pool}
+                 .source([i = 0]() mutable -> std::optional<std::unique_ptr<int>> {
+                   if (i == 1000) return std::nullopt;
+                   return std::make_unique<int>(i++);
+                 })
+                 .stage([](std::unique_ptr<int> p) { *p *= 2; return p; }, {.workers = 3, .ordered = true})
+                 .sink([&](std::unique_ptr<int> p) { sum += static_cast<std::uint64_t>(*p); })
+                 .run();
+  run.wait();
+  CHECK(sum == 999 * 1000);
+}
+
+TEST_CASE("pipeline: bad arguments and misuse are reported", "[pipeline]") {
+  thread_pool pool(pool_of(1));
+  auto gen = counter(10);
+  CHECK_THROWS_AS(pipeline{pool}.source(gen, {.workers = 2}), std::invalid_argument);
+  CHECK_THROWS_AS(pipeline{pool}.source(gen, {.capacity = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(pipeline{pool}.source(gen).stage([](std::uint64_t x) { return x; }, {.workers = 0}),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(pipeline{pool}.source(gen).sink([](std::uint64_t) {}, {.batch = 0}),
+                  std::invalid_argument);
+  runnel::receiver<int> empty;
+  CHECK_THROWS_AS(pipeline{pool}.from(empty), std::invalid_argument);
+  runnel::pipeline_handle none;
+  CHECK_THROWS_AS(none.wait(), std::logic_error);
+
+  auto run = pipeline{pool}.source(counter(10)).sink([](std::uint64_t) {}).run();
+  auto f = pool.submit([&run] {
+    try {
+      run.wait();
+    } catch (const std::logic_error&) {
+      return true;
+    }
+    return false;
+  });
+  CHECK(f.get());
+  run.wait();
+  check_invariant(run.stats());
+}
