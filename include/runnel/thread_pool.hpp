@@ -313,7 +313,9 @@ class thread_pool {
       if (detail::task_node* t = pop_injected()) return t;
     }
     if (detail::task_node* t = self.deque.pop()) return t;
-    return nullptr;
+    // One look at the shared FIFO before becoming a searcher: a stream of
+    // outside posts is then consumed without touching searching_.
+    return pop_injected();
   }
 
   // Whether any queue visibly holds work (a push in progress counts).
@@ -340,7 +342,14 @@ class thread_pool {
     detail::light_fence();
     // Relaxed: ordered by light_fence(), see above.
     if (searching_.load(std::memory_order_relaxed) != 0) return;
-    if (sleepers_.has_waiters()) sleepers_.notify_one();
+    if (!sleepers_.has_waiters()) return;
+    // A worker is already being woken: it will search (it clears the flag on
+    // its way out of park()). Without this, every post during the wake-up
+    // latency would make another futex call. Relaxed load: ordered by
+    // light_fence() like the loads above; the exchange decides who wakes.
+    if (wake_pending_.load(std::memory_order_relaxed) || wake_pending_.exchange(true, std::memory_order_seq_cst))
+      return;
+    sleepers_.notify_one();
   }
 
   void execute(detail::task_node* t) noexcept {
@@ -422,7 +431,15 @@ class thread_pool {
   // after it; a poster publishes before its light fence and reads searching_
   // and the waiter count after it. So either the poster sees a sleeper with
   // no searcher (and wakes it), or our re-check sees the task.
+  //
+  // wake_pending_ is the other reason a poster skips the wake-up: it is set
+  // by the poster that wakes somebody and cleared by every worker entering or
+  // leaving park(). A poster that saw it set did so before the clear that
+  // precedes some worker's heavy fence and re-check (in this park() or the
+  // next), so that re-check sees the post. Clearing on entry also undoes a
+  // flag whose notify found nobody (the waiter had just cancelled).
   bool park() noexcept {
+    wake_pending_.store(false, std::memory_order_seq_cst);
     const auto key = sleepers_.prepare_wait();
     if (any_queued()) {
       sleepers_.cancel_wait();
@@ -435,6 +452,7 @@ class thread_pool {
     if (active_.fetch_sub(1, std::memory_order_seq_cst) == 1) idle_ec_.notify_all();
     sleepers_.wait(key);
     active_.fetch_add(1, std::memory_order_seq_cst);
+    wake_pending_.store(false, std::memory_order_seq_cst);
     return true;
   }
 
@@ -461,6 +479,8 @@ class thread_pool {
   // Workers currently searching (between search() start and end). Read by
   // every post; written only when a worker runs dry, so it stays shared.
   alignas(detail::false_sharing_range) std::atomic<std::uint32_t> searching_{0};
+  // A poster has woken a worker that has not yet left park().
+  std::atomic<bool> wake_pending_{false};
   detail::event_count sleepers_;
   // Workers not parked in sleepers_ (running, searching, or about to park).
   alignas(detail::false_sharing_range) std::atomic<std::uint32_t> active_{0};

@@ -6,23 +6,28 @@
 // so nodes come from a per-thread free list: a worker frees the nodes of the
 // tasks it ran and reuses them for the tasks it spawns, without touching the
 // allocator or any shared cache line. A node freed on another thread than
-// the one that allocated it simply joins that thread's list. Callables too
-// big for the node's inline buffer live in a separate heap block.
+// the one that allocated it joins that thread's list; full lists move
+// between threads in batches through a shared depot. Callables too big for
+// the node's inline buffer live in a separate heap block.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cache_line.hpp"
 
 namespace runnel::detail {
 
-struct alignas(cache_line_size) task_node {
+// 64 bytes but only 16-aligned: an over-aligned node would need the aligned
+// operator new, which glibc serves from a much slower path than malloc.
+struct alignas(16) task_node {
   static constexpr std::size_t inline_size = cache_line_size - 16;
   static constexpr std::size_t inline_align = 16;
 
@@ -36,48 +41,110 @@ struct alignas(cache_line_size) task_node {
 };
 static_assert(sizeof(task_node) == cache_line_size);
 
+// Free nodes travel between threads in batches: a thread whose cache is
+// full hands the whole list to this depot, a thread whose cache is empty takes
+// one back. This keeps the allocator off the path where one thread creates
+// tasks and others run (and free) them, e.g. posts from outside the pool.
+// One lock per `batch` nodes.
+class task_node_depot {
+ public:
+  static constexpr std::size_t max_batches = 256;  // beyond: give memory back
+
+  task_node_depot() = default;
+  task_node_depot(const task_node_depot&) = delete;
+  task_node_depot& operator=(const task_node_depot&) = delete;
+  ~task_node_depot() {
+    for (task_node* list : batches_) free_list(list);
+  }
+
+  // Takes ownership of a null-terminated list.
+  void put(task_node* list) noexcept {
+    {
+      std::lock_guard lock(m_);
+      if (batches_.size() < max_batches) {
+        try {
+          batches_.push_back(list);
+          return;
+        } catch (...) {
+          // No room to keep it: free it below.
+        }
+      }
+    }
+    free_list(list);
+  }
+
+  // A full batch, or nullptr.
+  task_node* take() noexcept {
+    std::lock_guard lock(m_);
+    if (batches_.empty()) return nullptr;
+    task_node* list = batches_.back();
+    batches_.pop_back();
+    return list;
+  }
+
+  static task_node* next(task_node* n) noexcept { return *std::launder(reinterpret_cast<task_node**>(n->storage)); }
+  static void set_next(task_node* n, task_node* next) noexcept {
+    ::new (static_cast<void*>(n->storage)) task_node*(next);
+  }
+  static void free_list(task_node* list) noexcept {
+    while (list != nullptr) {
+      task_node* n = list;
+      list = next(n);
+      ::operator delete(n);
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::vector<task_node*> batches_;  // guarded by m_
+};
+
+// The depot lives until the end of the program (leaked on purpose: worker
+// threads of a pool with static storage duration may free nodes after other
+// statics are gone).
+inline task_node_depot& node_depot() noexcept {
+  static task_node_depot* const depot = new task_node_depot;
+  return *depot;
+}
+
 // Per-thread cache of free nodes, linked through their storage.
 class task_node_cache {
  public:
-  static constexpr std::size_t max_cached = 4096;  // 256 KiB per thread at most
+  static constexpr std::size_t batch = 256;
 
   task_node_cache() = default;
   task_node_cache(const task_node_cache&) = delete;
   task_node_cache& operator=(const task_node_cache&) = delete;
   ~task_node_cache() {
-    while (head_ != nullptr) {
-      task_node* n = head_;
-      head_ = next(n);
-      release(n);
-    }
+    if (head_ != nullptr) node_depot().put(head_);
   }
 
   task_node* allocate() {
-    if (head_ != nullptr) {
-      task_node* n = head_;
-      head_ = next(n);
-      --count_;
-      return n;
+    if (head_ == nullptr) {
+      head_ = node_depot().take();
+      count_ = head_ != nullptr ? batch : 0;
+      if (head_ == nullptr) return static_cast<task_node*>(::operator new(sizeof(task_node)));
     }
-    return static_cast<task_node*>(::operator new(sizeof(task_node), std::align_val_t{alignof(task_node)}));
+    task_node* n = head_;
+    head_ = task_node_depot::next(n);
+    --count_;
+    return n;
   }
 
   void deallocate(task_node* n) noexcept {
-    if (count_ >= max_cached) {
-      release(n);
-      return;
+    if (count_ == batch) {
+      node_depot().put(head_);
+      head_ = nullptr;
+      count_ = 0;
     }
-    ::new (static_cast<void*>(n->storage)) task_node*(head_);
+    task_node_depot::set_next(n, head_);
     head_ = n;
     ++count_;
   }
 
  private:
-  static task_node* next(task_node* n) noexcept { return *std::launder(reinterpret_cast<task_node**>(n->storage)); }
-  static void release(task_node* n) noexcept { ::operator delete(n, std::align_val_t{alignof(task_node)}); }
-
   task_node* head_ = nullptr;
-  std::size_t count_ = 0;
+  std::size_t count_ = 0;  // nodes in head_'s list
 };
 
 inline task_node_cache& local_node_cache() noexcept {

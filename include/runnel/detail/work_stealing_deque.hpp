@@ -85,6 +85,10 @@ class work_stealing_deque {
   T pop() noexcept {
     // Relaxed: only this thread writes bottom_ and buffer_.
     const std::int64_t b = bottom_.load(std::memory_order_relaxed) - 1;
+    // Cheap exit when surely empty: top_ never decreases, so a top_ at or past
+    // our bottom stays so until we push. Relaxed: a stale (smaller) top_ only
+    // sends us down the full path. Saves the seq_cst store on an idle worker.
+    if (top_.load(std::memory_order_relaxed) > b) return nullptr;
     buffer* buf = buffer_.load(std::memory_order_relaxed);
     // seq_cst store then seq_cst load: the StoreLoad order of the paper's
     // fence. Thieves that read top_ later than our load see this bottom.

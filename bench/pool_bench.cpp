@@ -1,0 +1,303 @@
+// The pool against oneTBB (task_group in a task_arena of the same size) and a
+// plain mutex + condition-variable pool, over thread counts 1 .. N and 2N
+// (N = hardware threads):
+//   fib/<threads>    fib(30), one task per call (no cutoff): spawn, local
+//                    pop, steal and join overhead.
+//   burst/<threads>  1e6 empty tasks posted from an outside thread, then
+//                    waited for: the injection path.
+//   idle/<threads>   CPU time an idle pool burns over 0.2 s (counter
+//                    idle_cpu_pct, percent of one core).
+// Compare ratios between rows of the same run, not bare times.
+#include <benchmark/benchmark.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "runnel/task_group.hpp"
+#include "runnel/thread_pool.hpp"
+
+#ifdef RUNNEL_HAVE_TBB
+#include <tbb/task_arena.h>
+#include <tbb/task_group.h>
+#endif
+
+namespace {
+
+constexpr int fib_n = 30;
+constexpr std::size_t burst_tasks = 1'000'000;
+
+double process_cpu_seconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         static_cast<double>(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+// ---------------------------------------------------------------------------
+// Baseline: one mutex-protected std::deque of std::function, workers sleep on
+// a condition variable. Fork-join waits help by running the newest queued
+// task (LIFO, like a work-stealing owner) until their group is done.
+class mutex_pool {
+ public:
+  explicit mutex_pool(std::size_t threads) {
+    for (std::size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { worker(); });
+  }
+  ~mutex_pool() {
+    {
+      std::lock_guard lock(m_);
+      stop_ = true;
+    }
+    work_cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  void post(std::function<void()> f) {
+    {
+      std::lock_guard lock(m_);
+      q_.push_back(std::move(f));
+      ++pending_;
+    }
+    work_cv_.notify_one();
+  }
+
+  void wait_idle() {
+    std::unique_lock lock(m_);
+    idle_cv_.wait(lock, [&] { return pending_ == 0; });
+  }
+
+  // Runs the newest queued task if there is one.
+  bool help_one() {
+    std::function<void()> f;
+    {
+      std::lock_guard lock(m_);
+      if (q_.empty()) return false;
+      f = std::move(q_.back());
+      q_.pop_back();
+    }
+    run(f);
+    return true;
+  }
+
+ private:
+  void run(std::function<void()>& f) {
+    f();
+    std::lock_guard lock(m_);
+    if (--pending_ == 0) idle_cv_.notify_all();
+  }
+
+  void worker() {
+    for (;;) {
+      std::function<void()> f;
+      {
+        std::unique_lock lock(m_);
+        work_cv_.wait(lock, [&] { return stop_ || !q_.empty(); });
+        if (q_.empty()) return;
+        f = std::move(q_.front());
+        q_.pop_front();
+      }
+      run(f);
+    }
+  }
+
+  std::mutex m_;
+  std::condition_variable work_cv_, idle_cv_;
+  std::deque<std::function<void()>> q_;
+  std::size_t pending_ = 0;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+class mutex_group {
+ public:
+  explicit mutex_group(mutex_pool& p) : pool_(p) {}
+  template <class F>
+  void run(F f) {
+    pending_.fetch_add(1);
+    pool_.post([this, f = std::move(f)] {
+      f();
+      pending_.fetch_sub(1);
+    });
+  }
+  void wait() {
+    while (pending_.load() != 0)
+      if (!pool_.help_one()) std::this_thread::yield();
+  }
+
+ private:
+  mutex_pool& pool_;
+  std::atomic<int> pending_{0};
+};
+
+// ---------------------------------------------------------------------------
+// fib with one task per call, identical shape for every pool.
+
+std::uint64_t fib_runnel(runnel::thread_pool& pool, int n) {
+  if (n < 2) return static_cast<std::uint64_t>(n);
+  std::uint64_t a = 0, b = 0;
+  runnel::task_group g{pool};
+  g.run([&] { a = fib_runnel(pool, n - 1); });
+  g.run([&] { b = fib_runnel(pool, n - 2); });
+  g.wait();
+  return a + b;
+}
+
+std::uint64_t fib_mutex(mutex_pool& pool, int n) {
+  if (n < 2) return static_cast<std::uint64_t>(n);
+  std::uint64_t a = 0, b = 0;
+  mutex_group g{pool};
+  g.run([&] { a = fib_mutex(pool, n - 1); });
+  g.run([&] { b = fib_mutex(pool, n - 2); });
+  g.wait();
+  return a + b;
+}
+
+#ifdef RUNNEL_HAVE_TBB
+std::uint64_t fib_tbb(int n) {
+  if (n < 2) return static_cast<std::uint64_t>(n);
+  std::uint64_t a = 0, b = 0;
+  tbb::task_group g;
+  g.run([&] { a = fib_tbb(n - 1); });
+  g.run([&] { b = fib_tbb(n - 2); });
+  g.wait();
+  return a + b;
+}
+#endif
+
+constexpr std::uint64_t fib_expected() {
+  std::uint64_t a = 0, b = 1;
+  for (int i = 0; i < fib_n; ++i) {
+    const std::uint64_t t = a + b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+void check(benchmark::State& state, bool ok) {
+  if (!ok) state.SkipWithError("wrong result");
+}
+
+// ---------------------------------------------------------------------------
+
+void fib_runnel_bm(benchmark::State& state) {
+  runnel::thread_pool pool{{.threads = static_cast<std::size_t>(state.range(0))}};
+  for (auto _ : state) {
+    const std::uint64_t r = pool.submit([&] { return fib_runnel(pool, fib_n); }).get();
+    check(state, r == fib_expected());
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(2 * fib_expected() - 1));
+}
+
+void fib_mutex_bm(benchmark::State& state) {
+  mutex_pool pool(static_cast<std::size_t>(state.range(0)));
+  for (auto _ : state) {
+    std::uint64_t r = 0;
+    mutex_group g{pool};
+    g.run([&] { r = fib_mutex(pool, fib_n); });
+    g.wait();
+    check(state, r == fib_expected());
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(2 * fib_expected() - 1));
+}
+
+#ifdef RUNNEL_HAVE_TBB
+void fib_tbb_bm(benchmark::State& state) {
+  tbb::task_arena arena(static_cast<int>(state.range(0)));
+  for (auto _ : state) {
+    std::uint64_t r = 0;
+    arena.execute([&] { r = fib_tbb(fib_n); });
+    check(state, r == fib_expected());
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(2 * fib_expected() - 1));
+}
+#endif
+
+void burst_runnel_bm(benchmark::State& state) {
+  runnel::thread_pool pool{{.threads = static_cast<std::size_t>(state.range(0))}};
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < burst_tasks; ++i) pool.post([] {});
+    pool.wait_idle();
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks));
+}
+
+void burst_mutex_bm(benchmark::State& state) {
+  mutex_pool pool(static_cast<std::size_t>(state.range(0)));
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < burst_tasks; ++i) pool.post([] {});
+    pool.wait_idle();
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks));
+}
+
+#ifdef RUNNEL_HAVE_TBB
+void burst_tbb_bm(benchmark::State& state) {
+  tbb::task_arena arena(static_cast<int>(state.range(0)));
+  for (auto _ : state) {
+    tbb::task_group g;
+    arena.execute([&] {
+      for (std::size_t i = 0; i < burst_tasks; ++i) g.run([] {});
+    });
+    arena.execute([&] { g.wait(); });
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks));
+}
+#endif
+
+// CPU burnt by an idle pool over 0.2 s, as a percentage of one core.
+template <class MakePool>
+void measure_idle(benchmark::State& state, MakePool make) {
+  double pct = 0;
+  for (auto _ : state) {
+    auto pool = make(static_cast<std::size_t>(state.range(0)));
+    for (int i = 0; i < 1000; ++i) pool->post([] {});
+    pool->wait_idle();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // spinning ends
+    const double before = process_cpu_seconds();
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    pct = (process_cpu_seconds() - before) / 0.2 * 100.0;
+  }
+  state.counters["idle_cpu_pct"] = pct;
+}
+
+void idle_runnel_bm(benchmark::State& state) {
+  measure_idle(state, [](std::size_t n) { return std::make_unique<runnel::thread_pool>(runnel::pool_options{.threads = n}); });
+}
+
+void idle_mutex_bm(benchmark::State& state) {
+  measure_idle(state, [](std::size_t n) { return std::make_unique<mutex_pool>(n); });
+}
+
+void thread_counts(benchmark::internal::Benchmark* b) {
+  const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (int t = 1; t <= n; ++t) b->Arg(t);
+  b->Arg(2 * n);
+}
+
+}  // namespace
+
+BENCHMARK(fib_runnel_bm)->Name("fib/runnel")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+#ifdef RUNNEL_HAVE_TBB
+BENCHMARK(fib_tbb_bm)->Name("fib/tbb")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+BENCHMARK(fib_mutex_bm)->Name("fib/mutex_pool")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+BENCHMARK(burst_runnel_bm)->Name("burst/runnel")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+#ifdef RUNNEL_HAVE_TBB
+BENCHMARK(burst_tbb_bm)->Name("burst/tbb")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+BENCHMARK(burst_mutex_bm)->Name("burst/mutex_pool")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+
+BENCHMARK(idle_runnel_bm)->Name("idle/runnel")->Apply(thread_counts)->Iterations(1)->UseRealTime();
+BENCHMARK(idle_mutex_bm)->Name("idle/mutex_pool")->Apply(thread_counts)->Iterations(1)->UseRealTime();
+
+BENCHMARK_MAIN();
