@@ -103,6 +103,31 @@ TEST_CASE("a tiny injection ring overflows without dropping and keeps FIFO order
   for (std::size_t i = 0; i < n; ++i) REQUIRE(order[i] == i);
 }
 
+TEST_CASE("overflowing a tiny ring with several producers and workers loses nothing", "[pool]") {
+  const std::size_t producers = 3;
+  const std::size_t per_producer = scaled(100'000);
+  std::vector<std::atomic<std::uint8_t>> runs(producers * per_producer);
+  for (auto& r : runs) r.store(0);
+  for (std::size_t threads : {2, 3}) {
+    for (auto& r : runs) r.store(0);
+    thread_pool pool{{.threads = threads, .pin = false, .injection_capacity = 8}};
+    runnel_test::run_threads(producers, [&](std::size_t p) {
+      for (std::size_t i = 0; i < per_producer; ++i) {
+        const std::size_t k = p * per_producer + i;
+        if (i % 3 == 0) {
+          pool.post_fair([&runs, k] { runs[k].fetch_add(1, std::memory_order_relaxed); });
+        } else {
+          pool.post([&runs, k] { runs[k].fetch_add(1, std::memory_order_relaxed); });
+        }
+      }
+    });
+    pool.wait_idle();
+    std::size_t bad = 0;
+    for (auto& r : runs) bad += r.load() != 1;
+    CHECK(bad == 0);
+  }
+}
+
 TEST_CASE("submit delivers values and exceptions through the future", "[pool]") {
   thread_pool pool{{.threads = 2, .pin = false}};
   auto f1 = pool.submit([] { return 6 * 7; });

@@ -37,7 +37,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <future>
@@ -251,43 +250,96 @@ class thread_pool {
     notify_one_if_needed();
   }
 
-  // Shared FIFO: the lock-free ring, or the overflow list once the ring is
-  // full. While the overflow list holds anything, new work goes there too, so
-  // it queues behind what overflowed.
-  void inject(detail::task_node* t) {
-    // Relaxed: a hint that only keeps FIFO order; both paths are correct.
-    if (overflow_size_.load(std::memory_order_relaxed) == 0 && injection_.try_push(std::move(t))) return;
-    try {
-      std::lock_guard lock(overflow_mutex_);
-      overflow_.push_back(t);
-      // Relaxed: readers that see 0 too early re-check after the handshake
-      // in park() (this store precedes the notify's fence).
-      overflow_size_.store(overflow_.size(), std::memory_order_relaxed);
-    } catch (...) {
-      t->discard();
-      throw;
+  // Shared FIFO: the lock-free ring, or the overflow queue once the ring is
+  // full. While the overflow queue holds anything, new work goes there too,
+  // so it queues behind what overflowed. Never fails, never allocates.
+  //
+  // The overflow queue is Dmitry Vyukov's intrusive MPSC queue: producers
+  // append with one exchange on overflow_tail_ and then link the previous
+  // node (wait-free); the single consumer is whoever holds overflow_mutex_.
+  // Producers never take the lock. The queue is empty when the tail is the
+  // stub node; between a producer's exchange and its link the consumer sees
+  // "not yet" (and any_queued() still sees work, so nobody parks on it).
+  void inject(detail::task_node* t) noexcept {
+    if (!overflow_nonempty() && injection_.try_push(std::move(t))) return;
+    overflow_push(t);
+  }
+
+  void overflow_push(detail::task_node* t) noexcept {
+    // Relaxed: published by the release store that links t below.
+    t->next.store(nullptr, std::memory_order_relaxed);
+    // acq_rel: acquire so that our link store into prev comes after prev's
+    // own initialisation; release is carried by the link store.
+    detail::task_node* prev = overflow_tail_.exchange(t, std::memory_order_acq_rel);
+    // Release: t (and its callable) is visible to the consumer that follows
+    // this link with an acquire load.
+    prev->next.store(t, std::memory_order_release);
+  }
+
+  bool overflow_nonempty() const noexcept {
+    // Relaxed: a hint for FIFO order and for "is there work"; in park() it
+    // runs after the heavy fence, which orders it (see park()). The head
+    // matters too: a node put back by overflow_unpop() may sit in front of a
+    // stub that is also the tail.
+    return overflow_tail_.load(std::memory_order_relaxed) != &overflow_stub_ ||
+           overflow_head_.load(std::memory_order_relaxed) != &overflow_stub_;
+  }
+
+  // Consumer side; caller holds overflow_mutex_. Oldest node, or nullptr
+  // when empty or when the oldest is still being linked.
+  detail::task_node* overflow_pop() noexcept {
+    // Relaxed (every access to overflow_head_ here): written only under the
+    // lock we hold; other threads read it as a hint only.
+    detail::task_node* head = overflow_head_.load(std::memory_order_relaxed);
+    // Acquire (all loads of `next` here): pairs with the producers' release
+    // link stores, so the node's callable is visible.
+    detail::task_node* next = head->next.load(std::memory_order_acquire);
+    if (head == &overflow_stub_) {
+      if (next == nullptr) return nullptr;
+      overflow_head_.store(next, std::memory_order_relaxed);
+      head = next;
+      next = next->next.load(std::memory_order_acquire);
     }
+    if (next != nullptr) {
+      overflow_head_.store(next, std::memory_order_relaxed);
+      return head;
+    }
+    // head is the last linked node: take it only if no producer is between
+    // its exchange and its link, by queueing the stub behind it.
+    if (head != overflow_tail_.load(std::memory_order_acquire)) return nullptr;
+    overflow_push(&overflow_stub_);
+    next = head->next.load(std::memory_order_acquire);
+    if (next == nullptr) return nullptr;
+    overflow_head_.store(next, std::memory_order_relaxed);
+    return head;
   }
 
   detail::task_node* pop_injected() noexcept {
     detail::task_node* t = nullptr;
     if (injection_.try_pop(t)) return t;
-    // Relaxed: a hint; the lock below gives the real answer.
-    if (overflow_size_.load(std::memory_order_relaxed) == 0) return nullptr;
+    if (!overflow_nonempty()) return nullptr;
     std::lock_guard lock(overflow_mutex_);
-    if (overflow_.empty()) return nullptr;
-    t = overflow_.front();
-    overflow_.pop_front();
-    // Refill the ring from the overflow (oldest first) so the next takers do
-    // not need the lock; bounded to keep the lock hold short.
-    for (int i = 0; i < 256 && !overflow_.empty(); ++i) {
-      detail::task_node* next = overflow_.front();
-      if (!injection_.try_push(std::move(next))) break;
-      overflow_.pop_front();
+    t = overflow_pop();
+    if (t == nullptr) return nullptr;
+    // Refill the ring (oldest first) so the next takers need no lock; bounded
+    // to keep the lock hold short. Stops when the ring is full, leaving the
+    // popped node in hand for the next round.
+    for (int i = 0; i < 256; ++i) {
+      detail::task_node* moved = overflow_pop();
+      if (moved == nullptr) break;
+      if (!injection_.try_push(std::move(moved))) {
+        overflow_unpop(moved);
+        break;
+      }
     }
-    // Relaxed: under the lock; see inject().
-    overflow_size_.store(overflow_.size(), std::memory_order_relaxed);
     return t;
+  }
+
+  // Puts back the node overflow_pop() just returned (still under the lock).
+  void overflow_unpop(detail::task_node* t) noexcept {
+    // t was the head before the pop: make it the head again. Its link is
+    // unchanged (the pop only read it). Relaxed: as in overflow_pop().
+    overflow_head_.store(t, std::memory_order_relaxed);
   }
 
   detail::task_node* steal_from_others(detail::pool_worker& self) noexcept {
@@ -321,8 +373,7 @@ class thread_pool {
   // Whether any queue visibly holds work (a push in progress counts).
   bool any_queued() const noexcept {
     if (injection_.size_approx() != 0) return true;
-    // Relaxed: see inject(); callers run after the handshake's fence.
-    if (overflow_size_.load(std::memory_order_relaxed) != 0) return true;
+    if (overflow_nonempty()) return true;
     for (const auto& w : workers_)
       if (!w->deque.empty()) return true;
     return false;
@@ -471,10 +522,14 @@ class thread_pool {
   std::vector<std::unique_ptr<detail::pool_worker>> workers_;
 
   detail::mpmc_ring<detail::task_node*> injection_;
-  std::mutex overflow_mutex_;
-  std::deque<detail::task_node*> overflow_;  // guarded by overflow_mutex_
-  // Size of overflow_, readable without the lock. Written under the lock.
-  alignas(detail::false_sharing_range) std::atomic<std::size_t> overflow_size_{0};
+  // Overflow queue (see inject()): the stub node is never run.
+  detail::task_node overflow_stub_{};
+  // Last node appended; producers exchange it.
+  alignas(detail::false_sharing_range) std::atomic<detail::task_node*> overflow_tail_{&overflow_stub_};
+  // Consumer side: the lock makes whoever holds it the single consumer.
+  alignas(detail::false_sharing_range) std::mutex overflow_mutex_;
+  // Oldest node (or the stub); written only under overflow_mutex_.
+  std::atomic<detail::task_node*> overflow_head_{&overflow_stub_};
 
   // Workers currently searching (between search() start and end). Read by
   // every post; written only when a worker runs dry, so it stays shared.

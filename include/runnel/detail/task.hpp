@@ -11,6 +11,7 @@
 // the node's inline buffer live in a separate heap block.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -34,6 +35,10 @@ struct alignas(16) task_node {
   // Runs the callable (when `run`), then destroys it and frees the node, also
   // when the callable throws (the exception then propagates).
   void (*invoke)(task_node*, bool run);
+  // Link for the intrusive lists a node can sit in: the pool's overflow
+  // queue while queued (where producers and the consumer race on it, hence
+  // atomic), the free lists while unused.
+  std::atomic<task_node*> next;
   alignas(inline_align) unsigned char storage[inline_size];
 
   void run() { invoke(this, true); }
@@ -82,10 +87,10 @@ class task_node_depot {
     return list;
   }
 
-  static task_node* next(task_node* n) noexcept { return *std::launder(reinterpret_cast<task_node**>(n->storage)); }
-  static void set_next(task_node* n, task_node* next) noexcept {
-    ::new (static_cast<void*>(n->storage)) task_node*(next);
-  }
+  // Relaxed: a free node belongs to one thread; lists change hands under the
+  // depot's mutex or through the task queues, which order these accesses.
+  static task_node* next(task_node* n) noexcept { return n->next.load(std::memory_order_relaxed); }
+  static void set_next(task_node* n, task_node* next) noexcept { n->next.store(next, std::memory_order_relaxed); }
   static void free_list(task_node* list) noexcept {
     while (list != nullptr) {
       task_node* n = list;
@@ -107,7 +112,7 @@ inline task_node_depot& node_depot() noexcept {
   return *depot;
 }
 
-// Per-thread cache of free nodes, linked through their storage.
+// Per-thread cache of free nodes, linked through `next`.
 class task_node_cache {
  public:
   static constexpr std::size_t batch = 256;
@@ -128,6 +133,10 @@ class task_node_cache {
     task_node* n = head_;
     head_ = task_node_depot::next(n);
     --count_;
+    // The next free node was most likely last written by another core (the
+    // one that ran its task): start fetching it for writing now, rather than
+    // stall on it in the next allocate().
+    if (head_ != nullptr) __builtin_prefetch(head_, 1);
     return n;
   }
 
