@@ -322,24 +322,43 @@ TEST_CASE("mpmc_queue: tiny ring, every value a wrap-around", "[mpmc_queue][mt]"
 
 namespace {
 
-// Blocking producers and consumers where one side pauses every `pause_every`
-// values, so the other side runs into full (or empty) and parks. A lost
-// wake-up leaves a thread asleep for good: the test then hangs and the CTest
-// time-out reports it.
+// Producers and consumers where one side pauses every `pause_every` values,
+// so the other side runs into full (or empty) and parks in push() (or pop()).
+// The fast side blocks; the slow side uses the blocking form too, or with
+// `slow_side_bulk` the bulk form, whose wake-up path (notify_all for more
+// than one value) is then what must wake the parked threads. A lost wake-up
+// leaves a thread asleep for good: the test then hangs and the CTest time-out
+// reports it.
 void run_parking(std::size_t P, std::size_t C, std::size_t per, std::size_t cap, bool slow_consumers,
-                 std::size_t pause_every) {
+                 std::size_t pause_every, bool slow_side_bulk = false) {
   INFO(P << " producers x " << C << " consumers, capacity " << cap
-         << (slow_consumers ? ", slow consumers" : ", slow producers"));
+         << (slow_consumers ? ", slow consumers" : ", slow producers")
+         << (slow_side_bulk ? " using the bulk forms" : ""));
   mpmc_queue<std::uint64_t> q(cap);
   tally t(P, per);
   std::atomic<std::size_t> producers_left{P};
   const auto pause = [] { std::this_thread::sleep_for(std::chrono::microseconds(200)); };
+  const bool bulk_producers = slow_side_bulk && !slow_consumers;
+  const bool bulk_consumers = slow_side_bulk && slow_consumers;
 
   runnel_test::run_threads(P + C, [&](std::size_t id) {
     if (id < P) {
-      for (std::uint64_t s = 0; s < per; ++s) {
+      std::uint64_t batch[16];
+      for (std::uint64_t s = 0; s < per;) {
         if (!slow_consumers && s % pause_every == 0) pause();
-        q.push(make_msg(id, s));
+        if (!bulk_producers) {
+          q.push(make_msg(id, s++));
+          continue;
+        }
+        // Up to pause_every values at once, so pauses stay on the boundaries.
+        const std::size_t n = std::min<std::uint64_t>({16, per - s, pause_every - s % pause_every});
+        for (std::size_t i = 0; i < n; ++i) batch[i] = make_msg(id, s + i);
+        for (std::size_t done = 0; done < n;) {
+          const std::size_t k = q.try_push_n(batch + done, n - done);
+          if (k == 0) std::this_thread::yield();
+          done += k;
+        }
+        s += n;
       }
       // Seq_cst: the last producer sends one stop signal per consumer.
       if (producers_left.fetch_sub(1) == 1)
@@ -347,16 +366,34 @@ void run_parking(std::size_t P, std::size_t C, std::size_t per, std::size_t cap,
       return;
     }
     consumer_view view(t, P);
-    for (std::uint64_t n = 1;; ++n) {
-      if (slow_consumers && n % pause_every == 0) pause();
-      const std::uint64_t v = q.pop();
-      if (v == stop_msg) break;
+    bool stopped = false;
+    const auto take = [&](std::uint64_t v) {
+      if (v == stop_msg) {
+        // A bulk pop may take several stop signals: keep one, hand the
+        // others back so that every consumer gets exactly one.
+        if (stopped) q.push(std::uint64_t{stop_msg});
+        stopped = true;
+        return;
+      }
       view.take(v);
       t.consumed.fetch_add(1, std::memory_order_relaxed);  // Relaxed: read after join.
+    };
+    std::uint64_t batch[16];
+    for (std::uint64_t n = 1; !stopped; ++n) {
+      if (slow_consumers && n % pause_every == 0) pause();
+      if (!bulk_consumers) {
+        take(q.pop());
+        continue;
+      }
+      const std::size_t k = q.try_pop_n(batch, 16);
+      for (std::size_t i = 0; i < k; ++i) take(batch[i]);
+      if (k == 0) std::this_thread::yield();
     }
+    ++t.stops;
   });
 
   REQUIRE(t.consumed == P * per);
+  REQUIRE(t.stops == C);
   check_tally(t, P * per);
   REQUIRE(q.empty_approx());
 }
@@ -367,12 +404,18 @@ TEST_CASE("mpmc_queue: producers park on full while consumers are slow", "[mpmc_
   const std::size_t per = runnel_test::under_sanitizer ? 4'000 : 20'000;
   run_parking(3, 1, per, 16, true, 40);
   run_parking(4, 2, per, 8, true, 25);
+  // Parked producers woken by try_pop_n.
+  run_parking(3, 1, per, 16, true, 40, true);
+  run_parking(4, 2, per, 8, true, 25, true);
 }
 
 TEST_CASE("mpmc_queue: consumers park on empty while producers are slow", "[mpmc_queue][mt][parking]") {
   const std::size_t per = runnel_test::under_sanitizer ? 4'000 : 20'000;
   run_parking(1, 3, per, 16, false, 40);
   run_parking(2, 4, per, 8, false, 25);
+  // Parked consumers woken by try_push_n.
+  run_parking(1, 3, per, 16, false, 40, true);
+  run_parking(2, 4, per, 8, false, 25, true);
 }
 
 TEST_CASE("mpmc_queue: move-only values across threads, none leaked", "[mpmc_queue][mt]") {

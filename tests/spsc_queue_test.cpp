@@ -182,7 +182,10 @@ result run_pair(std::uint64_t n, std::size_t cap, side ps, side cs, bool slow_co
           ++s;
           break;
         case side::bulk: {
-          const std::size_t want = std::min<std::uint64_t>(1 + round++ % 40, n - s);
+          std::size_t want = std::min<std::uint64_t>(1 + round++ % 40, n - s);
+          // A slow producer pauses on multiples of pause_every: stop there.
+          if (pause_every != 0 && !slow_consumer)
+            want = std::min<std::uint64_t>(want, pause_every - s % pause_every);
           for (std::size_t i = 0; i < want; ++i) batch[i] = s + i;
           std::size_t done = 0;
           while (done < want) {
@@ -275,12 +278,16 @@ TEST_CASE("spsc_queue: the producer parks on full while the consumer is slow", "
   const std::uint64_t n = runnel_test::under_sanitizer ? 10'000 : 50'000;
   check_pair(n, 16, side::blocking, side::blocking, true, 40);
   check_pair(n / 5, 1, side::blocking, side::blocking, true, 7);
+  // The parked producer woken by try_pop_n.
+  check_pair(n, 16, side::blocking, side::bulk, true, 40);
 }
 
 TEST_CASE("spsc_queue: the consumer parks on empty while the producer is slow", "[spsc_queue][mt][parking]") {
   const std::uint64_t n = runnel_test::under_sanitizer ? 10'000 : 50'000;
   check_pair(n, 16, side::blocking, side::blocking, false, 40);
   check_pair(n / 5, 1, side::blocking, side::blocking, false, 7);
+  // The parked consumer woken by try_push_n.
+  check_pair(n, 16, side::bulk, side::blocking, false, 40);
 }
 
 TEST_CASE("spsc_queue: tracked values across threads, none leaked", "[spsc_queue][mt]") {
