@@ -379,8 +379,9 @@ void run_parking(std::size_t P, std::size_t C, std::size_t per, std::size_t cap,
       t.consumed.fetch_add(1, std::memory_order_relaxed);  // Relaxed: read after join.
     };
     std::uint64_t batch[16];
-    for (std::uint64_t n = 1; !stopped; ++n) {
-      if (slow_consumers && n % pause_every == 0) pause();
+    std::uint64_t n = 0;
+    while (!stopped) {  // set by take()
+      if (slow_consumers && ++n % pause_every == 0) pause();
       if (!bulk_consumers) {
         take(q.pop());
         continue;
