@@ -327,8 +327,8 @@ TEST_CASE("pipeline: .from and .to connect threads outside the pool", "[pipeline
     std::vector<std::thread> ts;
     std::atomic<int> send_failures{0};
     for (std::uint64_t p = 0; p < producers; ++p) {
-      ts.emplace_back([tx = in_tx, p, per, &send_failures]() mutable {
-        for (std::uint64_t i = 0; i < per; ++i)
+      ts.emplace_back([tx = in_tx, p, count = per, &send_failures]() mutable {
+        for (std::uint64_t i = 0; i < count; ++i)
           if (!tx.send((p << 32) | i).ok()) ++send_failures;
       });
     }

@@ -168,7 +168,7 @@ template <class T>
 class pipeline_flow {
  public:
   pipeline_flow(std::shared_ptr<detail::pipeline_state> s, detail::output_port<T>* port,
-                std::optional<receiver<T>> from) noexcept
+                receiver<T> from) noexcept
       : st_(std::move(s)), port_(port), from_(std::move(from)) {}
 
   pipeline_flow& on_error(error_handler h) {
@@ -190,7 +190,7 @@ class pipeline_flow {
     auto* port = &node->out_port;
     node->index = s.nodes.size();
     s.nodes.push_back(std::move(node));
-    return pipeline_flow<U>(std::move(st_), port, std::nullopt);
+    return pipeline_flow<U>(std::move(st_), port, receiver<U>{});
   }
 
   // Ends the pipeline with a consumer (its result, if any, is ignored).
@@ -217,7 +217,8 @@ class pipeline_flow {
       return stage([](T& v) noexcept -> T { return std::move(v); }).to(std::move(tx));
     }
     port_->ch = pipeline_access<T>::state(tx);
-    port_->external.emplace(std::move(tx));
+    port_->external = std::move(tx);
+    port_->is_external = true;
     return pipeline_plan(std::move(st_));
   }
 
@@ -233,16 +234,16 @@ class pipeline_flow {
       port_->ch = std::make_shared<detail::channel_state<T>>(port_->capacity_hint);
       in.ch = port_->ch;
     } else {
-      in.ch = pipeline_access<T>::state(*from_);
+      in.ch = pipeline_access<T>::state(from_);
       in.external = std::move(from_);
-      from_.reset();
+      in.is_external = true;
     }
     return in;
   }
 
   std::shared_ptr<detail::pipeline_state> st_;
   detail::output_port<T>* port_;     // the last node's output, or nullptr after from()
-  std::optional<receiver<T>> from_;  // engaged after from() until the first node takes it
+  receiver<T> from_;  // valid after from() until the first node takes it
 };
 
 // Entry point: runnel::pipeline{pool}.source(gen) / .from(rx) ...
@@ -269,7 +270,7 @@ class pipeline {
     auto* port = &node->out_port;
     node->index = 0;
     s.nodes.push_back(std::move(node));
-    return pipeline_flow<T>(std::move(st_), port, std::nullopt);
+    return pipeline_flow<T>(std::move(st_), port, receiver<T>{});
   }
 
   // Messages come from a user's channel (filled by threads outside the

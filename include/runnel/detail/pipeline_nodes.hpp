@@ -298,22 +298,26 @@ inline void lane::on_wake(waker* w) noexcept {
 template <class U>
 struct output_port {
   std::shared_ptr<channel_state<U>> ch;
-  std::optional<sender<U>> external;  // engaged for .to()
+  // The pipeline's handle on a .to() channel (a plain handle rather than an
+  // optional: g++ 12 with sanitizers warns falsely about optional<handle>).
+  sender<U> external;
+  bool is_external = false;
   std::size_t capacity_hint = 1024;
 
   void finish() noexcept {
-    if (external) external.reset();
+    if (is_external) external.reset();
     else if (ch) ch->close();
   }
   void close_if_internal() noexcept {
-    if (!external && ch) ch->close();
+    if (!is_external && ch) ch->close();
   }
 };
 
 template <class T>
 struct input_port {
   std::shared_ptr<channel_state<T>> ch;
-  std::optional<receiver<T>> external;  // engaged for .from()
+  receiver<T> external;  // the pipeline's handle on a .from() channel
+  bool is_external = false;
 };
 
 // Calls fn with the message as an lvalue when it accepts one (so the message
@@ -516,7 +520,7 @@ class stage_node final : public node_base {
       if (st.cancelled()) {
         // Stop taking from a user's channel; drain an internal one (it is
         // closed) so that everything in it is counted.
-        if (in_.external) return lane_finished(l);
+        if (in_.is_external) return lane_finished(l);
         got = inch.try_recv_n(take, batch_);
         if (got) {
           in.add(*got);
