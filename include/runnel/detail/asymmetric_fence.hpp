@@ -8,10 +8,12 @@
 // MEMBARRIER_CMD_PRIVATE_EXPEDITED, which makes every running thread of the
 // process execute a full barrier before it returns. Where membarrier is not
 // available (non-Linux, old kernels, seccomp filters), both sides fall back
-// to ordinary seq_cst fences.
+// to ordinary seq_cst fences (RUNNEL_NO_MEMBARRIER=1 in the environment forces
+// that fallback).
 #pragma once
 
 #include <atomic>
+#include <cstdlib>
 
 #if defined(__linux__)
 #include <linux/membarrier.h>
@@ -40,6 +42,9 @@ inline void full_fence() noexcept {
 inline bool membarrier_ready() noexcept {
 #if defined(__linux__) && defined(__NR_membarrier)
   static const bool ready = [] {
+    // RUNNEL_NO_MEMBARRIER=1 forces the fence-on-both-sides fallback, so that
+    // tests can exercise it on machines that have membarrier.
+    if (const char* off = std::getenv("RUNNEL_NO_MEMBARRIER"); off != nullptr && off[0] == '1') return false;
     const long cmds = ::syscall(__NR_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
     if (cmds < 0 || (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) return false;
     return ::syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
