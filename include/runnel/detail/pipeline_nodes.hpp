@@ -347,6 +347,7 @@ class source_node final : public node_base {
   source_node(pipeline_state& s, Gen g, const stage_options& o)
       : node_base(s, o.name.empty() ? "source" : o.name, 1), gen_(std::move(g)), batch_(o.batch) {
     out_port.capacity_hint = o.capacity;
+    buf_.reserve(batch_);
     lane_.owner = this;
     lane_.st = &s;
   }
@@ -368,52 +369,66 @@ class source_node final : public node_base {
 
   void activate() noexcept {
     auto& och = *out_port.ch;
-    for (std::size_t n = 0; n < batch_ * rounds_per_activation; ++n) {
+    for (int round = 0; round < rounds_per_activation; ++round) {
       if (st.cancelled()) return finish();
-      if (stash_) {
-        const channel_status s = och.try_send(*stash_);
-        if (s == channel_status::closed) {
+      // 1. Push what we hold (one claim and one wake-up for the batch).
+      if (pos_ < buf_.size()) {
+        const std::size_t left = buf_.size() - pos_;
+        const auto k = och.try_send_n(buf_.begin() + static_cast<std::ptrdiff_t>(pos_), left);
+        if (!k) {
           // A .to() channel closed by its receivers: nobody will take more.
-          discarded.add(1);
-          stash_.reset();
           st.cancel();
           return finish();
         }
-        if (s == channel_status::full) {
+        out.add(*k);
+        pos_ += *k;
+        if (*k < left) {
           if (och.park_sender(lane_, [this]() noexcept { return st.cancelled(); })) return;
           continue;  // space appeared (or cancelled) right away: retry
         }
-        out.add(1);
-        stash_.reset();
       }
-      std::optional<T> v;
-      try {
-        v = gen_();
-      } catch (...) {
-        st.report<T>(*this, std::current_exception(), nullptr);
+      buf_.clear();
+      pos_ = 0;
+      if (ended_) return finish();
+      // 2. Generate no more than the output has room for, so the generator
+      // is not called while the output is full.
+      const std::size_t cap = och.capacity(), size = och.size_approx();
+      const std::size_t room = std::min(size < cap ? cap - size : 0, batch_);
+      if (room == 0) {
+        if (och.park_sender(lane_, [this]() noexcept { return st.cancelled(); })) return;
         continue;
       }
-      if (!v) {
-        return finish();
+      for (std::size_t i = 0; i < room; ++i) {
+        try {
+          std::optional<T> v = gen_();
+          if (!v) {
+            ended_ = true;
+            break;
+          }
+          buf_.push_back(std::move(*v));  // within the reserved capacity
+        } catch (...) {
+          st.report<T>(*this, std::current_exception(), nullptr);
+          if (st.cancelled()) break;
+        }
       }
-      in.add(1);
-      stash_.emplace(std::move(*v));
+      in.add(buf_.size());
     }
     st.yield(&lane_);
   }
 
   void finish() noexcept {
-    if (stash_) {
-      discarded.add(1);
-      stash_.reset();
-    }
+    discarded.add(buf_.size() - pos_);
+    buf_.clear();
+    pos_ = 0;
     out_port.finish();
     st.node_done();
   }
 
   Gen gen_;
   std::size_t batch_;
-  std::optional<T> stash_;  // produced, not yet accepted by the output
+  std::vector<T> buf_;  // produced, buf_[pos_..] not yet accepted by the output
+  std::size_t pos_ = 0;
+  bool ended_ = false;  // the generator returned nullopt
   source_lane lane_;
 };
 

@@ -1,0 +1,243 @@
+// Pipelines and channels against oneTBB and a hand-written mutex baseline.
+//
+//   pipeline/<impl>/W:<w>/threads:<t>
+//       source (counter) -> parallel ordered stage doing W rounds of cheap
+//       arithmetic -> sink (sum), `items` messages per iteration, t threads:
+//         runnel  runnel::pipeline on a t-worker pool, stage workers = t,
+//                 capacities = tokens;
+//         tbb     tbb::parallel_pipeline (serial_in_order source, parallel
+//                 middle, serial_in_order sink) in a task_arena of t threads,
+//                 ntokens = the same capacity;
+//         mutex   a bounded mutex + condition-variable queue into t worker
+//                 std::threads, a second queue into a sink thread that
+//                 reorders by sequence number (the source runs on the
+//                 benchmark thread).
+//   pingpong/<impl>   one message to another outside thread and back:
+//       runnel channels (blocking send/recv) vs a mutex + condition-variable
+//       slot pair.
+//
+// Report ratios between rows of the same run, never bare times: the machine
+// is shared and noisy.
+#include <benchmark/benchmark.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "runnel/channel.hpp"
+#include "runnel/pipeline.hpp"
+#include "runnel/thread_pool.hpp"
+
+#ifdef RUNNEL_HAVE_TBB
+#include <tbb/parallel_pipeline.h>
+#include <tbb/task_arena.h>
+#endif
+
+namespace {
+
+constexpr std::size_t tokens = 1024;  // channel capacities / TBB ntokens
+
+// W rounds of a 64-bit LCG step; DoNotOptimize keeps every round.
+inline std::uint64_t work(std::uint64_t x, std::int64_t w) {
+  for (std::int64_t i = 0; i < w; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    benchmark::DoNotOptimize(x);
+  }
+  return x;
+}
+
+std::uint64_t items_for(std::int64_t w) { return w >= 1000 ? 1u << 14 : 1u << 17; }
+
+void finish(benchmark::State& state, std::uint64_t items, std::uint64_t checksum) {
+  benchmark::DoNotOptimize(checksum);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * items));
+}
+
+void BM_pipeline_runnel(benchmark::State& state) {
+  const std::int64_t w = state.range(0);
+  const auto threads = static_cast<std::size_t>(state.range(1));
+  const std::uint64_t items = items_for(w);
+  runnel::thread_pool pool({.threads = threads, .pin = false});
+  std::uint64_t checksum = 0;
+  for (auto _ : state) {
+    std::uint64_t next = 0, sum = 0;
+    auto run = runnel::pipeline{pool}
+                   .source([&]() -> std::optional<std::uint64_t> {
+                     if (next == items) return std::nullopt;
+                     return next++;
+                   }, {.capacity = tokens})
+                   .stage([w](std::uint64_t x) { return work(x, w); },
+                          {.workers = threads, .ordered = true, .capacity = tokens})
+                   .sink([&](std::uint64_t y) { sum += y; })
+                   .run();
+    run.wait();
+    checksum += sum;
+  }
+  finish(state, items, checksum);
+}
+
+#ifdef RUNNEL_HAVE_TBB
+void BM_pipeline_tbb(benchmark::State& state) {
+  const std::int64_t w = state.range(0);
+  const auto threads = static_cast<int>(state.range(1));
+  const std::uint64_t items = items_for(w);
+  tbb::task_arena arena(threads);
+  std::uint64_t checksum = 0;
+  for (auto _ : state) {
+    std::uint64_t next = 0, sum = 0;
+    arena.execute([&] {
+      tbb::parallel_pipeline(
+          tokens,
+          tbb::make_filter<void, std::uint64_t>(tbb::filter_mode::serial_in_order,
+                                                [&](tbb::flow_control& fc) -> std::uint64_t {
+                                                  if (next == items) {
+                                                    fc.stop();
+                                                    return 0;
+                                                  }
+                                                  return next++;
+                                                }) &
+              tbb::make_filter<std::uint64_t, std::uint64_t>(
+                  tbb::filter_mode::parallel, [w](std::uint64_t x) { return work(x, w); }) &
+              tbb::make_filter<std::uint64_t, void>(tbb::filter_mode::serial_in_order,
+                                                    [&](std::uint64_t y) { sum += y; }));
+    });
+    checksum += sum;
+  }
+  finish(state, items, checksum);
+}
+#endif
+
+// ---- mutex baseline -----------------------------------------------------------
+
+template <class T>
+class mutex_queue {
+ public:
+  explicit mutex_queue(std::size_t cap) : cap_(cap) {}
+  void push(T v) {
+    std::unique_lock lock(m_);
+    not_full_.wait(lock, [&] { return q_.size() < cap_; });
+    q_.push_back(std::move(v));
+    lock.unlock();
+    not_empty_.notify_one();
+  }
+  // nullopt once closed and empty.
+  std::optional<T> pop() {
+    std::unique_lock lock(m_);
+    not_empty_.wait(lock, [&] { return !q_.empty() || closed_; });
+    if (q_.empty()) return std::nullopt;
+    T v = std::move(q_.front());
+    q_.pop_front();
+    lock.unlock();
+    not_full_.notify_one();
+    return v;
+  }
+  void close() {
+    {
+      std::lock_guard lock(m_);
+      closed_ = true;
+    }
+    not_empty_.notify_all();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable not_empty_, not_full_;
+  std::deque<T> q_;
+  std::size_t cap_;
+  bool closed_ = false;
+};
+
+void BM_pipeline_mutex(benchmark::State& state) {
+  const std::int64_t w = state.range(0);
+  const auto threads = static_cast<std::size_t>(state.range(1));
+  const std::uint64_t items = items_for(w);
+  using msg = std::pair<std::uint64_t, std::uint64_t>;  // (sequence, value)
+  std::uint64_t checksum = 0;
+  for (auto _ : state) {
+    mutex_queue<std::uint64_t> q1(tokens);
+    mutex_queue<msg> q2(tokens);
+    std::vector<std::thread> workers;
+    for (std::size_t i = 0; i < threads; ++i) {
+      workers.emplace_back([&] {
+        while (auto x = q1.pop()) q2.push({*x, work(*x, w)});
+      });
+    }
+    std::uint64_t sum = 0;
+    std::thread sink([&] {  // reorders by sequence number, as the others do
+      std::map<std::uint64_t, std::uint64_t> pending;
+      std::uint64_t expect = 0;
+      while (auto m = q2.pop()) {
+        pending.emplace(m->first, m->second);
+        for (auto it = pending.begin(); it != pending.end() && it->first == expect;
+             it = pending.erase(it), ++expect)
+          sum += it->second;
+      }
+    });
+    for (std::uint64_t i = 0; i < items; ++i) q1.push(i);
+    q1.close();
+    for (auto& t : workers) t.join();
+    q2.close();
+    sink.join();
+    checksum += sum;
+  }
+  finish(state, items, checksum);
+}
+
+void pipeline_args(benchmark::internal::Benchmark* b) {
+  const auto n = static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  for (std::int64_t w : {0, 100, 1000})
+    for (std::int64_t t = 1; t <= n; ++t) b->Args({w, t});
+  b->ArgNames({"W", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+// ---- ping-pong ----------------------------------------------------------------
+
+void BM_pingpong_runnel(benchmark::State& state) {
+  auto [to_tx, to_rx] = runnel::make_channel<std::uint64_t>(1);
+  auto [back_tx, back_rx] = runnel::make_channel<std::uint64_t>(1);
+  std::thread echo([rx = std::move(to_rx), tx = std::move(back_tx)]() mutable {
+    while (auto v = rx.recv()) tx.send(*v + 1);
+  });
+  std::uint64_t v = 0;
+  for (auto _ : state) {
+    to_tx.send(v);
+    v = *back_rx.recv();
+  }
+  to_tx.close();
+  echo.join();
+  benchmark::DoNotOptimize(v);
+  state.SetItemsProcessed(state.iterations());
+}
+
+void BM_pingpong_mutex(benchmark::State& state) {
+  mutex_queue<std::uint64_t> to(1), back(1);
+  std::thread echo([&] {
+    while (auto v = to.pop()) back.push(*v + 1);
+  });
+  std::uint64_t v = 0;
+  for (auto _ : state) {
+    to.push(v);
+    v = *back.pop();
+  }
+  to.close();
+  echo.join();
+  benchmark::DoNotOptimize(v);
+  state.SetItemsProcessed(state.iterations());
+}
+
+}  // namespace
+
+BENCHMARK(BM_pipeline_runnel)->Apply(pipeline_args);
+#ifdef RUNNEL_HAVE_TBB
+BENCHMARK(BM_pipeline_tbb)->Apply(pipeline_args);
+#endif
+BENCHMARK(BM_pipeline_mutex)->Apply(pipeline_args);
+BENCHMARK(BM_pingpong_runnel)->UseRealTime();
+BENCHMARK(BM_pingpong_mutex)->UseRealTime();
+
+BENCHMARK_MAIN();
