@@ -3,6 +3,7 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -198,4 +199,28 @@ TEST_CASE("a waiting worker sleeps while the group's task runs elsewhere", "[gro
     });
     CHECK(f.get());
   }
+}
+
+TEST_CASE("post_fair work is not starved by a long fork-join wait on one worker", "[group]") {
+  thread_pool pool{{.threads = 1, .pin = false}};
+  std::atomic<bool> fair_ran{false};
+  std::atomic<long> spins{0};
+  const long cap = 1'000'000;
+  std::atomic<bool> started{false};
+  auto f = pool.submit([&] {
+    task_group g{pool};
+    std::function<void()> step = [&] {
+      const long s = spins.fetch_add(1) + 1;
+      if (s == 1) started = true;
+      if (fair_ran.load() || s >= cap) return;
+      g.run(step);  // the group never runs dry while we spin
+    };
+    g.run(step);
+    g.wait();
+  });
+  while (!started.load()) std::this_thread::yield();
+  pool.post_fair([&] { fair_ran = true; });
+  f.get();
+  CHECK(fair_ran.load());
+  CHECK(spins.load() < cap);
 }

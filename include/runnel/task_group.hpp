@@ -138,7 +138,11 @@ class task_group {
     const bool may_steal = w.help_depth <= detail::max_help_depth;
     std::uint32_t idle_rounds = 0;
     while (pending() != 0) {
-      detail::task_node* t = w.deque.pop();
+      detail::task_node* t = nullptr;
+      // As in the worker loop: every 61st task the shared FIFO goes first,
+      // so a long fork-join computation does not starve post_fair work.
+      if (may_steal && ++w.tick % 61 == 0) t = pool_.pop_injected();
+      if (t == nullptr) t = w.deque.pop();
       if (t == nullptr && may_steal) t = pool_.find_remote(w);
       if (t != nullptr) {
         pool_.execute(t);

@@ -16,12 +16,14 @@
 // FIFO, then steals from the other workers, starting at a random victim.
 //
 // Waking. A worker that runs out of work becomes a "searcher" for a bounded
-// number of rounds (pool_options::spin_rounds), then parks on an event count.
-// Posting a task wakes one parked worker, and none when some worker is
-// already searching (it will find the task). The last searcher to give up
-// re-checks every queue after announcing itself as a sleeper, so a post that
-// skipped the wake-up because it saw that searcher cannot be lost (see
-// park()).
+// number of rounds (pool_options::spin_rounds), then parks on its own futex
+// word. Posting a task wakes one parked worker, and none when some worker is
+// already searching (it will find the task) or all are awake. The waker
+// takes the sleeper off the sleeper list and counts it as searching at once,
+// so posts arriving while it wakes up do not wake more workers. A worker
+// that parks re-checks every queue after announcing itself parked, so a post
+// that skipped the wake-up cannot be lost (see park()). The scheme follows
+// the "searching workers" idea of Go's and Tokio's schedulers.
 //
 // Errors. An exception escaping a post()ed task goes to pool_options::
 // on_error (default: a line on stderr) and is counted by error_count(); the
@@ -100,6 +102,11 @@ struct alignas(false_sharing_range) pool_worker {
   std::uint32_t rng;
   std::uint32_t tick = 0;
   std::uint32_t help_depth = 0;
+  bool searching = false;  // counted in the pool's searching workers
+  // Futex word a parked worker sleeps on: 0 parked, 1 woken. Set to 1 only
+  // under the pool's sleep mutex, by the thread that takes the worker off the
+  // sleeper list.
+  std::atomic<std::uint32_t> wake_word{0};
   std::thread thread;
 
   std::uint32_t next_random() noexcept {  // xorshift32
@@ -142,7 +149,8 @@ class thread_pool {
     workers_.reserve(n);
     for (std::size_t i = 0; i < n; ++i) workers_.push_back(std::make_unique<detail::pool_worker>(this, i));
     // Relaxed: published to the workers by std::thread's start.
-    active_.store(static_cast<std::uint32_t>(n), std::memory_order_relaxed);
+    idle_state_.store(n * one_unparked, std::memory_order_relaxed);
+    sleeping_.reserve(n);  // park() then never allocates
     try {
       for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_main(*wp); });
     } catch (...) {
@@ -366,7 +374,7 @@ class thread_pool {
     }
     if (detail::task_node* t = self.deque.pop()) return t;
     // One look at the shared FIFO before becoming a searcher: a stream of
-    // outside posts is then consumed without touching searching_.
+    // outside posts is then consumed without touching idle_state_.
     return pop_injected();
   }
 
@@ -383,24 +391,45 @@ class thread_pool {
     // Queues first, then workers: a task taken from a queue before our look
     // keeps its worker active until it has finished.
     if (any_queued()) return false;
-    return active_.load(std::memory_order_seq_cst) == 0;
+    return unparked_of(idle_state_.load(std::memory_order_seq_cst)) == 0;
   }
+
+  // idle_state_ packs two counts so that one load tells a poster whether to
+  // wake anybody: searching workers (low half) and unparked workers (high).
+  static constexpr std::uint64_t one_searching = 1;
+  static constexpr std::uint64_t one_unparked = std::uint64_t{1} << 32;
+  static std::uint32_t searching_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s); }
+  static std::uint32_t unparked_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s >> 32); }
 
   // After publishing work: wake one sleeper unless a searcher will find it.
   void notify_one_if_needed() noexcept {
-    // Orders the publish before the loads below (the light side of the
+    // Orders the publish before the load below (the light side of the
     // handshake whose heavy side is in park()).
     detail::light_fence();
     // Relaxed: ordered by light_fence(), see above.
-    if (searching_.load(std::memory_order_relaxed) != 0) return;
-    if (!sleepers_.has_waiters()) return;
-    // A worker is already being woken: it will search (it clears the flag on
-    // its way out of park()). Without this, every post during the wake-up
-    // latency would make another futex call. Relaxed load: ordered by
-    // light_fence() like the loads above; the exchange decides who wakes.
-    if (wake_pending_.load(std::memory_order_relaxed) || wake_pending_.exchange(true, std::memory_order_seq_cst))
-      return;
-    sleepers_.notify_one();
+    const std::uint64_t s = idle_state_.load(std::memory_order_relaxed);
+    if (searching_of(s) != 0 || unparked_of(s) >= workers_.size()) return;
+    wake_one();
+  }
+
+  void wake_one() noexcept {
+    detail::pool_worker* w = nullptr;
+    {
+      std::lock_guard lock(sleep_mutex_);
+      // Relaxed: parking happens under this lock; a searcher that started
+      // since our first look only makes this wake-up unnecessary.
+      const std::uint64_t s = idle_state_.load(std::memory_order_relaxed);
+      if (searching_of(s) != 0 || sleeping_.empty()) return;
+      w = sleeping_.back();
+      sleeping_.pop_back();
+      // The woken worker is unparked and searching from now on.
+      idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
+      // Release: the worker's acquire load of the word then sees the counts.
+      w->wake_word.store(1, std::memory_order_release);
+    }
+    // Outside the lock; the worker object outlives the pool's threads. A late
+    // wake is harmless: the worker sleeps only while its word is 0.
+    detail::futex_wake(w->wake_word, 1);
   }
 
   void execute(detail::task_node* t) noexcept {
@@ -431,29 +460,33 @@ class thread_pool {
     if (opts_.pin) detail::pin_current_thread(cpus_[self.index]);
     detail::name_current_thread(opts_.name_prefix + "-" + std::to_string(self.index));
     for (;;) {
-      if (detail::task_node* t = next_task(self)) {
+      detail::task_node* t = next_task(self);
+      if (t == nullptr) t = search(self);
+      if (t != nullptr) {
+        // A worker woken from park() starts out counted as a searcher; it
+        // must not stay counted while it runs a task, or posts would rely on
+        // it to find their work.
+        if (self.searching) stop_searching(self);
         execute(t);
         continue;
       }
-      if (detail::task_node* t = search(self)) {
-        execute(t);
-        continue;
-      }
-      if (!park()) break;
+      if (!park(self)) break;
     }
     detail::current_worker() = nullptr;
   }
 
-  // Bounded search for work outside our deque. Returns a task, or nullptr
-  // when the budget is spent (the caller then parks).
+  // Bounded search for work outside our deque, counted as a searcher.
+  // Returns a task (the caller then stops searching), or nullptr when the
+  // budget is spent (the caller then parks, still counted as a searcher so
+  // that posts keep relying on it until its final re-check).
   detail::task_node* search(detail::pool_worker& self) noexcept {
-    searching_.fetch_add(1, std::memory_order_seq_cst);
+    if (!self.searching) {
+      idle_state_.fetch_add(one_searching, std::memory_order_seq_cst);
+      self.searching = true;
+    }
     const std::uint32_t rounds = opts_.spin_rounds;
     for (std::uint32_t r = 0; r <= rounds; ++r) {
-      if (detail::task_node* t = find_remote(self)) {
-        stop_searching(true);
-        return t;
-      }
+      if (detail::task_node* t = find_remote(self)) return t;
       if (r == rounds) break;
       // Pause first; in the second half yield, so that on an oversubscribed
       // machine the threads that hold work get the core.
@@ -463,53 +496,80 @@ class thread_pool {
         std::this_thread::yield();
       }
     }
-    stop_searching(false);
     return nullptr;
   }
 
-  void stop_searching(bool found_work) noexcept {
-    const std::uint32_t before = searching_.fetch_sub(1, std::memory_order_seq_cst);
-    // The last searcher found work and leaves: if more is visible, hand the
-    // search over to a sleeper so parallelism ramps up.
-    if (found_work && before == 1 && any_queued()) notify_one_if_needed();
+  // Found work: no longer a searcher.
+  void stop_searching(detail::pool_worker& self) noexcept {
+    self.searching = false;
+    const std::uint64_t before = idle_state_.fetch_sub(one_searching, std::memory_order_seq_cst);
+    // The last searcher leaves: if more work is visible, hand the search
+    // over to a sleeper so parallelism ramps up.
+    if (searching_of(before) == 1 && any_queued()) notify_one_if_needed();
   }
 
   // Sleeps until woken. Returns false when the pool is shutting down and no
   // work is left anywhere.
   //
-  // Handshake with notify_one_if_needed(): we are no longer searching and are
-  // counted as a waiter before the heavy fence, and the queues are re-checked
-  // after it; a poster publishes before its light fence and reads searching_
-  // and the waiter count after it. So either the poster sees a sleeper with
-  // no searcher (and wakes it), or our re-check sees the task.
-  //
-  // wake_pending_ is the other reason a poster skips the wake-up: it is set
-  // by the poster that wakes somebody and cleared by every worker entering or
-  // leaving park(). A poster that saw it set did so before the clear that
-  // precedes some worker's heavy fence and re-check (in this park() or the
-  // next), so that re-check sees the post. Clearing on entry also undoes a
-  // flag whose notify found nobody (the waiter had just cancelled).
-  bool park() noexcept {
-    wake_pending_.store(false, std::memory_order_seq_cst);
-    const auto key = sleepers_.prepare_wait();
-    if (any_queued()) {
-      sleepers_.cancel_wait();
-      return true;
+  // Handshake with notify_one_if_needed(): under the sleep mutex we stop
+  // counting as unparked (and as searching) and join the sleeper list; then
+  // the heavy fence; then we re-check every queue. A poster publishes, runs
+  // the light fence, then loads idle_state_. Either the poster's load sees our
+  // decrement (and, if nobody else searches, wakes a sleeper), or the poster
+  // read the state before our decrement, which puts its publish before our
+  // fence, so our re-check sees the task. Posters that skipped because of
+  // another searcher or unparked worker are covered by that worker's park().
+  bool park(detail::pool_worker& self) noexcept {
+    bool last = false;
+    {
+      std::lock_guard lock(sleep_mutex_);
+      const std::uint64_t dec = one_unparked + (self.searching ? one_searching : 0);
+      self.searching = false;
+      last = unparked_of(idle_state_.fetch_sub(dec, std::memory_order_seq_cst)) == 1;
+      // Relaxed: only changed under the lock we hold.
+      self.wake_word.store(0, std::memory_order_relaxed);
+      sleeping_.push_back(&self);  // capacity reserved: cannot throw
     }
-    if (stopping_.load(std::memory_order_seq_cst)) {
-      sleepers_.cancel_wait();
-      return false;
+    if (last) idle_ec_.notify_all();  // wait_idle() may be waiting for this
+    detail::heavy_fence();
+    const bool stop = stopping_.load(std::memory_order_seq_cst);
+    if (any_queued() || stop) {
+      unpark_self(self);
+      return !stop || any_queued();
     }
-    if (active_.fetch_sub(1, std::memory_order_seq_cst) == 1) idle_ec_.notify_all();
-    sleepers_.wait(key);
-    active_.fetch_add(1, std::memory_order_seq_cst);
-    wake_pending_.store(false, std::memory_order_seq_cst);
+    // Acquire: pairs with the release store in wake_one().
+    while (self.wake_word.load(std::memory_order_acquire) == 0) detail::futex_wait(self.wake_word, 0);
+    self.searching = true;  // counted so by the waker
     return true;
+  }
+
+  // Back from the sleeper list without sleeping. If a waker took us off the
+  // list first, it has already counted us as unparked and searching.
+  void unpark_self(detail::pool_worker& self) noexcept {
+    std::lock_guard lock(sleep_mutex_);
+    for (auto it = sleeping_.begin(); it != sleeping_.end(); ++it) {
+      if (*it == &self) {
+        sleeping_.erase(it);
+        idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
+        break;
+      }
+    }
+    self.searching = true;
   }
 
   void shutdown() noexcept {
     stopping_.store(true, std::memory_order_seq_cst);
-    sleepers_.notify_all();
+    std::vector<detail::pool_worker*> woken;
+    {
+      std::lock_guard lock(sleep_mutex_);
+      for (detail::pool_worker* w : sleeping_) {
+        idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
+        // Release: as in wake_one().
+        w->wake_word.store(1, std::memory_order_release);
+      }
+      woken.swap(sleeping_);
+    }
+    for (detail::pool_worker* w : woken) detail::futex_wake(w->wake_word, 1);
     for (auto& w : workers_)
       if (w->thread.joinable()) w->thread.join();
     // Work injected concurrently with destruction (a contract violation by
@@ -531,14 +591,14 @@ class thread_pool {
   // Oldest node (or the stub); written only under overflow_mutex_.
   std::atomic<detail::task_node*> overflow_head_{&overflow_stub_};
 
-  // Workers currently searching (between search() start and end). Read by
-  // every post; written only when a worker runs dry, so it stays shared.
-  alignas(detail::false_sharing_range) std::atomic<std::uint32_t> searching_{0};
-  // A poster has woken a worker that has not yet left park().
-  std::atomic<bool> wake_pending_{false};
-  detail::event_count sleepers_;
-  // Workers not parked in sleepers_ (running, searching, or about to park).
-  alignas(detail::false_sharing_range) std::atomic<std::uint32_t> active_{0};
+  // Searching and unparked worker counts (see one_searching). Read by every
+  // post; written only when a worker runs dry, parks or is woken, so the
+  // line stays shared while the pool is busy.
+  alignas(detail::false_sharing_range) std::atomic<std::uint64_t> idle_state_{0};
+  // Guards sleeping_ and the parking transitions of idle_state_.
+  alignas(detail::false_sharing_range) std::mutex sleep_mutex_;
+  std::vector<detail::pool_worker*> sleeping_;  // guarded by sleep_mutex_
+  // wait_idle() sleeps here; notified when the last worker parks.
   detail::event_count idle_ec_;
   std::atomic<bool> stopping_{false};
 
