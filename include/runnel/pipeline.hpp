@@ -231,7 +231,7 @@ class pipeline_flow {
   detail::input_port<T> take_input() {
     detail::input_port<T> in;
     if (port_ != nullptr) {
-      port_->ch = std::make_shared<detail::channel_state<T>>(port_->capacity_hint);
+      port_->ch = std::make_shared<detail::channel_state<T>>(port_->capacity_hint, true);
       in.ch = port_->ch;
     } else {
       in.ch = pipeline_access<T>::state(from_);

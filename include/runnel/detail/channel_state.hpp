@@ -49,7 +49,10 @@ namespace runnel::detail {
 template <class T>
 class channel_state {
  public:
-  explicit channel_state(std::size_t capacity) : ring_(capacity) {}
+  // task_heavy: pool tasks park on this channel often (a channel between
+  // pipeline nodes); see task_waiters for the fence trade-off.
+  explicit channel_state(std::size_t capacity, bool task_heavy = false)
+      : ring_(capacity), recv_tasks_(task_heavy), send_tasks_(task_heavy) {}
   channel_state(const channel_state&) = delete;
   channel_state& operator=(const channel_state&) = delete;
 

@@ -41,7 +41,13 @@ struct waker {
 
 class task_waiters {
  public:
-  task_waiters() = default;
+  // Fence flavour of the handshake, fixed for the list's life:
+  // asymmetric  notify pays a compiler barrier, add() a membarrier (cheap for
+  //             channels where tasks rarely park);
+  // symmetric   both sides pay a seq_cst fence (for channels between pool
+  //             tasks, which park and wake all the time: membarrier would
+  //             interrupt every running worker on every park).
+  explicit task_waiters(bool symmetric = false) noexcept : symmetric_(symmetric) {}
   task_waiters(const task_waiters&) = delete;
   task_waiters& operator=(const task_waiters&) = delete;
 
@@ -60,7 +66,8 @@ class task_waiters {
       // Relaxed: the heavy fence below orders it before the caller's re-check.
       count_.fetch_add(1, std::memory_order_relaxed);
     }
-    heavy_fence();
+    if (symmetric_) full_fence();
+    else heavy_fence();
   }
 
   // Takes w back if it is still registered here. False means a notifier
@@ -76,8 +83,9 @@ class task_waiters {
   // Wakes up to n registered wakers, oldest first. With nobody registered it
   // costs a compiler barrier and one read of a mostly-shared line.
   void notify_n(std::size_t n) noexcept {
-    light_fence();
-    // Relaxed: ordered after the caller's publish by light_fence().
+    if (symmetric_) full_fence();
+    else light_fence();
+    // Relaxed: ordered after the caller's publish by the fence above.
     if (n == 0 || count_.load(std::memory_order_relaxed) == 0) return;
     waker* taken = nullptr;
     {
@@ -116,6 +124,7 @@ class task_waiters {
     count_.fetch_sub(1, std::memory_order_relaxed);
   }
 
+  const bool symmetric_;
   std::mutex m_;
   waker* head_ = nullptr;  // guarded by m_
   waker* tail_ = nullptr;  // guarded by m_
