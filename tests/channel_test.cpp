@@ -411,7 +411,10 @@ TEST_CASE("channel: task parking has no lost wake-up under contention", "[channe
   // A "task" thread that only ever parks (never blocks on the channel): it
   // drains, parks, and waits for its waker before draining again.
   const std::size_t n = runnel_test::scaled(200000);
-  auto s = std::make_shared<runnel::detail::channel_state<std::size_t>>(16);
+  // Both fence flavours: asymmetric (user channels) and symmetric (channels
+  // between pipeline nodes).
+  const bool task_heavy = GENERATE(false, true);
+  auto s = std::make_shared<runnel::detail::channel_state<std::size_t>>(16, task_heavy);
   struct flag_waker : runnel::detail::waker {
     std::atomic<std::uint32_t> flag{0};
     flag_waker() {
