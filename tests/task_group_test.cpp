@@ -120,6 +120,7 @@ TEST_CASE("exceptions propagate through nested groups", "[group][errors]") {
     });
     outer.wait();
   });
+  pool.wait_idle();  // see the submit test in thread_pool_test.cpp
   CHECK_THROWS_AS(f.get(), std::out_of_range);
 }
 

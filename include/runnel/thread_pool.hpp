@@ -268,8 +268,23 @@ class thread_pool {
   // Producers never take the lock. The queue is empty when the tail is the
   // stub node; between a producer's exchange and its link the consumer sees
   // "not yet" (and any_queued() still sees work, so nobody parks on it).
+  //
+  // A full ring means the workers are behind. Before overflowing, the poster
+  // waits a little (detail::backoff: a few microseconds of pauses, then a few
+  // yields) for a cell to free up: a worker frees one every few tens of
+  // nanoseconds while it keeps up, and feeding it through the ring is
+  // cheaper for everybody than the overflow queue. Only the post that finds
+  // the ring full waits; once the overflow queue holds work, posts append to
+  // it directly.
   void inject(detail::task_node* t) noexcept {
-    if (!overflow_nonempty() && injection_.try_push(std::move(t))) return;
+    if (!overflow_nonempty()) {
+      if (injection_.try_push(std::move(t))) return;
+      detail::backoff bo;
+      while (bo.spin()) {
+        if (overflow_nonempty()) break;
+        if (injection_.try_push(std::move(t))) return;
+      }
+    }
     overflow_push(t);
   }
 

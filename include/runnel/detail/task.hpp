@@ -6,8 +6,8 @@
 // so nodes come from a per-thread free list: a worker frees the nodes of the
 // tasks it ran and reuses them for the tasks it spawns, without touching the
 // allocator or any shared cache line. A node freed on another thread than
-// the one that allocated it joins that thread's list; full lists move
-// between threads in batches through a shared depot. Callables too big for
+// the one that allocated it joins that thread's cache; full batches move
+// between threads through a shared depot. Callables too big for
 // the node's inline buffer live in a separate heap block.
 #pragma once
 
@@ -35,9 +35,8 @@ struct alignas(16) task_node {
   // Runs the callable (when `run`), then destroys it and frees the node, also
   // when the callable throws (the exception then propagates).
   void (*invoke)(task_node*, bool run);
-  // Link for the intrusive lists a node can sit in: the pool's overflow
-  // queue while queued (where producers and the consumer race on it, hence
-  // atomic), the free lists while unused.
+  // Link in the pool's overflow queue while queued there (producers and the
+  // consumer race on it, hence atomic).
   std::atomic<task_node*> next;
   alignas(inline_align) unsigned char storage[inline_size];
 
@@ -46,11 +45,24 @@ struct alignas(16) task_node {
 };
 static_assert(sizeof(task_node) == cache_line_size);
 
+// A batch of free nodes: an array of pointers, so taking a node from a batch
+// never reads the node itself (it was most likely last written by another
+// core, and a linked free list would stall on that cache miss per node).
+struct task_node_batch {
+  static constexpr std::size_t capacity = 256;
+  std::size_t count = 0;
+  task_node* items[capacity];
+
+  void free_all() noexcept {
+    while (count != 0) ::operator delete(items[--count]);
+  }
+};
+
 // Free nodes travel between threads in batches: a thread whose cache is
-// full hands the whole list to this depot, a thread whose cache is empty takes
-// one back. This keeps the allocator off the path where one thread creates
-// tasks and others run (and free) them, e.g. posts from outside the pool.
-// One lock per `batch` nodes.
+// full hands the batch to this depot, a thread whose cache is empty takes a
+// full one back. This keeps the allocator off the path where one thread
+// creates tasks and others run (and free) them, e.g. posts from outside the
+// pool. One lock per batch.
 class task_node_depot {
  public:
   static constexpr std::size_t max_batches = 256;  // beyond: give memory back
@@ -59,101 +71,114 @@ class task_node_depot {
   task_node_depot(const task_node_depot&) = delete;
   task_node_depot& operator=(const task_node_depot&) = delete;
   ~task_node_depot() {
-    for (task_node* list : batches_) free_list(list);
+    for (task_node_batch* b : full_) {
+      b->free_all();
+      delete b;
+    }
+    for (task_node_batch* b : empty_) delete b;
   }
 
-  // Takes ownership of a null-terminated list.
-  void put(task_node* list) noexcept {
-    {
-      std::lock_guard lock(m_);
-      if (batches_.size() < max_batches) {
-        try {
-          batches_.push_back(list);
-          return;
-        } catch (...) {
-          // No room to keep it: free it below.
-        }
+  // Trades a full batch for an empty one (nullptr: the caller allocates).
+  task_node_batch* put_full(task_node_batch* full) noexcept {
+    std::lock_guard lock(m_);
+    task_node_batch* empty = nullptr;
+    if (!empty_.empty()) {
+      empty = empty_.back();
+      empty_.pop_back();
+    }
+    if (full_.size() < max_batches && full_.size() < full_.capacity()) {
+      full_.push_back(full);  // capacity reserved: cannot throw
+    } else {
+      full->free_all();
+      if (empty == nullptr) return full;  // reuse it as the empty batch
+      delete full;
+    }
+    return empty;
+  }
+
+  // Trades an empty batch (may be nullptr) for a full one, or returns
+  // nullptr (and keeps nothing) when the depot holds no full batch.
+  task_node_batch* take_full(task_node_batch* empty) noexcept {
+    std::lock_guard lock(m_);
+    if (full_.empty()) return nullptr;
+    task_node_batch* full = full_.back();
+    full_.pop_back();
+    if (empty != nullptr) {
+      if (empty_.size() < empty_.capacity()) {
+        empty_.push_back(empty);  // capacity reserved: cannot throw
+      } else {
+        delete empty;
       }
     }
-    free_list(list);
+    return full;
   }
 
-  // A full batch, or nullptr.
-  task_node* take() noexcept {
-    std::lock_guard lock(m_);
-    if (batches_.empty()) return nullptr;
-    task_node* list = batches_.back();
-    batches_.pop_back();
-    return list;
-  }
-
-  // Relaxed: a free node belongs to one thread; lists change hands under the
-  // depot's mutex or through the task queues, which order these accesses.
-  static task_node* next(task_node* n) noexcept { return n->next.load(std::memory_order_relaxed); }
-  static void set_next(task_node* n, task_node* next) noexcept { n->next.store(next, std::memory_order_relaxed); }
-  static void free_list(task_node* list) noexcept {
-    while (list != nullptr) {
-      task_node* n = list;
-      list = next(n);
-      ::operator delete(n);
-    }
+  task_node_depot* init() {
+    full_.reserve(max_batches);
+    empty_.reserve(max_batches);
+    return this;
   }
 
  private:
   std::mutex m_;
-  std::vector<task_node*> batches_;  // guarded by m_
+  std::vector<task_node_batch*> full_;   // guarded by m_
+  std::vector<task_node_batch*> empty_;  // guarded by m_
 };
 
 // The depot lives until the end of the program (leaked on purpose: worker
 // threads of a pool with static storage duration may free nodes after other
 // statics are gone).
 inline task_node_depot& node_depot() noexcept {
-  static task_node_depot* const depot = new task_node_depot;
+  static task_node_depot* const depot = (new task_node_depot)->init();
   return *depot;
 }
 
-// Per-thread cache of free nodes, linked through `next`.
+// Per-thread cache of free nodes: one batch.
 class task_node_cache {
  public:
-  static constexpr std::size_t batch = 256;
-
   task_node_cache() = default;
   task_node_cache(const task_node_cache&) = delete;
   task_node_cache& operator=(const task_node_cache&) = delete;
   ~task_node_cache() {
-    if (head_ != nullptr) node_depot().put(head_);
+    if (batch_ == nullptr) return;
+    if (batch_->count == 0) {
+      delete batch_;
+    } else if (task_node_batch* empty = node_depot().put_full(batch_)) {
+      delete empty;
+    }
   }
 
   task_node* allocate() {
-    if (head_ == nullptr) {
-      head_ = node_depot().take();
-      count_ = head_ != nullptr ? batch : 0;
-      if (head_ == nullptr) return static_cast<task_node*>(::operator new(sizeof(task_node)));
+    if (batch_ == nullptr || batch_->count == 0) {
+      if (task_node_batch* full = node_depot().take_full(batch_)) {
+        batch_ = full;
+      } else {
+        return static_cast<task_node*>(::operator new(sizeof(task_node)));
+      }
     }
-    task_node* n = head_;
-    head_ = task_node_depot::next(n);
-    --count_;
-    // The next free node was most likely last written by another core (the
-    // one that ran its task): start fetching it for writing now, rather than
-    // stall on it in the next allocate().
-    if (head_ != nullptr) __builtin_prefetch(head_, 1);
-    return n;
+    return batch_->items[--batch_->count];
   }
 
   void deallocate(task_node* n) noexcept {
-    if (count_ == batch) {
-      node_depot().put(head_);
-      head_ = nullptr;
-      count_ = 0;
+    if (batch_ == nullptr) {
+      batch_ = new (std::nothrow) task_node_batch;
+      if (batch_ == nullptr) {
+        ::operator delete(n);
+        return;
+      }
+    } else if (batch_->count == task_node_batch::capacity) {
+      batch_ = node_depot().put_full(batch_);
+      if (batch_ == nullptr) batch_ = new (std::nothrow) task_node_batch;
+      if (batch_ == nullptr) {
+        ::operator delete(n);
+        return;
+      }
     }
-    task_node_depot::set_next(n, head_);
-    head_ = n;
-    ++count_;
+    batch_->items[batch_->count++] = n;
   }
 
  private:
-  task_node* head_ = nullptr;
-  std::size_t count_ = 0;  // nodes in head_'s list
+  task_node_batch* batch_ = nullptr;
 };
 
 inline task_node_cache& local_node_cache() noexcept {
