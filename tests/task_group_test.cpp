@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <stdexcept>
@@ -224,4 +225,36 @@ TEST_CASE("post_fair work is not starved by a long fork-join wait on one worker"
   f.get();
   CHECK(fair_ran.load());
   CHECK(spins.load() < cap);
+}
+
+TEST_CASE("a worker asleep in wait() wakes for tasks an outside thread adds to its group", "[group]") {
+  // X (in the group) runs on one worker and needs Y to run first; the other
+  // worker sleeps in the group's wait(); Y is added from outside. Only the
+  // sleeping waiter can run Y, so it must be woken by run().
+  thread_pool pool{{.threads = 2, .pin = false, .spin_rounds = 1}};
+  task_group g{pool};
+  std::atomic<bool> y_ran{false};
+  std::atomic<bool> waiting{false};
+  std::atomic<bool> x_gave_up{false};
+  g.run([&] {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!y_ran.load()) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        x_gave_up = true;
+        return;
+      }
+      std::this_thread::yield();
+    }
+  });
+  auto f = pool.submit([&] {
+    waiting = true;
+    g.wait();
+  });
+  while (!waiting.load()) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let the waiter fall asleep
+  g.run([&] { y_ran = true; });
+  f.get();
+  g.wait();
+  CHECK(y_ran.load());
+  CHECK_FALSE(x_gave_up.load());
 }

@@ -60,7 +60,7 @@ class task_group {
     // Relaxed: wait() learns of this task through the same variable, and a
     // task that calls run() decrements it only later in its own program
     // order, so no waiter can see the decrement without this increment.
-    state_.fetch_add(1, std::memory_order_relaxed);
+    const std::uint32_t before = state_.fetch_add(1, std::memory_order_relaxed);
     detail::task_node* t;
     try {
       t = detail::make_task([this, fn = std::decay_t<F>(std::forward<F>(f))]() mutable noexcept {
@@ -76,6 +76,10 @@ class task_group {
       throw;
     }
     pool_.schedule(t);
+    // A waiter asleep on this group would otherwise only wake when the count
+    // drops to 0; it may be the only thread able to run t (a one-worker pool
+    // waiting on a group that an outside thread keeps adding to).
+    if (before & sleeper_bit) detail::futex_wake(state_, INT32_MAX);
   }
 
   // Waits for every task run() so far; rethrows the first exception.
