@@ -461,3 +461,49 @@ TEST_CASE("pipeline: bad arguments and misuse are reported", "[pipeline]") {
   run.wait();
   check_invariant(run.stats());
 }
+
+TEST_CASE("pipeline: cancel reaches nodes parked on the user's channels", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  SECTION("parked on an idle .from() channel") {
+    auto [tx, rx] = runnel::make_channel<int>(4);
+    auto run = pipeline{pool}.from(std::move(rx)).sink([](int) {}, {.workers = 3}).run();
+    REQUIRE(tx.send(1).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // let the lanes park
+    run.cancel();
+    run.wait();
+    auto s = run.stats();
+    CHECK(s.produced == 1);
+    check_invariant(s);
+    // The pipeline dropped its receiver, the last one: the channel is closed.
+    CHECK(tx.is_closed());
+  }
+  SECTION("parked on a full .to() channel nobody reads") {
+    auto [tx, rx] = runnel::make_channel<std::uint64_t>(4);
+    auto run = pipeline{pool}
+                   .source(counter(UINT64_MAX), {.capacity = 8})
+                   .stage([](std::uint64_t x) { return x; }, {.workers = 2, .ordered = true})
+                   .to(std::move(tx))
+                   .run();
+    while (rx.size_approx() < rx.capacity()) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    run.cancel();
+    run.wait();
+    auto s = run.stats();
+    CHECK(s.delivered == rx.capacity());
+    CHECK(s.discarded > 0);
+    check_invariant(s);
+    std::uint64_t got = 0;
+    for (std::uint64_t v : rx) CHECK(v == got++);  // closed: the pipeline held the last sender
+    CHECK(got == rx.capacity());
+  }
+  SECTION("the receivers of the .to() channel go away") {
+    auto [tx, rx] = runnel::make_channel<std::uint64_t>(4);
+    auto run = pipeline{pool}.source(counter(UINT64_MAX)).stage([](std::uint64_t x) { return x; }).to(std::move(tx)).run();
+    for (int i = 0; i < 10; ++i) CHECK(rx.recv().has_value());
+    rx.reset();  // closes the channel: the run cancels itself
+    run.wait();
+    auto s = run.stats();
+    CHECK(s.cancelled);
+    check_invariant(s);
+  }
+}
