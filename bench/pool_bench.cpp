@@ -222,7 +222,9 @@ void fib_tbb_bm(benchmark::State& state) {
 #endif
 
 void burst_runnel_bm(benchmark::State& state) {
-  runnel::thread_pool pool{{.threads = static_cast<std::size_t>(state.range(0))}};
+  // range(1): pin the workers (the default). Unpinned rows show the effect of
+  // pinning on a machine shared with other processes (the peers do not pin).
+  runnel::thread_pool pool{{.threads = static_cast<std::size_t>(state.range(0)), .pin = state.range(1) != 0}};
   for (auto _ : state) {
     for (std::size_t i = 0; i < burst_tasks; ++i) pool.post([] {});
     pool.wait_idle();
@@ -331,7 +333,19 @@ BENCHMARK(fib_tbb_bm)->Name("fib/tbb")->Apply(thread_counts)->UseRealTime()->Uni
 #endif
 BENCHMARK(fib_mutex_bm)->Name("fib/mutex_pool")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
 
-BENCHMARK(burst_runnel_bm)->Name("burst/runnel")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
+void thread_counts_pinned(benchmark::internal::Benchmark* b) {
+  const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (int t = 1; t <= n; ++t) b->Args({t, 1});
+  b->Args({2 * n, 1});
+}
+void thread_counts_unpinned(benchmark::internal::Benchmark* b) {
+  const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (int t = 1; t <= n; ++t) b->Args({t, 0});
+  b->Args({2 * n, 0});
+}
+
+BENCHMARK(burst_runnel_bm)->Name("burst/runnel")->Apply(thread_counts_pinned)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(burst_runnel_bm)->Name("burst/runnel_unpinned")->Apply(thread_counts_unpinned)->UseRealTime()->Unit(benchmark::kMillisecond);
 #ifdef RUNNEL_HAVE_TBB
 BENCHMARK(burst_tbb_bm)->Name("burst/tbb")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
 #endif
