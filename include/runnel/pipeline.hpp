@@ -58,6 +58,10 @@
 // If the receivers of a .to() channel close it, the message that could not
 // be sent is discarded and the run is cancelled.
 //
+// Types. stage_options, stage_failure, error_handler, stage_stats and
+// pipeline_stats (namespace runnel) are declared in detail/pipeline_types.hpp,
+// which this header includes.
+//
 // Threads. run(), cancel() and stats() may be called from anywhere. wait()
 // blocks, so it is for threads outside the pool (on a worker of the
 // pipeline's pool it throws std::logic_error). Destroying an unfinished
@@ -75,6 +79,7 @@
 
 #include "channel.hpp"
 #include "detail/pipeline_nodes.hpp"
+#include "detail/pipeline_types.hpp"
 #include "thread_pool.hpp"
 
 namespace runnel {
