@@ -1,6 +1,6 @@
 // Pipelines and channels against oneTBB and a hand-written mutex baseline.
 //
-//   pipeline/<impl>/W:<w>/threads:<t>
+//   pipeline/W<w>/<t>T:<impl>
 //       source (counter) -> parallel ordered stage doing W rounds of cheap
 //       arithmetic -> sink (sum), `items` messages per iteration, t threads:
 //         runnel  runnel::pipeline on a t-worker pool, stage workers = t,
@@ -12,7 +12,7 @@
 //                 std::threads, a second queue into a sink thread that
 //                 reorders by sequence number (the source runs on the
 //                 benchmark thread).
-//   pingpong/<impl>   one message to another outside thread and back:
+//   pingpong:<impl>   one message to another outside thread and back:
 //       runnel channels (blocking send/recv) vs a mutex + condition-variable
 //       slot pair.
 //
@@ -26,12 +26,14 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "runnel/channel.hpp"
 #include "runnel/pipeline.hpp"
 #include "runnel/thread_pool.hpp"
+#include "bench_support.hpp"
 
 #ifdef RUNNEL_HAVE_TBB
 #include <tbb/parallel_pipeline.h>
@@ -51,7 +53,10 @@ inline std::uint64_t work(std::uint64_t x, std::int64_t w) {
   return x;
 }
 
-std::uint64_t items_for(std::int64_t w) { return w >= 1000 ? 1u << 14 : 1u << 17; }
+std::uint64_t items_for(std::int64_t w) {
+  if (runnel_bench::smoke) return 1u << 10;  // CI: run every path once, quickly
+  return w >= 1000 ? 1u << 14 : 1u << 17;
+}
 
 void finish(benchmark::State& state, std::uint64_t items, std::uint64_t checksum) {
   benchmark::DoNotOptimize(checksum);
@@ -188,13 +193,6 @@ void BM_pipeline_mutex(benchmark::State& state) {
   finish(state, items, checksum);
 }
 
-void pipeline_args(benchmark::internal::Benchmark* b) {
-  const auto n = static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency()));
-  for (std::int64_t w : {0, 100, 1000})
-    for (std::int64_t t = 1; t <= n; ++t) b->Args({w, t});
-  b->ArgNames({"W", "threads"})->UseRealTime()->Unit(benchmark::kMillisecond);
-}
-
 // ---- ping-pong ----------------------------------------------------------------
 
 void BM_pingpong_runnel(benchmark::State& state) {
@@ -230,14 +228,42 @@ void BM_pingpong_mutex(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
+// Names follow bench_support.hpp ("<group>:<impl>"): the closing table
+// compares runnel with each peer for the same W and thread count.
+void register_all() {
+  const auto n = static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  auto timed = [](benchmark::internal::Benchmark* b) {
+    b->UseRealTime()->Unit(benchmark::kMillisecond);
+    if (runnel_bench::smoke) b->Iterations(1);
+  };
+  for (std::int64_t w : {0, 100, 1000}) {
+    for (std::int64_t t = 1; t <= n; ++t) {
+      std::string group = "pipeline/W";
+      group += std::to_string(w);
+      group += "/";
+      group += std::to_string(t);
+      group += "T:";
+      timed(benchmark::RegisterBenchmark((group + "runnel").c_str(), BM_pipeline_runnel)->Args({w, t}));
+#ifdef RUNNEL_HAVE_TBB
+      timed(benchmark::RegisterBenchmark((group + "tbb").c_str(), BM_pipeline_tbb)->Args({w, t}));
+#endif
+      timed(benchmark::RegisterBenchmark((group + "mutex").c_str(), BM_pipeline_mutex)->Args({w, t}));
+    }
+  }
+  auto pingpong = [](benchmark::internal::Benchmark* b) {
+    b->UseRealTime();
+    if (runnel_bench::smoke) b->Iterations(100);
+  };
+  pingpong(benchmark::RegisterBenchmark("pingpong:runnel", BM_pingpong_runnel));
+  pingpong(benchmark::RegisterBenchmark("pingpong:mutex", BM_pingpong_mutex));
+}
+
 }  // namespace
 
-BENCHMARK(BM_pipeline_runnel)->Apply(pipeline_args);
-#ifdef RUNNEL_HAVE_TBB
-BENCHMARK(BM_pipeline_tbb)->Apply(pipeline_args);
-#endif
-BENCHMARK(BM_pipeline_mutex)->Apply(pipeline_args);
-BENCHMARK(BM_pingpong_runnel)->UseRealTime();
-BENCHMARK(BM_pingpong_mutex)->UseRealTime();
-
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  // Registration reads the smoke flag, so parse it first.
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--smoke") runnel_bench::smoke = true;
+  register_all();
+  return runnel_bench::run_main(argc, argv);
+}

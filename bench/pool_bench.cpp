@@ -19,12 +19,16 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <initializer_list>
+#include <string>
+#include <string_view>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include "runnel/task_group.hpp"
 #include "runnel/thread_pool.hpp"
+#include "bench_support.hpp"
 
 #ifdef RUNNEL_HAVE_TBB
 #include <tbb/global_control.h>
@@ -34,8 +38,9 @@
 
 namespace {
 
-constexpr int fib_n = 30;
-constexpr std::size_t burst_tasks = 1'000'000;
+// --smoke (CI) shrinks the work so the whole binary runs in seconds.
+int fib_n() { return runnel_bench::smoke ? 18 : 30; }
+std::size_t burst_tasks() { return runnel_bench::smoke ? 10'000 : 1'000'000; }
 
 // ---------------------------------------------------------------------------
 // Baseline: one mutex-protected std::deque of std::function, workers sleep on
@@ -172,9 +177,9 @@ std::uint64_t fib_tbb(int n) {
 }
 #endif
 
-constexpr std::uint64_t fib_expected() {
+std::uint64_t fib_expected() {
   std::uint64_t a = 0, b = 1;
-  for (int i = 0; i < fib_n; ++i) {
+  for (int i = 0; i < fib_n(); ++i) {
     const std::uint64_t t = a + b;
     a = b;
     b = t;
@@ -191,7 +196,7 @@ void check(benchmark::State& state, bool ok) {
 void fib_runnel_bm(benchmark::State& state) {
   runnel::thread_pool pool{{.threads = static_cast<std::size_t>(state.range(0))}};
   for (auto _ : state) {
-    const std::uint64_t r = pool.submit([&] { return fib_runnel(pool, fib_n); }).get();
+    const std::uint64_t r = pool.submit([&] { return fib_runnel(pool, fib_n()); }).get();
     check(state, r == fib_expected());
   }
   state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(2 * fib_expected() - 1));
@@ -202,7 +207,7 @@ void fib_mutex_bm(benchmark::State& state) {
   for (auto _ : state) {
     std::uint64_t r = 0;
     mutex_group g{pool};
-    g.run([&] { r = fib_mutex(pool, fib_n); });
+    g.run([&] { r = fib_mutex(pool, fib_n()); });
     g.wait();
     check(state, r == fib_expected());
   }
@@ -214,7 +219,7 @@ void fib_tbb_bm(benchmark::State& state) {
   tbb::task_arena arena(static_cast<int>(state.range(0)));
   for (auto _ : state) {
     std::uint64_t r = 0;
-    arena.execute([&] { r = fib_tbb(fib_n); });
+    arena.execute([&] { r = fib_tbb(fib_n()); });
     check(state, r == fib_expected());
   }
   state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(2 * fib_expected() - 1));
@@ -226,19 +231,19 @@ void burst_runnel_bm(benchmark::State& state) {
   // pinning on a machine shared with other processes (the peers do not pin).
   runnel::thread_pool pool{{.threads = static_cast<std::size_t>(state.range(0)), .pin = state.range(1) != 0}};
   for (auto _ : state) {
-    for (std::size_t i = 0; i < burst_tasks; ++i) pool.post([] {});
+    for (std::size_t i = 0; i < burst_tasks(); ++i) pool.post([] {});
     pool.wait_idle();
   }
-  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks));
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks()));
 }
 
 void burst_mutex_bm(benchmark::State& state) {
   mutex_pool pool(static_cast<std::size_t>(state.range(0)));
   for (auto _ : state) {
-    for (std::size_t i = 0; i < burst_tasks; ++i) pool.post([] {});
+    for (std::size_t i = 0; i < burst_tasks(); ++i) pool.post([] {});
     pool.wait_idle();
   }
-  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks));
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks()));
 }
 
 #ifdef RUNNEL_HAVE_TBB
@@ -247,11 +252,11 @@ void burst_tbb_bm(benchmark::State& state) {
   for (auto _ : state) {
     tbb::task_group g;
     arena.execute([&] {
-      for (std::size_t i = 0; i < burst_tasks; ++i) g.run([] {});
+      for (std::size_t i = 0; i < burst_tasks(); ++i) g.run([] {});
     });
     arena.execute([&] { g.wait(); });
   }
-  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks));
+  state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(burst_tasks()));
 }
 #endif
 
@@ -319,39 +324,59 @@ void idle_mutex_bm(benchmark::State& state) {
   measure_idle(state, [](std::size_t n) { return std::make_unique<mutex_pool>(n); });
 }
 
-void thread_counts(benchmark::internal::Benchmark* b) {
+// Thread counts 1 .. N and the oversubscribed 2N (N = hardware threads).
+std::vector<int> thread_counts() {
   const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int t = 1; t <= n; ++t) b->Arg(t);
-  b->Arg(2 * n);
+  std::vector<int> counts;
+  for (int t = 1; t <= n; ++t) counts.push_back(t);
+  counts.push_back(2 * n);
+  return counts;
+}
+
+// Joins name parts (appending piecewise also avoids g++ 12's false
+// -Wrestrict on chained std::string operator+).
+std::string join(std::initializer_list<std::string_view> parts) {
+  std::string out;
+  for (std::string_view p : parts) out.append(p);
+  return out;
+}
+
+// Names follow bench_support.hpp: "<group>:<impl>", so the closing table
+// compares runnel with each peer at the same thread count.
+void register_all() {
+  for (int t : thread_counts()) {
+    const std::string th = join({"/", std::to_string(t), "T:"});
+    auto timed = [](benchmark::internal::Benchmark* b) {
+      b->UseRealTime()->Unit(benchmark::kMillisecond);
+      if (runnel_bench::smoke) b->Iterations(1);
+    };
+    timed(benchmark::RegisterBenchmark(join({"fib", th, "runnel"}).c_str(), fib_runnel_bm)->Arg(t));
+#ifdef RUNNEL_HAVE_TBB
+    timed(benchmark::RegisterBenchmark(join({"fib", th, "tbb"}).c_str(), fib_tbb_bm)->Arg(t));
+#endif
+    timed(benchmark::RegisterBenchmark(join({"fib", th, "mutex_pool"}).c_str(), fib_mutex_bm)->Arg(t));
+    // Pinned is the default; the unpinned row shows what pinning costs on a
+    // machine shared with other processes (the peers do not pin).
+    timed(benchmark::RegisterBenchmark(join({"burst", th, "runnel"}).c_str(), burst_runnel_bm)->Args({t, 1}));
+    timed(benchmark::RegisterBenchmark(join({"burst", th, "runnel_unpinned"}).c_str(), burst_runnel_bm)->Args({t, 0}));
+#ifdef RUNNEL_HAVE_TBB
+    timed(benchmark::RegisterBenchmark(join({"burst", th, "tbb"}).c_str(), burst_tbb_bm)->Arg(t));
+#endif
+    timed(benchmark::RegisterBenchmark(join({"burst", th, "mutex_pool"}).c_str(), burst_mutex_bm)->Arg(t));
+    // No colon: idle rows report the idle_cpu_pct counter, not a speed.
+    benchmark::RegisterBenchmark(join({"idle/", std::to_string(t), "T/runnel"}).c_str(), idle_runnel_bm)
+        ->Arg(t)->Iterations(1)->UseRealTime();
+    benchmark::RegisterBenchmark(join({"idle/", std::to_string(t), "T/mutex_pool"}).c_str(), idle_mutex_bm)
+        ->Arg(t)->Iterations(1)->UseRealTime();
+  }
 }
 
 }  // namespace
 
-BENCHMARK(fib_runnel_bm)->Name("fib/runnel")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
-#ifdef RUNNEL_HAVE_TBB
-BENCHMARK(fib_tbb_bm)->Name("fib/tbb")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
-#endif
-BENCHMARK(fib_mutex_bm)->Name("fib/mutex_pool")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
-
-void thread_counts_pinned(benchmark::internal::Benchmark* b) {
-  const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int t = 1; t <= n; ++t) b->Args({t, 1});
-  b->Args({2 * n, 1});
+int main(int argc, char** argv) {
+  // Registration reads the smoke flag, so parse it first.
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--smoke") runnel_bench::smoke = true;
+  register_all();
+  return runnel_bench::run_main(argc, argv);
 }
-void thread_counts_unpinned(benchmark::internal::Benchmark* b) {
-  const int n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  for (int t = 1; t <= n; ++t) b->Args({t, 0});
-  b->Args({2 * n, 0});
-}
-
-BENCHMARK(burst_runnel_bm)->Name("burst/runnel")->Apply(thread_counts_pinned)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(burst_runnel_bm)->Name("burst/runnel_unpinned")->Apply(thread_counts_unpinned)->UseRealTime()->Unit(benchmark::kMillisecond);
-#ifdef RUNNEL_HAVE_TBB
-BENCHMARK(burst_tbb_bm)->Name("burst/tbb")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
-#endif
-BENCHMARK(burst_mutex_bm)->Name("burst/mutex_pool")->Apply(thread_counts)->UseRealTime()->Unit(benchmark::kMillisecond);
-
-BENCHMARK(idle_runnel_bm)->Name("idle/runnel")->Apply(thread_counts)->Iterations(1)->UseRealTime();
-BENCHMARK(idle_mutex_bm)->Name("idle/mutex_pool")->Apply(thread_counts)->Iterations(1)->UseRealTime();
-
-BENCHMARK_MAIN();
