@@ -20,6 +20,7 @@
 #include <deque>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <string>
 #include <string_view>
 #include <mutex>
@@ -45,7 +46,10 @@ std::size_t burst_tasks() { return runnel_bench::smoke ? 10'000 : 1'000'000; }
 // ---------------------------------------------------------------------------
 // Baseline: one mutex-protected std::deque of std::function, workers sleep on
 // a condition variable. Fork-join waits help by running the newest queued
-// task (LIFO, like a work-stealing owner) until their group is done.
+// task (LIFO, like a work-stealing owner) until their group is done; past a
+// nesting depth they help only their own group's tasks, so helping cannot
+// overflow the stack (a fib(30) run otherwise nests thousands of unrelated
+// waits on one thread).
 class mutex_pool {
  public:
   explicit mutex_pool(std::size_t threads) {
@@ -60,10 +64,11 @@ class mutex_pool {
     for (auto& t : threads_) t.join();
   }
 
-  void post(std::function<void()> f) {
+  // `group` tags the task for help_one(); nullptr for plain posts.
+  void post(std::function<void()> f, const void* group = nullptr) {
     {
       std::lock_guard lock(m_);
-      q_.push_back(std::move(f));
+      q_.push_back({group, std::move(f)});
       ++pending_;
     }
     work_cv_.notify_one();
@@ -74,14 +79,16 @@ class mutex_pool {
     idle_cv_.wait(lock, [&] { return pending_ == 0; });
   }
 
-  // Runs the newest queued task if there is one.
-  bool help_one() {
+  // Runs the newest queued task (of `only`'s group, when given) if any.
+  bool help_one(const void* only = nullptr) {
     std::function<void()> f;
     {
       std::lock_guard lock(m_);
-      if (q_.empty()) return false;
-      f = std::move(q_.back());
-      q_.pop_back();
+      const auto rit = std::find_if(q_.rbegin(), q_.rend(),
+                                    [only](const auto& e) { return only == nullptr || e.first == only; });
+      if (rit == q_.rend()) return false;
+      f = std::move(rit->second);
+      q_.erase(std::next(rit).base());
     }
     run(f);
     return true;
@@ -101,7 +108,7 @@ class mutex_pool {
         std::unique_lock lock(m_);
         work_cv_.wait(lock, [&] { return stop_ || !q_.empty(); });
         if (q_.empty()) return;
-        f = std::move(q_.front());
+        f = std::move(q_.front().second);
         q_.pop_front();
       }
       run(f);
@@ -110,7 +117,7 @@ class mutex_pool {
 
   std::mutex m_;
   std::condition_variable work_cv_, idle_cv_;
-  std::deque<std::function<void()>> q_;
+  std::deque<std::pair<const void*, std::function<void()>>> q_;
   std::size_t pending_ = 0;
   bool stop_ = false;
   std::vector<std::thread> threads_;
@@ -122,14 +129,19 @@ class mutex_group {
   template <class F>
   void run(F f) {
     pending_.fetch_add(1);
-    pool_.post([this, f = std::move(f)] {
-      f();
-      pending_.fetch_sub(1);
-    });
+    pool_.post(
+        [this, f = std::move(f)] {
+          f();
+          pending_.fetch_sub(1);
+        },
+        this);
   }
   void wait() {
+    thread_local int depth = 0;
+    ++depth;
     while (pending_.load() != 0)
-      if (!pool_.help_one()) std::this_thread::yield();
+      if (!pool_.help_one(depth > 64 ? this : nullptr)) std::this_thread::yield();
+    --depth;
   }
 
  private:
