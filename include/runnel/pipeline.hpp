@@ -59,7 +59,7 @@
 // be sent is discarded and the run is cancelled.
 //
 // Types. stage_options, stage_failure, error_handler, stage_stats and
-// pipeline_stats (namespace runnel) are declared in detail/pipeline_types.hpp,
+// pipeline_stats (namespace runnel) are declared in pipeline_types.hpp,
 // which this header includes.
 //
 // Threads. run(), cancel() and stats() may be called from anywhere. wait()
@@ -79,7 +79,7 @@
 
 #include "channel.hpp"
 #include "detail/pipeline_nodes.hpp"
-#include "detail/pipeline_types.hpp"
+#include "pipeline_types.hpp"
 #include "thread_pool.hpp"
 
 namespace runnel {

@@ -1,7 +1,7 @@
 // The public value types of runnel::pipeline (options, failure report,
 // statistics), kept apart from the node machinery so that both
 // pipeline.hpp and detail/pipeline_nodes.hpp can use them. Users include
-// <runnel/pipeline.hpp>.
+// <runnel/pipeline.hpp>, which includes this header.
 #pragma once
 
 #include <cstddef>
@@ -14,7 +14,7 @@
 #include <typeinfo>
 #include <vector>
 
-#include "../channel.hpp"
+#include "channel.hpp"
 
 namespace runnel {
 

@@ -52,7 +52,7 @@
 
 #include "../channel.hpp"
 #include "../thread_pool.hpp"
-#include "pipeline_types.hpp"
+#include "../pipeline_types.hpp"
 #include "asymmetric_fence.hpp"
 #include "channel_state.hpp"
 #include "ring_common.hpp"
