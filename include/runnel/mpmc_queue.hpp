@@ -123,12 +123,17 @@ class mpmc_queue {
   }
 
   T pop() noexcept {
-    std::optional<T> out;
-    detail::spin_then_park(not_empty_, [&] {
-      return ring_.try_consume([&out](T&& v) noexcept { out.emplace(std::move(v)); });
-    });
+    // Claim a cell first (waiting if empty), then move the value straight
+    // into the return object: no intermediate optional on the hot path.
+    std::size_t pos;
+    decltype(ring_.claim_pop(pos)) cell = nullptr;
+    detail::spin_then_park(not_empty_, [&] { return (cell = ring_.claim_pop(pos)) != nullptr; });
+    T* v = cell->value();
+    T out(std::move(*v));
+    v->~T();
+    ring_.release_pop(cell, pos);
     not_full_.notify_one();
-    return std::move(*out);
+    return out;
   }
 
   // ---- observers ------------------------------------------------------

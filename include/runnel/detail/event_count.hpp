@@ -93,11 +93,10 @@ class event_count {
   std::atomic<std::uint32_t> waiters_{0};
 };
 
-// Retries `attempt` (a noexcept callable returning bool) with backoff, then
-// parks on `ec` until an attempt succeeds. Whoever makes an attempt succeed
-// must notify `ec` after publishing the change.
+// The waiting part of spin_then_park(), kept apart so that the caller's
+// fast path (one successful attempt) stays small.
 template <class Attempt>
-void spin_then_park(event_count& ec, Attempt&& attempt) noexcept {
+void spin_then_park_slow(event_count& ec, Attempt& attempt) noexcept {
   backoff bo;
   for (;;) {
     if (attempt()) return;
@@ -110,6 +109,15 @@ void spin_then_park(event_count& ec, Attempt&& attempt) noexcept {
     ec.wait(key);
     bo.reset();
   }
+}
+
+// Retries `attempt` (a noexcept callable returning bool) with backoff, then
+// parks on `ec` until an attempt succeeds. Whoever makes an attempt succeed
+// must notify `ec` after publishing the change.
+template <class Attempt>
+inline void spin_then_park(event_count& ec, Attempt&& attempt) noexcept {
+  if (attempt()) return;
+  spin_then_park_slow(ec, attempt);
 }
 
 }  // namespace runnel::detail
