@@ -77,9 +77,10 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   std::map<std::string, std::size_t> order_;
 };
 
-// Parses --smoke (ours) and Google Benchmark's flags, runs every registered
+// Parses --smoke (ours) and Google Benchmark's flags, calls `register_all`
+// (which may read `smoke` to size the work), then runs every registered
 // benchmark with the ratio table at the end.
-inline int run_main(int argc, char** argv) {
+inline int run_main(int argc, char** argv, void (*register_all)()) {
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--smoke") == 0) {
@@ -88,6 +89,7 @@ inline int run_main(int argc, char** argv) {
       args.push_back(argv[i]);
     }
   }
+  register_all();
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;

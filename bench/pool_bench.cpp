@@ -385,10 +385,4 @@ void register_all() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  // Registration reads the smoke flag, so parse it first.
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == "--smoke") runnel_bench::smoke = true;
-  register_all();
-  return runnel_bench::run_main(argc, argv);
-}
+int main(int argc, char** argv) { return runnel_bench::run_main(argc, argv, register_all); }

@@ -280,10 +280,8 @@ void register_type(const std::string& type) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Registration reads the smoke flag, so parse it first.
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == "--smoke") runnel_bench::smoke = true;
-  register_type<std::uint64_t>("u64");
-  register_type<payload64>("64B");
-  return runnel_bench::run_main(argc, argv);
+  return runnel_bench::run_main(argc, argv, [] {
+    register_type<std::uint64_t>("u64");
+    register_type<payload64>("64B");
+  });
 }
