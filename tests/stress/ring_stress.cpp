@@ -26,6 +26,31 @@
 
 namespace {
 
+// One pop in a randomly chosen form (try into a reference, try into an
+// optional, blocking, bulk), handing every value taken to `take`; yields
+// when a non-blocking form found the queue empty. Shared by both round kinds.
+template <class Queue, class Rng, class Take>
+void pop_random_form(Queue& q, Rng& rng, std::uint64_t (&batch)[32], Take& take) {
+  switch (rng() % 4) {
+    case 0: {
+      std::uint64_t v;
+      if (q.try_pop(v)) take(v);
+      else std::this_thread::yield();
+      break;
+    }
+    case 1:
+      if (auto o = q.try_pop()) take(*o);
+      else std::this_thread::yield();
+      break;
+    case 2: take(q.pop()); break;
+    default: {
+      const std::size_t k = q.try_pop_n(batch, 1 + rng() % 32);
+      for (std::size_t i = 0; i < k; ++i) take(batch[i]);
+      if (k == 0) std::this_thread::yield();
+    }
+  }
+}
+
 constexpr std::uint64_t stop_msg = ~std::uint64_t{0};
 
 // Bumped by consumers; the watchdog reports a hang when it stops moving.
@@ -104,24 +129,7 @@ std::string run_mpmc(const mpmc_round& r, std::uint64_t seed) {
         progress.fetch_add(1, std::memory_order_relaxed);
       };
       while (!stopped) {
-        switch (rng() % 4) {
-          case 0: {
-            std::uint64_t v;
-            if (q.try_pop(v)) take(v);
-            else std::this_thread::yield();
-            break;
-          }
-          case 1:
-            if (auto o = q.try_pop()) take(*o);
-            else std::this_thread::yield();
-            break;
-          case 2: take(q.pop()); break;
-          default: {
-            const std::size_t k = q.try_pop_n(batch, 1 + rng() % 32);
-            for (std::size_t i = 0; i < k; ++i) take(batch[i]);
-            if (k == 0) std::this_thread::yield();
-          }
-        }
+        pop_random_form(q, rng, batch, take);
       }
       ++stops;
     });
@@ -185,24 +193,7 @@ std::string run_spsc(std::size_t capacity, std::uint64_t n, std::uint64_t seed) 
       progress.fetch_add(1, std::memory_order_relaxed);  // Relaxed: a liveness hint.
     };
     while (received < n) {
-      switch (rng() % 4) {
-        case 0: {
-          std::uint64_t v;
-          if (q.try_pop(v)) take(v);
-          else std::this_thread::yield();
-          break;
-        }
-        case 1:
-          if (auto o = q.try_pop()) take(*o);
-          else std::this_thread::yield();
-          break;
-        case 2: take(q.pop()); break;
-        default: {
-          const std::size_t k = q.try_pop_n(batch, 1 + rng() % 32);
-          for (std::size_t i = 0; i < k; ++i) take(batch[i]);
-          if (k == 0) std::this_thread::yield();
-        }
-      }
+      pop_random_form(q, rng, batch, take);
     }
   });
   producer.join();
