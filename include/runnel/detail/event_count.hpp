@@ -26,6 +26,8 @@ namespace runnel::detail {
 
 class event_count {
  public:
+  event_count() noexcept : asymmetric_(membarrier_ready()) {}
+
   struct key {
     std::uint32_t epoch;
   };
@@ -34,7 +36,8 @@ class event_count {
     // Relaxed: the heavy fence right after orders this store before the
     // condition re-check, and that is the only order the handshake needs.
     waiters_.fetch_add(1, std::memory_order_relaxed);
-    heavy_fence();
+    if (asymmetric_) heavy_fence();
+    else full_fence();
     // Acquire: a notifier that bumped the epoch published its change before
     // the bump, so reading the new epoch means the re-check sees the change.
     return key{epoch_.load(std::memory_order_acquire)};
@@ -81,8 +84,12 @@ class event_count {
 
  private:
   void notify(int count) noexcept {
-    light_fence();
-    // Relaxed: ordered after the caller's publish by light_fence().
+    // The light side of the handshake. Read from a member rather than from
+    // light_fence() so that the no-sleeper path is one line's loads and no
+    // check of a function-local static's guard.
+    if (asymmetric_) std::atomic_signal_fence(std::memory_order_seq_cst);
+    else full_fence();
+    // Relaxed: ordered after the caller's publish by the fence above.
     if (waiters_.load(std::memory_order_relaxed) == 0) return;
     // Release: a sleeper that reads the new epoch also sees the publish.
     epoch_.fetch_add(1, std::memory_order_release);
@@ -91,6 +98,9 @@ class event_count {
 
   std::atomic<std::uint32_t> epoch_{0};
   std::atomic<std::uint32_t> waiters_{0};
+  // membarrier_ready() at construction; it never changes once true, so both
+  // sides of every handshake on this object agree on the fence pair.
+  const bool asymmetric_;
 };
 
 // The waiting part of spin_then_park(), kept apart so that the caller's
