@@ -69,10 +69,57 @@ TEST_CASE("mpmc_queue: full and empty, move-only values", "[mpmc_queue]") {
 }
 
 TEST_CASE("mpmc_queue: FIFO through 1000 laps of a small ring", "[mpmc_queue]") {
-  for (std::size_t cap : {2u, 4u, 8u}) {
+  // Small cells are packed several to a line and positions are spread over
+  // the lines; 2..64 cover one line, a few lines, and many.
+  for (std::size_t cap : {2u, 4u, 8u, 16u, 64u}) {
     INFO("capacity " << cap);
     ring_contract::check_wrap_around<mpmc_queue>(cap, 1000);
     ring_contract::check_wrap_around_bulk<mpmc_queue>(cap, 1000);
+  }
+}
+
+namespace {
+
+// A value of N bytes (and the given alignment) that knows which number it
+// carries in every byte, so a cell that overlaps its neighbour is caught.
+template <std::size_t N, std::size_t Align = alignof(std::uint8_t)>
+struct alignas(Align) sized {
+  std::uint8_t bytes[N];
+  explicit sized(std::uint64_t v) noexcept { std::fill(std::begin(bytes), std::end(bytes), static_cast<std::uint8_t>(v)); }
+  bool holds(std::uint64_t v) const noexcept {
+    return std::all_of(std::begin(bytes), std::end(bytes), [v](std::uint8_t b) { return b == static_cast<std::uint8_t>(v); });
+  }
+};
+
+// Fills and drains a ring of `cap` for several laps, checking each value
+// whole and its address aligned.
+template <class T>
+void check_cell_class(std::size_t cap) {
+  INFO("value size " << sizeof(T) << ", alignment " << alignof(T) << ", capacity " << cap);
+  mpmc_queue<T> q(cap);
+  std::uint64_t in = 0, out = 0;
+  for (int lap = 0; lap < 5; ++lap) {
+    while (q.try_push(T(in))) ++in;
+    REQUIRE(in - out == q.capacity());
+    while (auto v = q.try_pop()) {
+      REQUIRE(reinterpret_cast<std::uintptr_t>(&*v) % alignof(T) == 0);
+      REQUIRE(v->holds(out));
+      ++out;
+    }
+    REQUIRE(out == in);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("mpmc_queue: values of every cell size class and over-aligned values", "[mpmc_queue]") {
+  for (std::size_t cap : {2u, 8u, 64u}) {
+    check_cell_class<sized<1>>(cap);       // packed, 16-byte cells
+    check_cell_class<sized<24>>(cap);      // packed, 32-byte cells
+    check_cell_class<sized<25>>(cap);      // one line a cell
+    check_cell_class<sized<200>>(cap);     // several lines a cell
+    check_cell_class<sized<16, 16>>(cap);  // packed, 16-byte aligned value
+    check_cell_class<sized<8, 128>>(cap);  // alignment beyond a cache line
   }
 }
 
