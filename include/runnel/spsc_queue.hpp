@@ -105,12 +105,7 @@ class spsc_queue {
 
   void push(T&& v) noexcept {
     const std::size_t tail = own_tail();
-    if (!room_at(tail)) {
-      auto room = [&] { return room_at(tail); };
-      // Free slots ahead of us once the wait ends.
-      auto lead = [&] { return capacity() - (tail - head_cache_); };
-      wait_at_edge(not_full_, room, lead, head_, head_cache_);
-    }
+    if (!room_at(tail)) wait_for_room(tail);
     ::new (static_cast<void*>(slots_[tail & mask_].storage)) T(std::move(v));
     publish_push(tail + 1);
   }
@@ -168,12 +163,7 @@ class spsc_queue {
 
   T pop() noexcept {
     const std::size_t head = own_head();
-    if (!item_at(head)) {
-      auto item = [&] { return item_at(head); };
-      // Values ahead of us once the wait ends.
-      auto lead = [&] { return tail_cache_ - head; };
-      wait_at_edge(not_empty_, item, lead, tail_, tail_cache_);
-    }
+    if (!item_at(head)) wait_for_item(head);
     T* v = slots_[head & mask_].value();
     T out(std::move(*v));
     v->~T();
@@ -223,6 +213,23 @@ class spsc_queue {
     return head != tail_cache_;
   }
 
+  // The blocking forms' slow paths, out of line and taking the index by
+  // value: a lambda capturing the caller's index by reference would keep it
+  // in memory, and the fast path would pay a store-to-load round trip on it.
+  [[gnu::noinline]] void wait_for_room(const std::size_t tail) noexcept {
+    auto room = [this, tail] { return room_at(tail); };
+    // Free slots ahead of us once the wait ends.
+    auto lead = [this, tail] { return capacity() - (tail - head_cache_); };
+    wait_at_edge(not_full_, room, lead, head_, head_cache_);
+  }
+
+  [[gnu::noinline]] void wait_for_item(const std::size_t head) noexcept {
+    auto item = [this, head] { return item_at(head); };
+    // Values ahead of us once the wait ends.
+    auto lead = [this, head] { return tail_cache_ - head; };
+    wait_at_edge(not_empty_, item, lead, tail_, tail_cache_);
+  }
+
   // The blocking forms' wait, with temporal slipping.
   //
   // When the consumer catches up with a producer that is still streaming (or
@@ -270,8 +277,8 @@ class spsc_queue {
   alignas(detail::false_sharing_range) const std::size_t mask_;
   const std::size_t slip_items_ = slip_target < (mask_ + 1) / 2 ? slip_target : (mask_ + 1) / 2;
   const std::unique_ptr<slot[]> slots_;
-  // Producer's line: its index, which the consumer reads, and its cache of
-  // the consumer's index, which only the producer touches.
+  // Producer's line: its own index and its cache of the consumer's, both
+  // touched by the producer only (the consumer reads tail_ below).
   alignas(detail::false_sharing_range) std::size_t local_tail_ = 0;
   std::size_t head_cache_ = 0;
   // Consumer's line.
