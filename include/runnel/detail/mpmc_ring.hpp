@@ -16,6 +16,7 @@
 #pragma once
 
 #include <atomic>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -69,12 +70,6 @@ class mpmc_ring {
     return cells;
   }
 
-  static constexpr unsigned log2(std::size_t pow2) noexcept {
-    unsigned b = 0;
-    while ((std::size_t{1} << b) < pow2) ++b;
-    return b;
-  }
-
   // Where position `pos` lives. With packed cells, consecutive positions go
   // to different lines (the low bits pick the line, the next bits the cell
   // in it), so a producer and a consumer a few positions apart do not write
@@ -92,8 +87,8 @@ class mpmc_ring {
   // A request for 1 therefore gets 2, which capacity() reports.
   explicit mpmc_ring(std::size_t capacity)
       : mask_((capacity == 1 ? 2 : checked_ring_capacity(capacity, sizeof(cell), "runnel::mpmc_queue")) - 1),
-        slot_bits_(log2(mask_ + 1 < cells_per_line ? mask_ + 1 : cells_per_line)),
-        line_bits_(log2(mask_ + 1) - slot_bits_),
+        slot_bits_(static_cast<unsigned>(std::countr_zero(mask_ + 1 < cells_per_line ? mask_ + 1 : cells_per_line))),
+        line_bits_(static_cast<unsigned>(std::countr_zero(mask_ + 1)) - slot_bits_),
         line_mask_((std::size_t{1} << line_bits_) - 1),
         cells_(allocate_cells(mask_ + 1)) {
     for (std::size_t pos = 0; pos <= mask_; ++pos) {
