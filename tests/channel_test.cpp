@@ -9,11 +9,13 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "stall_gate.hpp"
 #include "test_support.hpp"
 
 using namespace std::chrono_literals;
@@ -280,7 +282,7 @@ void many_to_many(std::size_t senders, std::size_t receivers, std::size_t per_se
       if (use_try) {
         std::uint64_t buf[16];
         for (;;) {
-          const std::size_t k = rx.try_recv_n(buf, 16);
+          const std::size_t k = rx.try_recv_n(buf, 16).count();
           for (std::size_t j = 0; j < k; ++j) take(buf[j]);
           if (k != 0) continue;
           auto r = rx.recv_for(1ms);
@@ -448,4 +450,246 @@ TEST_CASE("channel: task parking has no lost wake-up under contention", "[channe
   CHECK(g_thread_errors == 0);
   CHECK_FALSE(bad_order);
   CHECK(expect == n);
+}
+
+// ---- linearizable try-operations --------------------------------------------
+//
+// A cell claimed by an operation still in progress (a sender moving its value
+// in, a receiver moving one out) must not make the channel look empty (full)
+// while completed sends (free cells) exist: the try-operations wait for the
+// operation in progress, as crossbeam's array channel does.
+
+TEST_CASE("channel: after a completed send, the same thread's try_recv is never empty",
+          "[channel][linearizable]") {
+  // Every thread alternates send; try_recv. When a thread's send has
+  // completed, the values sent so far outnumber the receives that have
+  // claimed one, so a linearizable try_recv must find a value. The threads'
+  // sends keep claiming cells that others' try_recv must wait past.
+  const std::size_t threads = GENERATE(4u, 8u);  // 8: oversubscribed
+  const std::size_t pairs = runnel_test::scaled(100000);
+  auto [tx, rx] = make_channel<std::uint64_t>(4);
+  std::atomic<std::size_t> empties{0}, closed{0}, received{0};
+  runnel_test::run_threads(threads, [&, tx = tx, rx = rx](std::size_t t) mutable {
+    for (std::size_t i = 0; i < pairs / threads; ++i) {
+      if (!tx.send(t << 32 | i).ok()) ++g_thread_errors;
+      auto r = rx.try_recv();
+      if (r.ok()) ++received;
+      else if (r.status() == channel_status::empty) ++empties;
+      else ++closed;
+    }
+  });
+  CHECK(g_thread_errors == 0);
+  CHECK(empties == 0);
+  CHECK(closed == 0);
+  CHECK(received == pairs / threads * threads);
+  CHECK(rx.try_recv().status() == channel_status::empty);
+}
+
+TEST_CASE("channel: after a completed recv, the same thread's try_send is never full",
+          "[channel][linearizable]") {
+  const std::size_t threads = GENERATE(4u, 8u);  // 8: oversubscribed
+  const std::size_t pairs = runnel_test::scaled(100000);
+  auto [tx, rx] = make_channel<std::uint64_t>(4);
+  for (std::uint64_t v = 0; v < 4; ++v) REQUIRE(tx.try_send(v).ok());
+  std::atomic<std::size_t> fulls{0}, sent{0};
+  runnel_test::run_threads(threads, [&, tx = tx, rx = rx](std::size_t t) mutable {
+    for (std::size_t i = 0; i < pairs / threads; ++i) {
+      if (!rx.recv()) ++g_thread_errors;
+      auto r = tx.try_send(t << 32 | i);
+      if (r.ok()) {
+        ++sent;
+      } else {
+        if (r.status() == channel_status::full) ++fulls;
+        else ++g_thread_errors;
+        // Keep the count of values in the channel at 4 for the others.
+        if (!tx.send(*r.value()).ok()) ++g_thread_errors;
+      }
+    }
+  });
+  CHECK(g_thread_errors == 0);
+  CHECK(fulls == 0);
+  CHECK(sent == pairs / threads * threads);
+  CHECK(rx.size_approx() == 4);
+}
+
+TEST_CASE("channel: a sender stalled in its move constructor hides no completed send",
+          "[channel][linearizable]") {
+  using runnel_test::stalling;
+  runnel_test::stall_gate gate;
+  auto [tx, rx] = make_channel<stalling>(8);
+  gate.armed = true;
+  // Its cell is claimed first; the value is moved in (and stops there) after.
+  // (jthread: a failed REQUIRE below must still release and join it.)
+  std::jthread slow([&gate, tx = tx]() mutable {
+    if (!tx.send(stalling(0, &gate)).ok()) ++g_thread_errors;
+  });
+  gate.wait_entered();
+  for (int i = 1; i <= 3; ++i) REQUIRE(tx.send(stalling(i, nullptr)).ok());
+  // Documented: size_approx counts the send in progress.
+  CHECK(rx.size_approx() == 4);
+  int next = 1;  // the first value the checks after the sections expect
+
+  SECTION("try_recv waits for the value on its way, then takes the rest in order") {
+    runnel_test::delayed_release rel(gate);
+    auto r = rx.try_recv();
+    REQUIRE(r.ok());
+    CHECK(r->value == 0);
+  }
+  SECTION("recv_for does not time out while completed sends are queued") {
+    runnel_test::delayed_release rel(gate);
+    auto r = rx.recv_for(1ms);
+    REQUIRE(r.ok());
+    CHECK(r->value == 0);
+  }
+  SECTION("try_recv_n waits likewise and takes everything behind it") {
+    runnel_test::delayed_release rel(gate);
+    stalling got[4];
+    auto r = rx.try_recv_n(got, 4);
+    REQUIRE(r.ok());
+    REQUIRE(r.count() == 4);
+    for (int i = 0; i < 4; ++i) CHECK(got[i].value == i);
+    next = 4;
+  }
+  slow.join();
+  for (int i = next; i <= 3; ++i) {
+    auto r = rx.try_recv();
+    REQUIRE(r.ok());
+    CHECK(r->value == i);
+  }
+  CHECK(rx.try_recv().status() == channel_status::empty);
+  CHECK(g_thread_errors == 0);
+}
+
+TEST_CASE("channel: a receiver stalled in its move constructor does not make a channel with room look full",
+          "[channel][linearizable]") {
+  using runnel_test::stalling;
+  runnel_test::stall_gate gate;
+  auto [tx, rx] = make_channel<stalling>(4);
+  for (int i = 0; i < 4; ++i) REQUIRE(tx.try_send(stalling(i, &gate)).ok());
+  gate.armed = true;
+  // Claims the oldest value, then stops while moving it out.
+  std::jthread slow([&gate, rx = rx]() mutable {
+    auto r = rx.try_recv();
+    if (!r.ok() || r->value != 0) ++g_thread_errors;
+  });
+  gate.wait_entered();
+  SECTION("try_send") {
+    runnel_test::delayed_release rel(gate);
+    CHECK(tx.try_send(stalling(4, nullptr)).ok());
+  }
+  SECTION("send_for") {
+    runnel_test::delayed_release rel(gate);
+    CHECK(tx.send_for(stalling(4, nullptr), 1ms).ok());
+  }
+  slow.join();
+  for (int i = 1; i <= 4; ++i) {
+    auto r = rx.try_recv();
+    REQUIRE(r.ok());
+    CHECK(r->value == i);
+  }
+  CHECK(g_thread_errors == 0);
+}
+
+// ---- try_recv_n and the close race ------------------------------------------
+
+namespace {
+
+// A value whose move takes a while, so that sends spend time between claim
+// and publish (where a close can land).
+struct slow_move {
+  int v = 0;
+  slow_move() noexcept = default;
+  explicit slow_move(int x) noexcept : v(x) {}
+  slow_move(slow_move&& o) noexcept : v(o.v) {
+    for (int i = 0; i < 64; ++i) runnel::detail::cpu_relax();
+  }
+  slow_move& operator=(slow_move&& o) noexcept {
+    v = o.v;
+    return *this;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("channel: try_recv_n reports closed only when nothing more will arrive",
+          "[channel]") {
+  // Receivers poll with try_recv_n only and stop on its closed status; every
+  // value a send reported as accepted must have been received by then, and
+  // the status must stay closed.
+  const int rounds = static_cast<int>(runnel_test::scaled(300));
+  for (int round = 0; round < rounds; ++round) {
+    auto [tx, rx] = make_channel<slow_move>(8);
+    std::atomic<long> accepted{0}, received{0}, late{0};
+    std::vector<std::thread> ts;
+    for (int s = 0; s < 3; ++s) {
+      ts.emplace_back([tx = tx, &accepted]() mutable {
+        for (int i = 0;; ++i) {
+          auto r = (i & 1) ? tx.try_send(slow_move(i)) : tx.send_for(slow_move(i), 1ms);
+          if (r.ok()) ++accepted;
+          else if (r.status() == channel_status::closed) return;
+        }
+      });
+    }
+    for (int r = 0; r < 2; ++r) {
+      ts.emplace_back([rx = rx, &received, &late]() mutable {
+        slow_move buf[4];
+        for (;;) {
+          const auto got = rx.try_recv_n(buf, 4);
+          received += static_cast<long>(got.count());
+          if (got.closed()) break;
+          if (got.count() == 0) std::this_thread::yield();
+        }
+        for (int k = 0; k < 10; ++k) {
+          const auto again = rx.try_recv_n(buf, 4);
+          if (!again.closed() || again.count() != 0) ++late;
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50 * (round % 7)));
+    if (round & 1) tx.close(); else rx.close();
+    for (auto& t : ts) t.join();
+    CHECK(late == 0);
+    REQUIRE(received == accepted);
+  }
+}
+
+// ---- huge and negative timeouts ------------------------------------------------
+
+TEST_CASE("channel: huge timeouts mean no deadline, negative ones try once", "[channel]") {
+  using std::chrono::hours;
+  using std::chrono::nanoseconds;
+  const auto now = std::chrono::steady_clock::now();
+  CHECK(runnel::detail::deadline_after(hours::max()) == std::chrono::steady_clock::time_point::max());
+  CHECK(runnel::detail::deadline_after(nanoseconds::max()) == std::chrono::steady_clock::time_point::max());
+  CHECK(runnel::detail::deadline_after(std::chrono::duration<double>::max()) ==
+        std::chrono::steady_clock::time_point::max());
+  CHECK(runnel::detail::deadline_after(hours::min()) >= now);
+  CHECK(runnel::detail::deadline_after(hours::min()) < std::chrono::steady_clock::time_point::max());
+  CHECK(runnel::detail::deadline_after(hours(1)) > now + std::chrono::minutes(59));
+
+  auto [tx, rx] = make_channel<int>(2);
+  CHECK(rx.recv_for(hours::min()).status() == channel_status::timeout);
+  CHECK(rx.recv_for(-1s).status() == channel_status::timeout);
+  SECTION("recv_for(hours::max()) waits for the value") {
+    std::thread t([tx = tx]() mutable {
+      std::this_thread::sleep_for(5ms);
+      if (!tx.send(7).ok()) ++g_thread_errors;
+    });
+    auto r = rx.recv_for(hours::max());
+    t.join();
+    REQUIRE(r.ok());
+    CHECK(*r == 7);
+  }
+  SECTION("send_for(nanoseconds::max()) waits for room") {
+    REQUIRE(tx.try_send(1).ok());
+    REQUIRE(tx.try_send(2).ok());
+    CHECK(tx.send_for(3, nanoseconds::min()).status() == channel_status::timeout);
+    std::thread t([rx = rx]() mutable {
+      std::this_thread::sleep_for(5ms);
+      if (!rx.recv()) ++g_thread_errors;
+    });
+    CHECK(tx.send_for(3, nanoseconds::max()).ok());
+    t.join();
+  }
+  CHECK(g_thread_errors == 0);
 }

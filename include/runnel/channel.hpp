@@ -21,8 +21,23 @@
 // - Nothing is lost or duplicated: a value is received exactly once, handed
 //   back by a failed send, or destroyed with the channel if never received.
 // - Values of one sender are received in the order sent.
-// - try_* never wait. send/recv spin briefly, then sleep on a futex (no CPU
-//   burn). *_for give up after the timeout.
+// - Linearizable: try_recv (and try_recv_n) answers empty only when every
+//   send that had completed was already received, and try_send answers full
+//   only when every cell held a value that no receiver had started to take.
+//   A thread that completed send(x) and then calls try_recv gets a value.
+// - try_* never wait for space or for a value. They may wait for a value
+//   that is on its way: when the oldest cell was claimed by a send still
+//   moving its value in (a slow move constructor, a descheduled sender), a
+//   receive spins, then yields, until that move is done, and returns that
+//   value; values sent behind it are never reported as absent. Mirror image
+//   for a send facing a receive still moving the oldest value out. This wait
+//   is bounded by one move of one T on another thread.
+// - send/recv spin briefly, then sleep on a futex (no CPU burn). *_for give
+//   up at the deadline, except while waiting for a value (or cell) on its way
+//   as above, which they finish first: a recv_for never times out while a
+//   completed send is unreceived. Timeouts too large for the clock (e.g.
+//   hours::max()) mean "no deadline"; zero or negative ones try once.
+// - size_approx() counts sends and receives in progress as done.
 //
 // Blocking calls on pool workers. send/recv/*_for block the calling thread.
 // On a runnel::thread_pool worker that takes the worker away from the pool
@@ -46,6 +61,7 @@
 #include <utility>
 
 #include "detail/channel_state.hpp"
+#include "detail/deadline.hpp"
 
 namespace runnel {
 
@@ -92,6 +108,25 @@ class recv_result {
   std::optional<T> value_;
 };
 
+// Result of try_recv_n: how many values were moved, and the channel's state:
+// ok (count() > 0), empty (count() == 0: nothing now, more may come) or
+// closed (count() == 0: closed, and nothing more will ever arrive, so a loop
+// may stop; no accepted value is left behind).
+class recv_n_result {
+ public:
+  recv_n_result(channel_status s, std::size_t count) noexcept : status_(s), count_(count) {}
+
+  channel_status status() const noexcept { return status_; }
+  std::size_t count() const noexcept { return count_; }
+  bool ok() const noexcept { return status_ == channel_status::ok; }
+  bool closed() const noexcept { return status_ == channel_status::closed; }
+  explicit operator bool() const noexcept { return ok(); }
+
+ private:
+  channel_status status_;
+  std::size_t count_;
+};
+
 namespace detail {
 
 // Shared code of the two handle kinds: counting, emptiness checks, close.
@@ -123,6 +158,8 @@ class channel_handle {
 
   bool valid() const noexcept { return s_ != nullptr; }
   void close() { state().close(); }
+  // True once closed. Values accepted before the close may still be queued
+  // or being moved in: a receiver stops on a receive's closed status.
   bool is_closed() const { return state().is_closed(); }
   std::size_t capacity() const { return state().capacity(); }
   std::size_t size_approx() const { return state().size_approx(); }
@@ -154,7 +191,8 @@ class sender : public detail::channel_handle<T, &detail::channel_state<T>::sende
     return result(s.send(value), value);
   }
 
-  // Never waits: ok, full or closed; the value comes back unless ok.
+  // Never waits for room: ok, full (every cell holds a value no receiver
+  // has started to take) or closed; the value comes back unless ok.
   send_result<T> try_send(T value) {
     auto& s = this->state();
     return result(s.try_send(value), value);
@@ -164,18 +202,13 @@ class sender : public detail::channel_handle<T, &detail::channel_state<T>::sende
   template <class Rep, class Period>
   send_result<T> send_for(T value, std::chrono::duration<Rep, Period> timeout) {
     auto& s = this->state();
-    return result(s.send_until(value, deadline(timeout)), value);
+    return result(s.send_until(value, detail::deadline_after(timeout)), value);
   }
 
  private:
   static send_result<T> result(channel_status st, T& v) noexcept {
     if (st == channel_status::ok) return {st, std::nullopt};
     return {st, std::optional<T>(std::move(v))};
-  }
-  template <class Rep, class Period>
-  static std::chrono::steady_clock::time_point deadline(std::chrono::duration<Rep, Period> d) {
-    return std::chrono::steady_clock::now() +
-           std::chrono::ceil<std::chrono::steady_clock::duration>(d);
   }
 };
 
@@ -194,7 +227,8 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
     return out;
   }
 
-  // Never waits: ok (value engaged), empty, or closed (closed and drained).
+  // Never waits for a value: ok (value engaged), empty (no completed send
+  // left unreceived), or closed (closed, nothing more will ever arrive).
   recv_result<T> try_recv() {
     std::optional<T> out;
     const channel_status st = this->state().try_recv(out);
@@ -205,16 +239,16 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
   template <class Rep, class Period>
   recv_result<T> recv_for(std::chrono::duration<Rep, Period> timeout) {
     std::optional<T> out;
-    const auto dl = std::chrono::steady_clock::now() +
-                    std::chrono::ceil<std::chrono::steady_clock::duration>(timeout);
-    const channel_status st = this->state().recv_until(out, dl);
+    const channel_status st = this->state().recv_until(out, detail::deadline_after(timeout));
     return {st, std::move(out)};
   }
 
-  // Moves up to n available values to *out, *(out+1), ... without waiting;
-  // returns how many (0 when empty or closed and drained: see is_closed()).
+  // Moves up to n available values to *out, *(out+1), ... as try_recv does
+  // one; count() says how many. Stop on closed(), not on is_closed(): a
+  // channel can be closed while a send accepted before the close is still
+  // moving its value in.
   template <class OutputIt>
-  std::size_t try_recv_n(OutputIt out, std::size_t n) {
+  recv_n_result try_recv_n(OutputIt out, std::size_t n) {
     static_assert(noexcept(*out = std::declval<T&&>()),
                   "runnel: try_recv_n needs a noexcept assignment through the output iterator");
     const auto k = this->state().try_recv_n(
@@ -223,7 +257,8 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
           ++out;
         },
         n);
-    return k ? *k : 0;
+    if (!k) return {channel_status::closed, 0};
+    return {*k == 0 ? channel_status::empty : channel_status::ok, *k};
   }
 
   // Input iteration with blocking recv(): `for (T& v : rx)` ends when the

@@ -7,10 +7,29 @@
 //   caller.
 // - Values pushed by one thread leave the queue in that thread's order, and
 //   each consumer sees them in that order, through any number of laps.
-// - try_* and *_n never wait for another thread. push()/pop() spin briefly,
-//   then sleep on a futex; a thread that never sleeps pays no syscall, and a
-//   push or pop with nobody asleep pays no atomic read-modify-write for
-//   waking (see detail/event_count.hpp).
+// - try_push/try_emplace/try_pop and the *_n forms never wait for another
+//   thread (lock-free), and that makes "full" and "empty" weaker than they
+//   sound. A push claims its cell, then moves the value in, then publishes
+//   it; pops take cells strictly in claim order. While one push is between
+//   claim and publish (a slow move constructor, a descheduled thread), every
+//   value published behind it is invisible: try_pop reports empty although
+//   completed pushes are queued, and size_approx() counts them (and the one
+//   in progress). Likewise a pop between claim and release makes try_push
+//   report full while the queue has room. Precisely: try_pop's false/nullopt
+//   means "the oldest claimed cell was not yet published", try_push's false
+//   means "the cell for the next position was not yet released". The
+//   failure lasts as long as that other thread's move.
+// - try_push_linearizable / try_pop_linearizable give the strong answers:
+//   empty only when every push that completed (or holds a claim) has been
+//   popped, full only when no pop is emptying the oldest cell. To get them
+//   they wait (spin, then yield) for the push or pop in progress, so they
+//   are not lock-free; the wait is for a value or cell already on its way.
+//   Use them where a thread acts on "empty"/"full" (e.g. "I pushed, so a pop
+//   must succeed"). Blocking push()/pop() use the same rule before they
+//   sleep, so a consumer never sleeps while completed values are queued.
+// - push()/pop() spin briefly, then sleep on a futex; a thread that never
+//   sleeps pays no syscall, and a push or pop with nobody asleep pays no
+//   atomic read-modify-write for waking (see detail/event_count.hpp).
 // - Capacity is rounded up to a power of two, and to at least 2 (the
 //   per-cell sequence numbers cannot tell full from free in a one-cell
 //   ring); capacity() reports the real one.
@@ -78,6 +97,22 @@ class mpmc_queue {
     return out;
   }
 
+  // As try_push(T&&) / try_pop(), linearizable: false only when the queue
+  // was full, nullopt only when it was empty, in the strong sense above. May
+  // wait for a push or pop in progress on another thread.
+  bool try_push_linearizable(T&& v) noexcept {
+    if (!ring_.template try_push<detail::claimed_cell::wait>(std::move(v))) return false;
+    not_empty_.notify_one();
+    return true;
+  }
+
+  std::optional<T> try_pop_linearizable() noexcept {
+    std::optional<T> out;
+    if (ring_.template try_consume<detail::claimed_cell::wait>([&out](T&& v) noexcept { out.emplace(std::move(v)); }))
+      not_full_.notify_one();
+    return out;
+  }
+
   // Moves up to n values from the range starting at first, with one claim of
   // the tail; returns how many were moved (always a prefix of the range).
   template <class InputIt>
@@ -107,7 +142,8 @@ class mpmc_queue {
   // ---- blocking (for threads that may wait) ---------------------------
 
   void push(T&& v) noexcept {
-    detail::spin_then_park(not_full_, [&] { return ring_.try_push(std::move(v)); });
+    detail::spin_then_park(not_full_,
+                           [&] { return ring_.template try_push<detail::claimed_cell::wait>(std::move(v)); });
     not_empty_.notify_one();
   }
 
@@ -118,7 +154,9 @@ class mpmc_queue {
 
   template <class... Args>
   void emplace(Args&&... args) noexcept {
-    detail::spin_then_park(not_full_, [&] { return ring_.try_emplace(std::forward<Args>(args)...); });
+    detail::spin_then_park(not_full_, [&] {
+      return ring_.template try_emplace<detail::claimed_cell::wait>(std::forward<Args>(args)...);
+    });
     not_empty_.notify_one();
   }
 
@@ -127,7 +165,9 @@ class mpmc_queue {
     // into the return object: no intermediate optional on the hot path.
     std::size_t pos;
     decltype(ring_.claim_pop(pos)) cell = nullptr;
-    detail::spin_then_park(not_empty_, [&] { return (cell = ring_.claim_pop(pos)) != nullptr; });
+    detail::spin_then_park(not_empty_, [&] {
+      return (cell = ring_.template claim_pop<detail::claimed_cell::wait>(pos)) != nullptr;
+    });
     T* v = cell->value();
     T out(std::move(*v));
     v->~T();
@@ -139,7 +179,8 @@ class mpmc_queue {
   // ---- observers ------------------------------------------------------
 
   std::size_t capacity() const noexcept { return ring_.capacity(); }
-  // A snapshot that may be stale by the time it is read.
+  // A snapshot that may be stale by the time it is read; counts pushes and
+  // pops in progress as done.
   std::size_t size_approx() const noexcept { return ring_.size_approx(); }
   bool empty_approx() const noexcept { return size_approx() == 0; }
 

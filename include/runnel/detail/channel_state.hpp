@@ -19,6 +19,18 @@
 //     that read synchronises with.
 // A withdrawal that finds the bit set wakes every receiver, since one of them
 // may have seen "closed, but a send is in flight" and gone back to sleep.
+//
+// Linearizable try-operations. The ring is used with claimed_cell::wait
+// (detail/mpmc_ring.hpp): a receive that finds the head cell claimed by a
+// send whose value is still being moved in waits (spin, then yield) for that
+// move instead of reporting empty, and reports empty only when no send holds
+// a claim that no receive has taken; a send likewise reports full only when
+// no receive is emptying the oldest cell. So "empty" means no completed send
+// was left unreceived and "full" means every cell held a value nobody had
+// started to take, as crossbeam's array channel does. The price: a try-
+// operation (and a *_for past its deadline) can wait as long as another
+// thread's move of one value takes, but only for a value already on its
+// way.
 #pragma once
 
 #include <atomic>
@@ -36,9 +48,11 @@ namespace runnel {
 
 enum class channel_status {
   ok,       // the operation moved a value
-  full,     // try_send: no space right now
-  empty,    // try_recv: nothing right now, but the channel is open
-  closed,   // send: the channel is closed; recv: closed and drained
+  full,     // try_send: every cell held a value no receiver had started to take
+  empty,    // try_recv: every completed send was already received, and the
+            // channel is open (or closed with a send still in flight)
+  closed,   // send: the channel is closed; receiving: closed, and nothing
+            // more will ever arrive (every accepted value was received)
   timeout,  // *_for: the time ran out
 };
 
@@ -73,7 +87,7 @@ class channel_state {
   // Moves v in (ok), or leaves v intact (full / closed).
   channel_status try_send(T& v) noexcept {
     if (!enter_send()) return channel_status::closed;
-    const bool ok = ring_.try_push(std::move(v));
+    const bool ok = ring_.template try_push<claimed_cell::wait>(std::move(v));
     leave_send();
     if (!ok) return channel_status::full;
     not_empty_.notify_one();
@@ -86,7 +100,7 @@ class channel_state {
   template <class It>
   std::optional<std::size_t> try_send_n(It first, std::size_t n) noexcept {
     if (!enter_send()) return std::nullopt;
-    const std::size_t k = ring_.try_push_n(first, n);
+    const std::size_t k = ring_.template try_push_n<claimed_cell::wait>(first, n);
     leave_send();
     if (k != 0) {
       k == 1 ? not_empty_.notify_one() : not_empty_.notify_all();
@@ -96,15 +110,16 @@ class channel_state {
   }
 
   // Hands up to n values to sink(T&&) (which must not throw); returns how
-  // many, or nullopt when the channel is closed and drained.
+  // many, or nullopt when the channel is closed and drained (nothing more
+  // will ever arrive). 0 means empty in the linearizable sense above.
   template <class Sink>
   std::optional<std::size_t> try_recv_n(Sink&& sink, std::size_t n) noexcept {
-    std::size_t k = ring_.try_consume_n(sink, n);
+    std::size_t k = ring_.template try_consume_n<claimed_cell::wait>(sink, n);
     if (k == 0) {
       if (!drained_if_closed()) return std::size_t{0};
       // Closed with no send in flight: whatever is in the ring now is all
       // there will ever be. Look once more (see the header comment).
-      k = ring_.try_consume_n(sink, n);
+      k = ring_.template try_consume_n<claimed_cell::wait>(sink, n);
       if (k == 0) {
         // Relaxed: see drained_if_closed().
         ended_.store(true, std::memory_order_relaxed);

@@ -8,11 +8,37 @@
 //                       consumer claiming `pos`;
 //   seq == pos + cap    free again, for the producer of the next lap.
 // Producers claim positions by CAS on `tail_`, consumers by CAS on `head_`, and
-// the claim happens only after the cell's sequence said the cell is ready, so
-// an operation never waits for another thread: it succeeds or reports
-// full/empty. Values of one producer get increasing positions and each
-// consumer claims increasing positions, so per-producer order holds through
-// any number of wrap-arounds.
+// the claim happens only after the cell's sequence said the cell is ready.
+// Values of one producer get increasing positions and each consumer claims
+// increasing positions, so per-producer order holds through any number of
+// wrap-arounds.
+//
+// Claimed but not yet done. A producer claims position p, then moves its
+// value in, then publishes; a consumer claims, moves the value out, then
+// releases. Consumers take positions strictly in order, so while the producer
+// of p is between claim and publish (say, inside a slow move constructor, or
+// descheduled), the values published at p+1, p+2, ... are invisible: a pop
+// finds the cell at head_ not ready. Mirror image for pushes: a consumer
+// between claim and release keeps the cell at tail_ - capacity busy. Each
+// try-operation therefore comes in two policies (claimed_cell):
+//   give_up   never waits for another thread (lock-free): "empty" may also
+//             mean "the head cell is claimed by a push still in progress",
+//             even with completed pushes behind it; "full" may also mean
+//             "the cell a push needs is being emptied by a pop in progress".
+//   wait      tells the two apart: it reports empty only when no push has
+//             claimed a position that no pop has claimed (tail_ == head_ as
+//             read), full only when no pop has claimed the oldest value
+//             (tail_ - head_ == capacity as read); otherwise it spins, then
+//             yields, until the operation in progress is done. It is then
+//             linearizable (a push or pop in progress that holds a claim is
+//             ordered before it), at the price of waiting as long as that
+//             operation's move constructor (or its thread's descheduling)
+//             takes. The wait is never for a value that is not on its way.
+// Why relaxed index reads suffice for `wait`: a push that happened-before
+// the call made its tail_ CAS before it, so by write-read coherence the
+// tail_ the call reads includes it; if that tail_ is <= the head_ position
+// the call found, that push's position was already claimed by a pop. Same
+// argument, mirrored, for pops and "full".
 #pragma once
 
 #include <atomic>
@@ -24,13 +50,34 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 
+#include "backoff.hpp"
 #include "cache_line.hpp"
 #include "ring_common.hpp"
 
 namespace runnel::detail {
+
+// What a try-operation does when the cell it needs is held by an operation
+// still in progress on another thread (see the header comment).
+enum class claimed_cell {
+  give_up,  // report empty / full: lock-free, not linearizable
+  wait,     // wait for that operation: linearizable, may wait for another thread
+};
+
+// While waiting for another thread's claimed cell: spin a few rounds, then
+// yield, since that thread may need our core to finish its move.
+inline void pause_for_claim(unsigned& round) noexcept {
+  constexpr unsigned spin_rounds = 16;  // ~ a move of a few hundred bytes
+  if (round < spin_rounds) {
+    ++round;
+    cpu_relax();
+  } else {
+    std::this_thread::yield();
+  }
+}
 
 template <class T>
 class mpmc_ring {
@@ -116,11 +163,14 @@ class mpmc_ring {
 
   std::size_t capacity() const noexcept { return mask_ + 1; }
 
-  // Claims one position for a push; nullptr when full. On success the caller
-  // must construct the value in the returned cell and call publish().
+  // Claims one position for a push; nullptr when full (see claimed_cell for
+  // what "full" means under each policy). On success the caller must
+  // construct the value in the returned cell and call publish().
+  template <claimed_cell Policy = claimed_cell::give_up>
   cell* claim_push(std::size_t& pos) noexcept {
     // Relaxed: the position is only a guess, validated by the cell's seq.
     pos = tail_.load(std::memory_order_relaxed);
+    unsigned round = 0;
     for (;;) {
       cell& c = at(pos);
       // Acquire: pairs with the consumer's release in release_pop(), so the
@@ -132,7 +182,14 @@ class mpmc_ring {
         // ordered by the cell's seq.
         if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) return &c;
       } else if (dif < 0) {
-        return nullptr;  // the cell still holds last lap's value: full
+        // The cell still holds last lap's value.
+        if constexpr (Policy == claimed_cell::give_up) {
+          return nullptr;
+        } else {
+          if (!pop_in_progress_at(pos)) return nullptr;  // full
+          pause_for_claim(round);
+          pos = tail_.load(std::memory_order_relaxed);
+        }
       } else {
         pos = tail_.load(std::memory_order_relaxed);  // another producer won; retry
       }
@@ -144,22 +201,23 @@ class mpmc_ring {
     c->seq.store(pos + 1, std::memory_order_release);
   }
 
+  template <claimed_cell Policy = claimed_cell::give_up>
   bool try_push(T&& v) noexcept {
     std::size_t pos;
-    cell* c = claim_push(pos);
+    cell* c = claim_push<Policy>(pos);
     if (c == nullptr) return false;
     ::new (static_cast<void*>(c->storage)) T(std::move(v));
     publish(c, pos);
     return true;
   }
 
-  template <class... Args>
+  template <claimed_cell Policy = claimed_cell::give_up, class... Args>
   bool try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args...>) {
     static_assert(std::is_nothrow_constructible_v<T, Args...>,
                   "runnel: try_emplace needs a noexcept constructor (the cell is claimed before "
                   "construction); build the value first and try_push it");
     std::size_t pos;
-    cell* c = claim_push(pos);
+    cell* c = claim_push<Policy>(pos);
     if (c == nullptr) return false;
     ::new (static_cast<void*>(c->storage)) T(std::forward<Args>(args)...);
     publish(c, pos);
@@ -168,12 +226,13 @@ class mpmc_ring {
 
   // Moves up to n values from first[0..n) with a single claim; returns how
   // many were moved (a prefix). Values not moved stay with the caller.
-  template <class It>
+  template <claimed_cell Policy = claimed_cell::give_up, class It>
   std::size_t try_push_n(It first, std::size_t n) noexcept {
     if (n == 0) return 0;
     // Relaxed: as in claim_push().
     std::size_t pos = tail_.load(std::memory_order_relaxed);
     std::size_t k;
+    unsigned round = 0;
     for (;;) {
       k = 0;
       std::intptr_t dif = 0;
@@ -185,7 +244,15 @@ class mpmc_ring {
         if (dif != 0) break;
         ++k;
       }
-      if (k == 0 && dif < 0) return 0;  // full
+      if (k == 0 && dif < 0) {
+        // The first cell still holds last lap's value, as in claim_push().
+        if constexpr (Policy == claimed_cell::give_up) {
+          return 0;
+        } else {
+          if (!pop_in_progress_at(pos)) return 0;  // full
+          pause_for_claim(round);
+        }
+      }
       if (k != 0 && tail_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
       if (k == 0) pos = tail_.load(std::memory_order_relaxed);
     }
@@ -197,10 +264,13 @@ class mpmc_ring {
     return k;
   }
 
-  // Claims one position for a pop; nullptr when empty.
+  // Claims one position for a pop; nullptr when empty (see claimed_cell for
+  // what "empty" means under each policy).
+  template <claimed_cell Policy = claimed_cell::give_up>
   cell* claim_pop(std::size_t& pos) noexcept {
     // Relaxed: a guess validated by the cell's seq.
     pos = head_.load(std::memory_order_relaxed);
+    unsigned round = 0;
     for (;;) {
       cell& c = at(pos);
       // Acquire: pairs with publish(), so the value is fully constructed.
@@ -210,7 +280,14 @@ class mpmc_ring {
         // Relaxed: atomicity only, as in claim_push().
         if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) return &c;
       } else if (dif < 0) {
-        return nullptr;  // not yet pushed (or pushed but not yet published): empty
+        // Not yet pushed, or claimed by a push not yet published.
+        if constexpr (Policy == claimed_cell::give_up) {
+          return nullptr;
+        } else {
+          if (!push_in_progress_at(pos)) return nullptr;  // empty
+          pause_for_claim(round);
+          pos = head_.load(std::memory_order_relaxed);
+        }
       } else {
         pos = head_.load(std::memory_order_relaxed);
       }
@@ -238,10 +315,10 @@ class mpmc_ring {
   }
 
   // Pops by invoking sink(T&&) on the value; sink must not throw.
-  template <class Sink>
+  template <claimed_cell Policy = claimed_cell::give_up, class Sink>
   bool try_consume(Sink&& sink) noexcept {
     std::size_t pos;
-    cell* c = claim_pop(pos);
+    cell* c = claim_pop<Policy>(pos);
     if (c == nullptr) return false;
     T* v = c->value();
     std::forward<Sink>(sink)(std::move(*v));
@@ -252,12 +329,13 @@ class mpmc_ring {
 
   // Pops up to n values with a single claim, handing each to sink(T&&) in
   // queue order; returns how many. sink must not throw.
-  template <class Sink>
+  template <claimed_cell Policy = claimed_cell::give_up, class Sink>
   std::size_t try_consume_n(Sink&& sink, std::size_t n) noexcept {
     if (n == 0) return 0;
     // Relaxed: as in claim_pop().
     std::size_t pos = head_.load(std::memory_order_relaxed);
     std::size_t k;
+    unsigned round = 0;
     for (;;) {
       k = 0;
       std::intptr_t dif = 0;
@@ -268,7 +346,15 @@ class mpmc_ring {
         if (dif != 0) break;
         ++k;
       }
-      if (k == 0 && dif < 0) return 0;  // empty
+      if (k == 0 && dif < 0) {
+        // The first cell is not ready, as in claim_pop().
+        if constexpr (Policy == claimed_cell::give_up) {
+          return 0;
+        } else {
+          if (!push_in_progress_at(pos)) return 0;  // empty
+          pause_for_claim(round);
+        }
+      }
       if (k != 0 && head_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
       if (k == 0) pos = head_.load(std::memory_order_relaxed);
     }
@@ -282,6 +368,9 @@ class mpmc_ring {
     return k;
   }
 
+  // Claimed push positions minus claimed pop positions: counts pushes and
+  // pops in progress as done (a value a stalled push is still moving in is
+  // counted, and so are the published values behind it).
   std::size_t size_approx() const noexcept {
     // Relaxed: a monitoring snapshot; the two indices are read at different
     // moments, hence the clamp to [0, capacity].
@@ -293,6 +382,23 @@ class mpmc_ring {
   }
 
  private:
+  // The cell at head position `pos` is not ready: has a push claimed it (it
+  // is then on its way), or is the ring empty?
+  bool push_in_progress_at(std::size_t pos) const noexcept {
+    // Relaxed: coherence alone makes "empty" linearizable against
+    // happens-before (header comment).
+    return static_cast<std::intptr_t>(tail_.load(std::memory_order_relaxed) - pos) > 0;
+  }
+
+  // The cell at tail position `pos` still holds the value of position
+  // pos - capacity: has a pop claimed that value (the cell is then being
+  // emptied), or is the ring full?
+  bool pop_in_progress_at(std::size_t pos) const noexcept {
+    // Relaxed: as in push_in_progress_at().
+    const auto used = static_cast<std::intptr_t>(pos - head_.load(std::memory_order_relaxed));
+    return used < static_cast<std::intptr_t>(capacity());
+  }
+
   // Read-only after construction; own line so the hot indices do not share it.
   alignas(false_sharing_range) const std::size_t mask_;
   const unsigned slot_bits_;       // log2 of the cells per line actually used
