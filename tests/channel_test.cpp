@@ -459,7 +459,31 @@ TEST_CASE("channel: task parking has no lost wake-up under contention", "[channe
 // while completed sends (free cells) exist: the try-operations wait for the
 // operation in progress, as crossbeam's array channel does.
 
-TEST_CASE("channel: after a completed send, the same thread's try_recv is never empty",
+namespace {
+
+// A value whose move takes a while (`pauses` processor pauses), so that sends
+// spend time between claim and publish and receives between claim and
+// release: where a close can land, and where a non-linearizable try-operation
+// would see a claimed cell. Moves of different lengths let a later operation
+// overtake an earlier one, which is what exposes such a try-operation.
+struct slow_move {
+  int v = 0;
+  int pauses = 64;
+  slow_move() noexcept = default;
+  explicit slow_move(int x, int p = 64) noexcept : v(x), pauses(p) {}
+  slow_move(slow_move&& o) noexcept : v(o.v), pauses(o.pauses) {
+    for (int i = 0; i < pauses; ++i) runnel::detail::cpu_relax();
+  }
+  slow_move& operator=(slow_move&& o) noexcept {
+    v = o.v;
+    pauses = o.pauses;
+    return *this;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("channel: a thread's try_recv after its own completed send is never empty",
           "[channel][linearizable]") {
   // Every thread alternates send; try_recv. When a thread's send has
   // completed, the values sent so far outnumber the receives that have
@@ -467,15 +491,24 @@ TEST_CASE("channel: after a completed send, the same thread's try_recv is never 
   // sends keep claiming cells that others' try_recv must wait past.
   const std::size_t threads = GENERATE(4u, 8u);  // 8: oversubscribed
   const std::size_t pairs = runnel_test::scaled(100000);
-  auto [tx, rx] = make_channel<std::uint64_t>(4);
+  auto [tx, rx] = make_channel<slow_move>(4);
   std::atomic<std::size_t> empties{0}, closed{0}, received{0};
   runnel_test::run_threads(threads, [&, tx = tx, rx = rx](std::size_t t) mutable {
     for (std::size_t i = 0; i < pairs / threads; ++i) {
-      if (!tx.send(t << 32 | i).ok()) ++g_thread_errors;
+      // Every few sends one moves slowly, and the other threads' sends
+      // overtake it (all threads slow down alike, so they stay together).
+      const int pauses = i % threads == t ? 200 : 0;
+      if (!tx.send(slow_move(static_cast<int>(t), pauses)).ok()) ++g_thread_errors;
       auto r = rx.try_recv();
-      if (r.ok()) ++received;
-      else if (r.status() == channel_status::empty) ++empties;
-      else ++closed;
+      if (r.ok()) {
+        ++received;
+      } else {
+        if (r.status() == channel_status::empty) ++empties;
+        else ++closed;
+        // Take the value anyway, so that the channel stays near empty for
+        // the others (a value left over would hide the next claimed cell).
+        if (rx.recv()) ++received;
+      }
     }
   });
   CHECK(g_thread_errors == 0);
@@ -485,24 +518,27 @@ TEST_CASE("channel: after a completed send, the same thread's try_recv is never 
   CHECK(rx.try_recv().status() == channel_status::empty);
 }
 
-TEST_CASE("channel: after a completed recv, the same thread's try_send is never full",
+TEST_CASE("channel: a thread's try_send after its own completed recv is never full",
           "[channel][linearizable]") {
   const std::size_t threads = GENERATE(4u, 8u);  // 8: oversubscribed
   const std::size_t pairs = runnel_test::scaled(100000);
-  auto [tx, rx] = make_channel<std::uint64_t>(4);
-  for (std::uint64_t v = 0; v < 4; ++v) REQUIRE(tx.try_send(v).ok());
+  auto [tx, rx] = make_channel<slow_move>(4);
+  for (int v = 0; v < 4; ++v) REQUIRE(tx.try_send(slow_move(v, 0)).ok());
   std::atomic<std::size_t> fulls{0}, sent{0};
   runnel_test::run_threads(threads, [&, tx = tx, rx = rx](std::size_t t) mutable {
     for (std::size_t i = 0; i < pairs / threads; ++i) {
       if (!rx.recv()) ++g_thread_errors;
-      auto r = tx.try_send(t << 32 | i);
+      // Every few values one moves slowly, and receives of the others
+      // overtake its receive.
+      const int pauses = i % threads == t ? 200 : 0;
+      auto r = tx.try_send(slow_move(static_cast<int>(t), pauses));
       if (r.ok()) {
         ++sent;
       } else {
         if (r.status() == channel_status::full) ++fulls;
         else ++g_thread_errors;
         // Keep the count of values in the channel at 4 for the others.
-        if (!tx.send(*r.value()).ok()) ++g_thread_errors;
+        if (!tx.send(std::move(*r.value())).ok()) ++g_thread_errors;
       }
     }
   });
@@ -592,31 +628,12 @@ TEST_CASE("channel: a receiver stalled in its move constructor does not make a c
 
 // ---- try_recv_n and the close race ------------------------------------------
 
-namespace {
-
-// A value whose move takes a while, so that sends spend time between claim
-// and publish (where a close can land).
-struct slow_move {
-  int v = 0;
-  slow_move() noexcept = default;
-  explicit slow_move(int x) noexcept : v(x) {}
-  slow_move(slow_move&& o) noexcept : v(o.v) {
-    for (int i = 0; i < 64; ++i) runnel::detail::cpu_relax();
-  }
-  slow_move& operator=(slow_move&& o) noexcept {
-    v = o.v;
-    return *this;
-  }
-};
-
-}  // namespace
-
 TEST_CASE("channel: try_recv_n reports closed only when nothing more will arrive",
           "[channel]") {
   // Receivers poll with try_recv_n only and stop on its closed status; every
   // value a send reported as accepted must have been received by then, and
   // the status must stay closed.
-  const int rounds = static_cast<int>(runnel_test::scaled(300));
+  const int rounds = static_cast<int>(runnel_test::scaled(600));
   for (int round = 0; round < rounds; ++round) {
     auto [tx, rx] = make_channel<slow_move>(8);
     std::atomic<long> accepted{0}, received{0}, late{0};
@@ -624,7 +641,7 @@ TEST_CASE("channel: try_recv_n reports closed only when nothing more will arrive
     for (int s = 0; s < 3; ++s) {
       ts.emplace_back([tx = tx, &accepted]() mutable {
         for (int i = 0;; ++i) {
-          auto r = (i & 1) ? tx.try_send(slow_move(i)) : tx.send_for(slow_move(i), 1ms);
+          auto r = (i & 1) ? tx.try_send(slow_move(i, 400)) : tx.send_for(slow_move(i, 400), 1ms);
           if (r.ok()) ++accepted;
           else if (r.status() == channel_status::closed) return;
         }
@@ -655,7 +672,7 @@ TEST_CASE("channel: try_recv_n reports closed only when nothing more will arrive
 
 // ---- huge and negative timeouts ------------------------------------------------
 
-TEST_CASE("channel: huge timeouts mean no deadline, negative ones try once", "[channel]") {
+TEST_CASE("channel: huge timeouts mean no deadline; negative ones try once", "[channel]") {
   using std::chrono::hours;
   using std::chrono::nanoseconds;
   const auto now = std::chrono::steady_clock::now();

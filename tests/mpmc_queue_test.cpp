@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ring_contract.hpp"
+#include "stall_gate.hpp"
 #include "test_support.hpp"
 
 using runnel::mpmc_queue;
@@ -536,4 +537,110 @@ TEST_CASE("mpmc_queue: destroying a queue holding tracked values after threaded 
   REQUIRE(T::counts().constructed == T::counts().destroyed);
   REQUIRE(T::counts().bad_destroys == 0);
   REQUIRE(T::counts().use_after_move == 0);
+}
+
+// ---- a push or pop stalled between claim and publish/release ------------------
+//
+// The raw try-operations are lock-free and so cannot see past a claimed cell;
+// mpmc_queue.hpp documents exactly what that hides. The linearizable forms and
+// the blocking forms wait for the operation in progress instead.
+
+TEST_CASE("mpmc_queue: a producer stalled before publishing hides the values behind it from try_pop",
+          "[mpmc_queue][mt][stall]") {
+  using runnel_test::stalling;
+  runnel_test::stall_gate gate;
+  mpmc_queue<stalling> q(64);
+  gate.armed = true;
+  std::atomic<bool> pushed{false};
+  // Claims position 0, then stops while moving the value in.
+  std::jthread slow([&] { pushed = q.try_push(stalling(0, &gate)); });
+  gate.wait_entered();
+  for (int i = 1; i < 64; ++i) REQUIRE(q.try_push(stalling(i, nullptr)));
+
+  // As documented: 63 completed pushes, yet try_pop and try_pop_n find
+  // nothing and size_approx counts the push in progress.
+  CHECK(q.size_approx() == 64);
+  CHECK_FALSE(q.try_pop().has_value());
+  stalling out;
+  CHECK_FALSE(q.try_pop(out));
+  stalling buf[8];
+  CHECK(q.try_pop_n(buf, 8) == 0);
+  CHECK_FALSE(q.try_push(stalling(64, nullptr)));  // genuinely full: 64 claims
+
+  // The linearizable form waits for the value on its way.
+  {
+    runnel_test::delayed_release rel(gate);
+    auto v = q.try_pop_linearizable();
+    REQUIRE(v.has_value());
+    CHECK(v->value == 0);
+  }
+  slow.join();
+  CHECK(pushed);
+  for (int i = 1; i < 64; ++i) {
+    auto v = q.try_pop();
+    REQUIRE(v.has_value());
+    CHECK(v->value == i);
+  }
+  CHECK_FALSE(q.try_pop_linearizable().has_value());  // really empty: returns at once
+}
+
+TEST_CASE("mpmc_queue: a consumer stalled before releasing makes try_push report full",
+          "[mpmc_queue][mt][stall]") {
+  using runnel_test::stalling;
+  runnel_test::stall_gate gate;
+  mpmc_queue<stalling> q(4);
+  for (int i = 0; i < 4; ++i) REQUIRE(q.try_push(stalling(i, &gate)));
+  gate.armed = true;
+  std::atomic<int> popped{-1};
+  // Claims the oldest value, then stops while moving it out.
+  std::jthread slow([&] {
+    auto v = q.try_pop();
+    popped = v ? v->value : -2;
+  });
+  gate.wait_entered();
+  // As documented: one of four cells is being emptied, yet try_push says full.
+  CHECK(q.size_approx() == 3);
+  CHECK_FALSE(q.try_push(stalling(4, nullptr)));
+  stalling more[1] = {stalling(4, nullptr)};
+  CHECK(q.try_push_n(more, 1) == 0);
+  {
+    runnel_test::delayed_release rel(gate);
+    CHECK(q.try_push_linearizable(stalling(4, nullptr)));
+  }
+  slow.join();
+  CHECK(popped == 0);
+  for (int i = 1; i <= 4; ++i) {
+    auto v = q.try_pop();
+    REQUIRE(v.has_value());
+    CHECK(v->value == i);
+  }
+  CHECK(q.try_push_linearizable(stalling(5, nullptr)));
+}
+
+TEST_CASE("mpmc_queue: blocking pop does not sleep while completed pushes are queued",
+          "[mpmc_queue][mt][stall]") {
+  // Consumers blocked in pop() while the head cell is claimed by a stalled
+  // push must not go (back) to sleep while values sit behind it: each
+  // notify wakes one sleeper, so a sleeper that re-parked after a wake-up
+  // that found only the stalled cell would wait for ever once the pushes stop.
+  using runnel_test::stalling;
+  const int consumers = 4;
+  for (int round = 0; round < static_cast<int>(runnel_test::scaled(20)); ++round) {
+    runnel_test::stall_gate gate;
+    mpmc_queue<stalling> q(16);
+    gate.armed = true;
+    std::jthread slow([&] { q.push(stalling(0, &gate)); });
+    gate.wait_entered();
+    std::atomic<int> sum{0};
+    std::vector<std::jthread> ts;
+    for (int c = 0; c < consumers; ++c) ts.emplace_back([&] { sum += q.pop().value; });
+    // Let the consumers park on the stalled cell (not required for the
+    // test to pass, only for it to mean something).
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    for (int i = 1; i < consumers; ++i) q.push(stalling(i, nullptr));
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    gate.release();
+    for (auto& t : ts) t.join();  // hangs if a consumer sleeps on a non-empty queue
+    CHECK(sum == consumers * (consumers - 1) / 2);
+  }
 }
