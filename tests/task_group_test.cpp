@@ -3,11 +3,16 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "runnel/thread_pool.hpp"
@@ -257,4 +262,103 @@ TEST_CASE("a worker asleep in wait() wakes for tasks an outside thread adds to i
   g.wait();
   CHECK(y_ran.load());
   CHECK_FALSE(x_gave_up.load());
+}
+
+namespace {
+
+// Fails the whole program (instead of hanging the test run for ever) when
+// `done` is not set within a generous bound. Not a timing assertion: the
+// guarded work takes milliseconds; only a deadlock reaches the bound.
+class watchdog {
+ public:
+  explicit watchdog(const char* what, std::chrono::seconds limit = std::chrono::seconds(30))
+      : thread_([this, what, limit] {
+          std::unique_lock lock(m_);
+          if (!cv_.wait_for(lock, limit, [this] { return done_; })) {
+            std::fprintf(stderr, "watchdog: '%s' did not finish (deadlock)\n", what);
+            std::abort();
+          }
+        }) {}
+  ~watchdog() {
+    {
+      std::lock_guard lock(m_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+// Writes 1 into its slot when destroyed, a little late (after some yields),
+// so that a destructor running after wait() returned is caught by the check
+// that follows the wait (and by the sanitizers).
+struct late_dtor_probe {
+  int* slot;
+  explicit late_dtor_probe(int* s) noexcept : slot(s) {}
+  late_dtor_probe(late_dtor_probe&& o) noexcept : slot(std::exchange(o.slot, nullptr)) {}
+  late_dtor_probe(const late_dtor_probe&) = delete;
+  late_dtor_probe& operator=(const late_dtor_probe&) = delete;
+  late_dtor_probe& operator=(late_dtor_probe&&) = delete;
+  ~late_dtor_probe() {
+    if (slot == nullptr) return;
+    for (int i = 0; i < 20; ++i) std::this_thread::yield();
+    *slot = 1;  // plain write: wait() must order it before its return
+  }
+};
+
+}  // namespace
+
+TEST_CASE("run() from one thread while another loops wait() loses no count", "[group]") {
+  // wait() used to store 0 into the state after reading a count of 0; a
+  // run() in between lost its increment, the task's finish underflowed the
+  // count and every later wait() hung.
+  watchdog dog{"concurrent run/wait"};
+  thread_pool pool{{.threads = 1, .pin = false}};
+  task_group g{pool};
+  const int runs = static_cast<int>(runnel_test::scaled(200'000));
+  std::atomic<bool> adding{true};
+  std::atomic<int> ran{0};
+  std::thread waiter([&] {
+    while (adding.load()) g.wait();
+  });
+  std::thread adder([&] {
+    for (int i = 0; i < runs; ++i) g.run([&ran] { ran.fetch_add(1, std::memory_order_relaxed); });
+    adding = false;
+  });
+  adder.join();
+  waiter.join();
+  g.wait();
+  CHECK(ran.load() == runs);
+}
+
+TEST_CASE("wait() returns only after every task's callable and captures are destroyed", "[group]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  const int rounds = runnel_test::under_sanitizer ? 30 : 300;
+  constexpr int per_round = 8;
+  auto one_round = [&pool] {
+    // Heap slots (ASan sees a late write after the vector is gone) written
+    // only by the probes' destructors.
+    std::vector<int> destroyed(per_round, 0);
+    {
+      task_group g{pool};
+      for (int i = 0; i < per_round; ++i) g.run([p = late_dtor_probe(&destroyed[static_cast<std::size_t>(i)])] {});
+      g.wait();
+    }
+    int n = 0;
+    for (int d : destroyed) n += d;
+    return n;
+  };
+  int bad_outside = 0, bad_inside = 0;
+  for (int r = 0; r < rounds; ++r) {
+    if (one_round() != per_round) ++bad_outside;  // wait() outside the pool
+    if (pool.submit(one_round).get() != per_round) ++bad_inside;  // helping wait() on a worker
+  }
+  CHECK(bad_outside == 0);
+  CHECK(bad_inside == 0);
 }
