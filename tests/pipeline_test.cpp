@@ -507,3 +507,37 @@ TEST_CASE("pipeline: cancel reaches nodes parked on the user's channels", "[pipe
     check_invariant(s);
   }
 }
+
+TEST_CASE("pipeline: a handle dropped on a worker while outside threads send into .from() and read .to()",
+          "[pipeline]") {
+  // A lane parked on a user's channel is unlinked by the outside thread's
+  // send/receive, which calls its wake-up after unlocking; dropping the
+  // handle on a worker only cancels, so the run state must stay alive for
+  // that wake-up (it was freed: use-after-free, or bad_weak_ptr in noexcept).
+  thread_pool pool(pool_of(2));
+  const int rounds = runnel_test::under_sanitizer ? 5000 : 20000;
+  auto [in_tx, in_rx] = runnel::make_channel<int>(2);
+  auto [out_tx, out_rx] = runnel::make_channel<int>(1);
+  std::atomic<bool> done{false};
+  // Outside threads keep the lanes parking and being woken on both channels.
+  std::thread sender([&done, tx = in_tx]() mutable {
+    for (int i = 0; !done.load(std::memory_order_relaxed); ++i) (void)tx.try_send(i);
+  });
+  std::thread reader([&done, rx = out_rx]() mutable {
+    while (!done.load(std::memory_order_relaxed)) (void)rx.try_recv();
+  });
+  std::atomic<int> dropped{0};
+  for (int r = 0; r < rounds; ++r) {
+    auto run = pipeline{pool}.from(in_rx).stage([](int x) { return x; }).to(out_tx).run();
+    pool.post([h = std::move(run), &dropped]() mutable {
+      h = runnel::pipeline_handle{};  // drops the run on a worker: cancels only
+      dropped.fetch_add(1);
+    });
+    while (dropped.load() != r + 1) std::this_thread::yield();
+  }
+  done = true;
+  sender.join();
+  reader.join();
+  pool.wait_idle();  // the cancelled runs finish in pool tasks
+  CHECK(dropped.load() == rounds);
+}
