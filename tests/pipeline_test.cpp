@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -540,4 +541,43 @@ TEST_CASE("pipeline: a handle dropped on a worker while outside threads send int
   reader.join();
   pool.wait_idle();  // the cancelled runs finish in pool tasks
   CHECK(dropped.load() == rounds);
+}
+
+TEST_CASE("pipeline: wait_for / wait_until time out, finish, rethrow, and saturate huge values", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  auto [tx, rx] = runnel::make_channel<int>(4);
+  std::atomic<int> seen{0};
+  auto run = pipeline{pool}.from(std::move(rx)).sink([&](int) { ++seen; }).run();
+  REQUIRE(tx.send(1).ok());
+  // The run cannot end before the channel closes: these must time out.
+  CHECK_FALSE(run.wait_for(std::chrono::milliseconds(1)));
+  CHECK_FALSE(run.wait_for(std::chrono::seconds(-1)));
+  CHECK_FALSE(run.wait_until(std::chrono::steady_clock::now()));
+  CHECK_FALSE(run.wait_until(std::chrono::system_clock::now() + std::chrono::milliseconds(1)));
+  CHECK_FALSE(run.done());
+  // On a worker of the pipeline's pool the timed forms throw as wait() does.
+  CHECK_THROWS_AS(pool.submit([&] { return run.wait_for(std::chrono::seconds(1)); }).get(), std::logic_error);
+  std::thread closer([&tx = tx] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    tx.reset();  // last sender: the channel closes, the run ends naturally
+  });
+  // A huge timeout must wait (an overflowing deadline returned false at once).
+  CHECK(run.wait_for(std::chrono::hours::max()));
+  closer.join();
+  CHECK(run.wait_until(std::chrono::steady_clock::time_point::max()));
+  CHECK(run.wait_for(std::chrono::seconds(0)));
+  CHECK(seen.load() == 1);
+  check_invariant(run.stats());
+
+  auto failing = pipeline{pool}
+                     .source(counter(10))
+                     .sink([](std::uint64_t x) {
+                       if (x == 3) throw std::runtime_error("three");
+                     })
+                     .run();
+  CHECK_THROWS_WITH(failing.wait_for(std::chrono::hours::max()), "three");
+  CHECK_THROWS_WITH(failing.wait_until(std::chrono::system_clock::time_point::max()), "three");
+
+  runnel::pipeline_handle empty;
+  CHECK_THROWS_AS(empty.wait_for(std::chrono::seconds(1)), std::logic_error);
 }
