@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -506,4 +507,77 @@ TEST_CASE("pipeline: cancel reaches nodes parked on the user's channels", "[pipe
     CHECK(s.cancelled);
     check_invariant(s);
   }
+}
+
+TEST_CASE("pipeline: a handle dropped on a worker while outside threads send into .from() and read .to()",
+          "[pipeline]") {
+  // A lane parked on a user's channel is unlinked by the outside thread's
+  // send/receive, which calls its wake-up after unlocking; dropping the
+  // handle on a worker only cancels, so the run state must stay alive for
+  // that wake-up (it was freed: use-after-free, or bad_weak_ptr in noexcept).
+  thread_pool pool(pool_of(2));
+  const int rounds = runnel_test::under_sanitizer ? 5000 : 20000;
+  auto [in_tx, in_rx] = runnel::make_channel<int>(2);
+  auto [out_tx, out_rx] = runnel::make_channel<int>(1);
+  std::atomic<bool> done{false};
+  // Outside threads keep the lanes parking and being woken on both channels.
+  std::thread sender([&done, tx = in_tx]() mutable {
+    for (int i = 0; !done.load(std::memory_order_relaxed); ++i) (void)tx.try_send(i);
+  });
+  std::thread reader([&done, rx = out_rx]() mutable {
+    while (!done.load(std::memory_order_relaxed)) (void)rx.try_recv();
+  });
+  std::atomic<int> dropped{0};
+  for (int r = 0; r < rounds; ++r) {
+    auto run = pipeline{pool}.from(in_rx).stage([](int x) { return x; }).to(out_tx).run();
+    pool.post([h = std::move(run), &dropped]() mutable {
+      h = runnel::pipeline_handle{};  // drops the run on a worker: cancels only
+      dropped.fetch_add(1);
+    });
+    while (dropped.load() != r + 1) std::this_thread::yield();
+  }
+  done = true;
+  sender.join();
+  reader.join();
+  pool.wait_idle();  // the cancelled runs finish in pool tasks
+  CHECK(dropped.load() == rounds);
+}
+
+TEST_CASE("pipeline: wait_for / wait_until time out, finish, rethrow, and saturate huge values", "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  auto [tx, rx] = runnel::make_channel<int>(4);
+  std::atomic<int> seen{0};
+  auto run = pipeline{pool}.from(std::move(rx)).sink([&](int) { ++seen; }).run();
+  REQUIRE(tx.send(1).ok());
+  // The run cannot end before the channel closes: these must time out.
+  CHECK_FALSE(run.wait_for(std::chrono::milliseconds(1)));
+  CHECK_FALSE(run.wait_for(std::chrono::seconds(-1)));
+  CHECK_FALSE(run.wait_until(std::chrono::steady_clock::now()));
+  CHECK_FALSE(run.wait_until(std::chrono::system_clock::now() + std::chrono::milliseconds(1)));
+  CHECK_FALSE(run.done());
+  // On a worker of the pipeline's pool the timed forms throw as wait() does.
+  CHECK_THROWS_AS(pool.submit([&] { return run.wait_for(std::chrono::seconds(1)); }).get(), std::logic_error);
+  std::thread closer([&tx = tx] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    tx.reset();  // last sender: the channel closes, the run ends naturally
+  });
+  // A huge timeout must wait (an overflowing deadline returned false at once).
+  CHECK(run.wait_for(std::chrono::hours::max()));
+  closer.join();
+  CHECK(run.wait_until(std::chrono::steady_clock::time_point::max()));
+  CHECK(run.wait_for(std::chrono::seconds(0)));
+  CHECK(seen.load() == 1);
+  check_invariant(run.stats());
+
+  auto failing = pipeline{pool}
+                     .source(counter(10))
+                     .sink([](std::uint64_t x) {
+                       if (x == 3) throw std::runtime_error("three");
+                     })
+                     .run();
+  CHECK_THROWS_WITH(failing.wait_for(std::chrono::hours::max()), "three");
+  CHECK_THROWS_WITH(failing.wait_until(std::chrono::system_clock::time_point::max()), "three");
+
+  runnel::pipeline_handle empty;
+  CHECK_THROWS_AS(empty.wait_for(std::chrono::seconds(1)), std::logic_error);
 }

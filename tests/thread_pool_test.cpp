@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <functional>
 #include <optional>
 #include <tuple>
@@ -476,4 +478,167 @@ TEST_CASE("no lost wake-ups: tasks posted while workers fall asleep always run",
     if (i % 1000 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
   pool.wait_idle();
+}
+
+namespace {
+
+// Gives up (returns false) only after a very generous bound: a guard against
+// hanging the test run when a mutant strands work, not a timing check.
+template <class Pred>
+bool eventually(Pred pred) {
+  const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > limit) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("the last searcher hands the search over: a burst posted on a worker ramps up every worker",
+          "[pool]") {
+  // All workers asleep; an outside post wakes one, which runs a task that
+  // posts `children` tasks to its own deque and then waits for all of them to
+  // run at the same time. The post of the first child wakes one sleeper; the
+  // later ones see it searching and wake nobody. Only the hand-off (the last
+  // searcher leaving with work still queued wakes the next sleeper) brings up
+  // the remaining workers; without it the other children stay in the busy
+  // worker's deque.
+  constexpr std::size_t children = 3;
+  thread_pool pool{{.threads = children + 1, .pin = false, .spin_rounds = 1}};
+  const int rounds = runnel_test::under_sanitizer ? 5 : 30;
+  int stranded = 0;
+  for (int round = 0; round < rounds; ++round) {
+    pool.wait_idle();  // returns once every worker is parked
+    std::atomic<std::size_t> running{0};
+    std::atomic<bool> gave_up{false};
+    std::atomic<bool> parent_done{false};
+    pool.post([&] {
+      for (std::size_t i = 0; i < children; ++i) {
+        pool.post([&] {
+          running.fetch_add(1);
+          if (!eventually([&] { return running.load() >= children; })) gave_up = true;
+        });
+      }
+      if (!eventually([&] { return running.load() >= children; })) gave_up = true;
+      parent_done = true;
+    });
+    while (!parent_done.load()) std::this_thread::yield();
+    pool.wait_idle();
+    if (gave_up.load()) ++stranded;
+  }
+  CHECK(stranded == 0);
+}
+
+TEST_CASE("wait_idle_for / wait_idle_until: time-out, success, huge values saturate", "[pool]") {
+  thread_pool pool{{.threads = 2, .pin = false}};
+  gate g;
+  std::atomic<bool> started{false};
+  pool.post([&] {
+    started = true;
+    g.wait();
+  });
+  while (!started.load()) std::this_thread::yield();
+  // The task cannot finish until we release it: these must time out.
+  CHECK_FALSE(pool.wait_idle_for(std::chrono::milliseconds(1)));
+  CHECK_FALSE(pool.wait_idle_for(std::chrono::nanoseconds(0)));
+  CHECK_FALSE(pool.wait_idle_for(std::chrono::seconds(-5)));
+  CHECK_FALSE(pool.wait_idle_until(std::chrono::steady_clock::now()));
+  CHECK_FALSE(pool.wait_idle_until(std::chrono::system_clock::now() + std::chrono::milliseconds(1)));
+  CHECK_FALSE(pool.wait_idle_until(std::chrono::time_point<std::chrono::steady_clock, std::chrono::hours>::min()));
+  // Released a little later by another thread: the huge waits must wait
+  // (an overflowing deadline lay in the past and returned false at once).
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    g.release();
+  });
+  CHECK(pool.wait_idle_for(std::chrono::hours::max()));
+  releaser.join();
+  CHECK(pool.wait_idle_for(std::chrono::duration<double>(1e300)));
+  CHECK(pool.wait_idle_until(std::chrono::steady_clock::time_point::max()));
+  CHECK(pool.wait_idle_until(std::chrono::time_point<std::chrono::steady_clock, std::chrono::hours>::max()));
+  CHECK(pool.wait_idle_until(std::chrono::system_clock::time_point::max()));
+  CHECK(pool.wait_idle_for(std::chrono::seconds(0)));  // idle now: true without waiting
+  // On a worker it would wait for itself.
+  CHECK_THROWS_AS(pool.submit([&] { return pool.wait_idle_for(std::chrono::seconds(1)); }).get(), std::logic_error);
+  CHECK_THROWS_AS(pool.submit([&] { return pool.wait_idle_until(std::chrono::steady_clock::now()); }).get(),
+                  std::logic_error);
+}
+
+TEST_CASE("huge timeouts saturate in the deadline helpers", "[pool]") {
+  using namespace std::chrono;
+  const auto max = steady_clock::time_point::max();
+  CHECK(runnel::detail::deadline_after(hours::max()) == max);
+  CHECK(runnel::detail::deadline_after(duration<double>(1e300)) == max);
+  CHECK(runnel::detail::to_steady_deadline(time_point<steady_clock, hours>::max()) == max);
+  const auto before = steady_clock::now();
+  // Far but representable: no overflow on the way (picoseconds::max() is
+  // about 106 days; system_clock's max is about 236 years from now).
+  const auto pico = runnel::detail::deadline_after(duration<long long, std::pico>::max());
+  CHECK(pico > before + hours(24 * 100));
+  CHECK(pico < max);
+  const auto sys = runnel::detail::to_steady_deadline(system_clock::time_point::max());
+  CHECK(sys > before + hours(24 * 365 * 200));
+  const auto d = runnel::detail::deadline_after(seconds(10));
+  CHECK(d >= before + seconds(10));
+  CHECK(d < max);
+  const auto past1 = runnel::detail::deadline_after(hours(-1));
+  const auto past2 = runnel::detail::to_steady_deadline(time_point<steady_clock, hours>::min());
+  const auto after = steady_clock::now();
+  CHECK(past1 <= after);
+  CHECK(past2 <= after);
+}
+
+TEST_CASE("pinning by default only when the pool spans every allowed CPU", "[pool][affinity]") {
+  const std::vector<int> allowed = runnel::detail::affinity_cpus();
+  REQUIRE_FALSE(allowed.empty());
+  {
+    thread_pool full{{.threads = allowed.size()}};
+    CHECK(full.cpus().size() == allowed.size());
+  }
+  if (allowed.size() > 1) {
+    thread_pool small{{.threads = allowed.size() - 1}};
+    CHECK(small.cpus().empty());  // would sit on the first CPUs, as would any other small pool
+  }
+  thread_pool forced{{.threads = 1, .pin = true}};
+  CHECK(forced.cpus() == std::vector<int>{allowed[0]});
+  thread_pool off{{.threads = allowed.size(), .pin = false}};
+  CHECK(off.cpus().empty());
+}
+
+TEST_CASE("blocking_would_stall_pool is true only on the sole worker of a pool", "[pool]") {
+  CHECK_FALSE(runnel::detail::blocking_would_stall_pool());
+  thread_pool one{{.threads = 1, .pin = false}};
+  thread_pool two{{.threads = 2, .pin = false}};
+  CHECK(one.submit([] { return runnel::detail::blocking_would_stall_pool(); }).get());
+  CHECK_FALSE(two.submit([] { return runnel::detail::blocking_would_stall_pool(); }).get());
+}
+
+TEST_CASE("destroying a pool on its own worker aborts with a diagnostic", "[pool]") {
+  // In a child process (the parent's threads are not copied by fork; the
+  // child builds its own pool). The child's stderr comes back through a pipe.
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    std::signal(SIGABRT, SIG_DFL);  // not the test framework's handler
+    ::dup2(fds[1], 2);
+    ::close(fds[0]);
+    auto* pool = new thread_pool{{.threads = 1, .pin = false}};
+    pool->post([pool] { delete pool; });
+    std::this_thread::sleep_for(std::chrono::seconds(30));
+    std::_Exit(0);  // not reached: the delete aborts
+  }
+  ::close(fds[1]);
+  std::string err;
+  char buf[256];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) err.append(buf, static_cast<std::size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  INFO("child stderr: " << err);
+  CHECK(WIFSIGNALED(status));
+  CHECK(err.find("destroyed by one of its own workers") != std::string::npos);
 }

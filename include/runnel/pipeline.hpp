@@ -64,11 +64,14 @@
 //
 // Threads. run(), cancel() and stats() may be called from anywhere. wait()
 // blocks, so it is for threads outside the pool (on a worker of the
-// pipeline's pool it throws std::logic_error). Destroying an unfinished
-// handle cancels the run and waits for it (on a pool worker it only cancels).
+// pipeline's pool it throws std::logic_error); wait_for(timeout) and
+// wait_until(deadline) are its timed forms. Destroying an unfinished
+// handle cancels the run and waits for it (on a pool worker it only cancels;
+// the run then finishes on its own, keeping its state alive until then).
 // The pool must outlive the run.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <exception>
 #include <memory>
@@ -78,6 +81,7 @@
 #include <utility>
 
 #include "channel.hpp"
+#include "detail/deadline.hpp"
 #include "detail/pipeline_nodes.hpp"
 #include "pipeline_types.hpp"
 #include "thread_pool.hpp"
@@ -102,11 +106,28 @@ class pipeline_handle {
   // Waits until every node has finished; rethrows the exception that ended
   // the run, if any. Not on a worker of the pipeline's pool.
   void wait() {
-    if (!st_) throw std::logic_error("runnel: wait() on an empty pipeline_handle");
-    if (st_->pool.is_worker())
-      throw std::logic_error("runnel: pipeline_handle::wait() on a worker of the pipeline's pool "
-                             "would block a worker the pipeline needs");
+    check_waitable();
     if (std::exception_ptr e = st_->wait()) std::rethrow_exception(e);
+  }
+
+  // As wait(), giving up after `timeout`: true when the run has finished
+  // (rethrowing its exception, as wait() does), false on time-out. Any
+  // length works: a huge timeout (hours::max()) waits for ever instead of
+  // overflowing. Not on a worker of the pipeline's pool.
+  template <class Rep, class Period>
+  bool wait_for(std::chrono::duration<Rep, Period> timeout) {
+    return wait_until(detail::deadline_after(timeout));
+  }
+
+  // As wait_for(), with a deadline of any clock (steady_clock is exact;
+  // another clock's deadline is converted once into a timeout).
+  template <class Clock, class Duration>
+  bool wait_until(std::chrono::time_point<Clock, Duration> deadline) {
+    check_waitable();
+    std::exception_ptr e;
+    if (!st_->wait_until(detail::to_steady_deadline(deadline), e)) return false;
+    if (e) std::rethrow_exception(e);
+    return true;
   }
 
   // Stops the run promptly; messages still held are discarded (counted).
@@ -120,6 +141,13 @@ class pipeline_handle {
   pipeline_stats stats() const { return st_ ? st_->stats() : pipeline_stats{}; }
 
  private:
+  void check_waitable() const {
+    if (!st_) throw std::logic_error("runnel: wait() on an empty pipeline_handle");
+    if (st_->pool.is_worker())
+      throw std::logic_error("runnel: pipeline_handle::wait() on a worker of the pipeline's pool "
+                             "would block a worker the pipeline needs");
+  }
+
   void stop() noexcept {
     if (!st_) return;
     if (!st_->finished()) {

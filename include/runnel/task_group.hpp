@@ -18,6 +18,12 @@
 // pops its own deque, so stealing cannot grow the stack without bound.
 // wait() on a thread outside the pool blocks (spin, then futex).
 //
+// When wait() returns, every task run() before it has finished, and its
+// callable (with everything it captured) has been destroyed: all of that
+// happens-before the return. run() and wait() may be called concurrently from
+// any threads; a task counted while wait() is returning is simply left for
+// the next wait().
+//
 // The first exception thrown by one of the group's tasks is rethrown by
 // wait(); later ones are dropped. After wait() the group may be reused. The
 // destructor waits but never throws.
@@ -26,6 +32,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -63,10 +70,21 @@ class task_group {
     const std::uint32_t before = state_.fetch_add(1, std::memory_order_relaxed);
     detail::task_node* t;
     try {
-      t = detail::make_task([this, fn = std::decay_t<F>(std::forward<F>(f))]() mutable noexcept {
+      // The user's callable lives in an optional so that it (and everything
+      // it captured) is destroyed before finish_one(): once the count drops,
+      // wait() may return and the captures' referents may be gone. A task
+      // that is discarded unrun (below) never counts down; the optional's
+      // destructor then destroys the callable.
+      t = detail::make_task([this, fn = std::optional<std::decay_t<F>>(std::in_place, std::forward<F>(f))]() mutable noexcept {
         try {
-          fn();
+          (*fn)();
         } catch (...) {
+          record(std::current_exception());
+        }
+        try {
+          fn.reset();
+        } catch (...) {
+          // A throwing destructor: reported like a throwing task.
           record(std::current_exception());
         }
         finish_one();
@@ -75,7 +93,12 @@ class task_group {
       finish_one();
       throw;
     }
-    pool_.schedule(t);
+    try {
+      pool_.schedule(t);  // on failure, t is discarded without running
+    } catch (...) {
+      finish_one();
+      throw;
+    }
     // A waiter asleep on this group would otherwise only wake when the count
     // drops to 0; it may be the only thread able to run t (a one-worker pool
     // waiting on a group that an outside thread keeps adding to).
@@ -89,17 +112,26 @@ class task_group {
     } else {
       block_until_done(64);
     }
-    // Acquire: the tasks' writes (and error_) happen-before our return; the
+    // Clear the sleeper bit so that later tasks need not wake anybody, but
+    // only while the count is still 0: a run() from another thread may have
+    // counted a new task since our last look, and that count must survive
+    // (storing 0 here lost it, and the task's finish then underflowed the
+    // count). Acquire (also on failure, which re-reads): the tasks' writes,
+    // error_ and their callables' destruction happen-before our return; the
     // release sequence of the decrements leads here.
-    (void)state_.load(std::memory_order_acquire);
-    // Clear the sleeper bit so the group can be reused. Relaxed: nobody else
-    // touches state_ once the count is 0.
-    state_.store(0, std::memory_order_relaxed);
-    // Relaxed: failed_ and error_ were published by the decrements read above.
-    if (failed_.load(std::memory_order_relaxed)) {
+    std::uint32_t s = state_.load(std::memory_order_acquire);
+    while (s == sleeper_bit &&
+           !state_.compare_exchange_weak(s, 0, std::memory_order_acquire, std::memory_order_acquire)) {
+    }
+    // Acquire: pairs with record()'s release store of error_ready, so error_
+    // is complete. A record() still at error_writing belongs to a task that
+    // was counted after our last look (a concurrent run()); it is left for
+    // the next wait().
+    if (error_state_.load(std::memory_order_acquire) == error_ready) {
       std::exception_ptr e = std::exchange(error_, nullptr);
-      // Relaxed: the group is quiescent; the next run() happens-after this.
-      failed_.store(false, std::memory_order_relaxed);
+      // Release: the next record() that claims the slot (acquire) sees our
+      // read of error_ done before it writes.
+      error_state_.store(error_none, std::memory_order_release);
       std::rethrow_exception(std::move(e));
     }
   }
@@ -119,9 +151,15 @@ class task_group {
   }
 
   void record(std::exception_ptr e) noexcept {
-    // acq_rel: exactly one task wins the right to write error_; the write
-    // is published by that task's release decrement in finish_one().
-    if (!failed_.exchange(true, std::memory_order_acq_rel)) error_ = std::move(e);
+    std::uint8_t expected = error_none;
+    // Acquire: after the previous wait() released the slot (its read of
+    // error_ is done); relaxed on failure: someone else's error wins.
+    if (!error_state_.compare_exchange_strong(expected, error_writing, std::memory_order_acquire,
+                                              std::memory_order_relaxed))
+      return;
+    error_ = std::move(e);
+    // Release: wait() reads error_ only after seeing error_ready.
+    error_state_.store(error_ready, std::memory_order_release);
   }
 
   void finish_one() noexcept {
@@ -199,8 +237,12 @@ class task_group {
 
   thread_pool& pool_;
   std::atomic<std::uint32_t> state_{0};
-  std::atomic<bool> failed_{false};
-  std::exception_ptr error_;  // written by the record() winner, read by wait()
+  // error_state_: whether error_ holds the first exception since the last
+  // wait() (none -> writing by the one record() that claims it -> ready ->
+  // none again when wait() takes it).
+  static constexpr std::uint8_t error_none = 0, error_writing = 1, error_ready = 2;
+  std::atomic<std::uint8_t> error_state_{error_none};
+  std::exception_ptr error_;  // written by the claiming record(), taken by wait()
 };
 
 }  // namespace runnel

@@ -1,5 +1,5 @@
-// runnel::thread_pool: one worker per allowed CPU, pinned; a work-stealing
-// deque per worker; a shared lock-free injection ring (with an unbounded
+// runnel::thread_pool: one worker per allowed CPU (pinned when the pool spans
+// every allowed CPU); a work-stealing deque per worker; a shared lock-free injection ring (with an unbounded
 // overflow list) for work from outside; idle workers spin briefly, then sleep
 // on an event count.
 //
@@ -30,20 +30,38 @@
 // worker keeps running. submit() delivers exceptions through its future and
 // task_group::wait() rethrows them.
 //
+// Pinning. By default a pool pins worker i to the i-th allowed CPU only when
+// it has at least as many workers as the process has allowed CPUs (the
+// default size). A smaller pool is left to the OS scheduler: pinning it would
+// put it on the first few CPUs, where a second pool (or another library's)
+// would be pinned as well, while the other CPUs stay idle. .pin = true / false
+// forces either way.
+//
+// Blocking on a worker. wait_idle() and task_group-free waits would need the
+// very worker that blocks: wait_idle() throws std::logic_error on a worker of
+// its pool, as does pipeline_handle::wait(). submit() returns a std::future
+// (for interoperation with std code), whose get() cannot be checked: on a
+// worker, wait for pool work with a task_group instead (its wait() runs the
+// pool's work meanwhile). detail::blocking_would_stall_pool() tells blocking
+// calls elsewhere (channels) that the caller is the only worker of its pool.
+//
 // Destruction runs every task already posted (including tasks those tasks
-// post), then joins the workers. It must not run on one of the pool's own
-// workers.
+// post), then joins the workers. On one of the pool's own workers it cannot
+// join itself: it prints a diagnostic and aborts.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -55,6 +73,7 @@
 #include "detail/backoff.hpp"
 #include "detail/cache_line.hpp"
 #include "detail/cpu_set.hpp"
+#include "detail/deadline.hpp"
 #include "detail/event_count.hpp"
 #include "detail/mpmc_ring.hpp"
 #include "detail/task.hpp"
@@ -67,8 +86,9 @@ struct pool_options {
   // CPU quota.
   std::size_t threads = 0;
   // Pin worker i to the i-th allowed CPU (round-robin when there are more
-  // workers than CPUs).
-  bool pin = true;
+  // workers than CPUs). Unset (default): pin only when the pool has at least
+  // as many workers as there are allowed CPUs, see "Pinning" above.
+  std::optional<bool> pin{};
   // Rounds of searching (steal attempts over all workers and the shared FIFO)
   // before an idle worker sleeps; bounds idle CPU burn.
   std::uint32_t spin_rounds = 64;
@@ -123,6 +143,12 @@ inline pool_worker*& current_worker() noexcept {
   return w;
 }
 
+// True when the calling thread is the only worker of its pool: blocking it
+// stops every task of that pool, so a partner that is itself a pool task can
+// never run. Blocking calls (channel send/recv) check this to throw instead
+// of hanging. One thread-local read on threads outside any pool.
+bool blocking_would_stall_pool() noexcept;
+
 inline void print_task_error(std::exception_ptr e) noexcept {
   try {
     std::rethrow_exception(std::move(e));
@@ -142,7 +168,7 @@ class thread_pool {
     const std::vector<int> allowed = detail::affinity_cpus();
     std::size_t n = opts_.threads;
     if (n == 0) n = detail::default_worker_count(allowed.size(), detail::cgroup::process_cpu_limit());
-    if (opts_.pin) {
+    if (opts_.pin.value_or(n >= allowed.size())) {
       cpus_.reserve(n);
       for (std::size_t i = 0; i < n; ++i) cpus_.push_back(allowed[i % allowed.size()]);
     }
@@ -162,8 +188,18 @@ class thread_pool {
   thread_pool(const thread_pool&) = delete;
   thread_pool& operator=(const thread_pool&) = delete;
 
-  // Runs everything already posted, then joins the workers.
-  ~thread_pool() { shutdown(); }
+  // Runs everything already posted, then joins the workers. On one of its own
+  // workers: a diagnostic on stderr, then std::abort() (a thread cannot join
+  // itself; std::thread would throw from the join and terminate anyway).
+  ~thread_pool() {
+    if (is_worker()) {
+      std::fputs("runnel::thread_pool: destroyed by one of its own workers (a pool task destroyed "
+                 "the pool); destroy it from a thread outside the pool\n",
+                 stderr);
+      std::abort();
+    }
+    shutdown();
+  }
 
   // Fire and forget. On a worker of this pool: the worker's deque; elsewhere:
   // the shared FIFO. Throws only what allocating or moving f throws.
@@ -213,6 +249,30 @@ class thread_pool {
         return;
       }
       idle_ec_.wait(key);
+    }
+  }
+
+  // As wait_idle(), giving up after `timeout` (any length: a huge one, such
+  // as hours::max(), waits for ever rather than overflowing). Returns whether
+  // the pool became idle.
+  template <class Rep, class Period>
+  bool wait_idle_for(std::chrono::duration<Rep, Period> timeout) {
+    return wait_idle_until(detail::deadline_after(timeout));
+  }
+
+  // As wait_idle(), giving up at `deadline` (steady_clock, or any clock: other
+  // clocks are converted once, saturating). Returns whether the pool became idle.
+  template <class Clock, class Duration>
+  bool wait_idle_until(std::chrono::time_point<Clock, Duration> deadline) {
+    if (is_worker()) throw std::logic_error("runnel::thread_pool::wait_idle_until called on one of its workers");
+    const std::chrono::steady_clock::time_point until = detail::to_steady_deadline(deadline);
+    for (;;) {
+      const auto key = idle_ec_.prepare_wait();
+      if (quiescent()) {
+        idle_ec_.cancel_wait();
+        return true;
+      }
+      if (!idle_ec_.wait_until(key, until)) return quiescent();
     }
   }
 
@@ -472,7 +532,7 @@ class thread_pool {
 
   void worker_main(detail::pool_worker& self) {
     detail::current_worker() = &self;
-    if (opts_.pin) detail::pin_current_thread(cpus_[self.index]);
+    if (!cpus_.empty()) detail::pin_current_thread(cpus_[self.index]);
     detail::name_current_thread(opts_.name_prefix + "-" + std::to_string(self.index));
     for (;;) {
       detail::task_node* t = next_task(self);
@@ -515,12 +575,23 @@ class thread_pool {
   }
 
   // Found work: no longer a searcher.
+  //
+  // The last searcher to leave hands the search over to a sleeper when more
+  // work is queued, so parallelism ramps up. It is the heavy side of the same
+  // handshake as park(): a worker that pushed to its deque, ran the light
+  // fence and then read idle_state_ before our decrement skipped its wake-up
+  // because of us, and its push may still sit in its store buffer (the light
+  // fence is only a compiler barrier with membarrier), so a plain re-check
+  // here can miss it: the task is then stranded in a busy worker's deque
+  // while others sleep. After the heavy fence the re-check sees every such
+  // push. With no worker parked nobody needs waking (a worker parking later
+  // re-checks itself), so the fence is paid only when someone sleeps.
   void stop_searching(detail::pool_worker& self) noexcept {
     self.searching = false;
     const std::uint64_t before = idle_state_.fetch_sub(one_searching, std::memory_order_seq_cst);
-    // The last searcher leaves: if more work is visible, hand the search
-    // over to a sleeper so parallelism ramps up.
-    if (searching_of(before) == 1 && any_queued()) notify_one_if_needed();
+    if (searching_of(before) != 1 || unparked_of(before) >= workers_.size()) return;
+    detail::heavy_fence();
+    if (any_queued()) notify_one_if_needed();
   }
 
   // Sleeps until woken. Returns false when the pool is shutting down and no
@@ -620,5 +691,12 @@ class thread_pool {
   alignas(detail::false_sharing_range) std::atomic<std::uint64_t> errors_{0};
   std::mutex error_mutex_;
 };
+
+namespace detail {
+inline bool blocking_would_stall_pool() noexcept {
+  const pool_worker* w = current_worker();
+  return w != nullptr && w->pool->size() == 1;
+}
+}  // namespace detail
 
 }  // namespace runnel

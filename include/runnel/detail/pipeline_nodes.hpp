@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -159,14 +160,30 @@ class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
 
   void node_done() noexcept {
     if (live_.fetch_sub(1) != 1) return;
-    std::lock_guard lock(m_);
-    finished_ = true;
-    cv_.notify_all();
+    std::shared_ptr<pipeline_state> self;
+    {
+      std::lock_guard lock(m_);
+      finished_ = true;
+      self = std::move(self_);
+      cv_.notify_all();
+    }
+    // `self` goes out of scope here, after the lock is released; the caller
+    // (a lane's task) holds its own reference, so this is never the last.
   }
 
   void start() {
     live_.store(nodes.size());
-    for (auto& n : nodes) n->start();
+    // The run owns itself until its last node is done: a lane parked on a
+    // user's channel can be unlinked by a thread outside the pool, which then
+    // calls its wake-up; the handle may be dropped in between (on a worker,
+    // dropping only cancels), so no handle may be what keeps the lanes alive.
+    self_ = shared_from_this();
+    try {
+      for (auto& n : nodes) n->start();
+    } catch (...) {
+      self_.reset();
+      throw;
+    }
   }
 
   bool finished() const {
@@ -179,6 +196,14 @@ class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
     std::unique_lock lock(m_);
     cv_.wait(lock, [this] { return finished_; });
     return first_error_;
+  }
+
+  // As wait(), giving up at `deadline`: false on time-out (e untouched).
+  bool wait_until(std::chrono::steady_clock::time_point deadline, std::exception_ptr& e) {
+    std::unique_lock lock(m_);
+    if (!cv_.wait_until(lock, deadline, [this] { return finished_; })) return false;
+    e = first_error_;
+    return true;
   }
 
   pipeline_stats stats() const {
@@ -218,6 +243,7 @@ class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
   std::mutex handler_m_;
   std::condition_variable cv_;
   bool finished_ = false;               // guarded by m_
+  std::shared_ptr<pipeline_state> self_;  // from start() until finished; guarded by m_ after start()
   std::exception_ptr first_error_;      // guarded by m_
 };
 
