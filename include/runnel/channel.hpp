@@ -36,7 +36,7 @@
 // std::logic_error.
 #pragma once
 
-#include <chrono>
+#include "detail/chrono.hpp"  // not <chrono>: see there
 #include <cstddef>
 #include <iterator>
 #include <memory>

@@ -1,3 +1,4 @@
+cmake_policy(SET CMP0007 NEW)
 # cmake -P expect_diagnostics.cmake, with
 #   -DCOMPILER=<c++ compiler> -DINCLUDE=<runnel's include dir>
 #   -DSOURCE=<file> -DDEFINE="<macro> <macro> ..."

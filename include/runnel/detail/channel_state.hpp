@@ -22,7 +22,7 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
+#include "chrono.hpp"  // not <chrono>: see there
 #include <cstddef>
 #include <cstdint>
 #include <optional>
