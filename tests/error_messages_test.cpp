@@ -104,7 +104,7 @@ TEST_CASE("empty channel handles given to the pipeline name the call") {
   CHECK_THAT(message_of<std::invalid_argument>(
                  [&] { (void)runnel::consume(pool, runnel::receiver<int>{}, [](int) {}); }),
              Contains("runnel::consume"));
-  auto [tx, rx] = runnel::make_channel<int>(4);
+  runnel::receiver<int> rx = runnel::make_channel<int>(4).second;
   CHECK_THAT(message_of<std::invalid_argument>([&] { (void)runnel::consume(pool, rx, [](int) {}, 0); }),
              Contains("runnel::consume") && Contains("stage_options::workers"));
 }
