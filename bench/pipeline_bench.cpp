@@ -199,11 +199,12 @@ void BM_pingpong_runnel(benchmark::State& state) {
   auto [to_tx, to_rx] = runnel::make_channel<std::uint64_t>(1);
   auto [back_tx, back_rx] = runnel::make_channel<std::uint64_t>(1);
   std::thread echo([rx = std::move(to_rx), tx = std::move(back_tx)]() mutable {
-    while (auto v = rx.recv()) tx.send(*v + 1);
+    while (auto v = rx.recv())
+      if (!tx.send(*v + 1)) break;
   });
   std::uint64_t v = 0;
   for (auto _ : state) {
-    to_tx.send(v);
+    (void)to_tx.send(v);  // never closed while the loop runs
     v = *back_rx.recv();
   }
   to_tx.close();

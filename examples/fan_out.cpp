@@ -30,7 +30,8 @@ int main() {
   std::vector<std::thread> producers;
   for (std::uint64_t p = 0; p < 3; ++p) {
     producers.emplace_back([tx = jobs, p]() mutable {
-      for (std::uint64_t i = 0; i < 10000; ++i) tx.send(p * 10000 + i);
+      for (std::uint64_t i = 0; i < 10000; ++i)
+        if (!tx.send(p * 10000 + i)) return;  // fails only once the channel is closed
     });
   }
   jobs.reset();  // only the producers' copies remain: the last one closes

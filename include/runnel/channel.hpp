@@ -51,12 +51,13 @@
 // std::logic_error.
 #pragma once
 
-#include <chrono>
+#include "detail/chrono.hpp"  // not <chrono>: see there
 #include <cstddef>
 #include <iterator>
 #include <memory>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -166,10 +167,14 @@ class channel_handle {
 
  protected:
   channel_state<T>& state() const {
-    if (!s_) throw std::logic_error("runnel: use of an empty (moved-from) channel handle");
+    if (!s_) throw std::logic_error(empty_message);
     return *s_;
   }
   std::shared_ptr<channel_state<T>> s_;
+  static constexpr const char* empty_message =
+      Count == &channel_state<T>::senders
+          ? "runnel::sender: used while empty (default-constructed or moved-from)"
+          : "runnel::receiver: used while empty (default-constructed or moved-from)";
 
   friend struct runnel::pipeline_access<T>;
 };
@@ -186,21 +191,21 @@ class sender : public detail::channel_handle<T, &detail::channel_state<T>::sende
 
   // Waits while the channel is full. Fails only when the channel is closed,
   // handing the value back.
-  send_result<T> send(T value) {
+  [[nodiscard("a failed send hands the value back in the result")]] send_result<T> send(T value) {
     auto& s = this->state();
     return result(s.send(value), value);
   }
 
   // Never waits for room: ok, full (every cell holds a value no receiver
   // has started to take) or closed; the value comes back unless ok.
-  send_result<T> try_send(T value) {
+  [[nodiscard("a full or closed channel hands the value back in the result")]] send_result<T> try_send(T value) {
     auto& s = this->state();
     return result(s.try_send(value), value);
   }
 
   // As send(), giving up after `timeout` (status timeout, value handed back).
   template <class Rep, class Period>
-  send_result<T> send_for(T value, std::chrono::duration<Rep, Period> timeout) {
+  [[nodiscard("a failed send hands the value back in the result")]] send_result<T> send_for(T value, std::chrono::duration<Rep, Period> timeout) {
     auto& s = this->state();
     return result(s.send_until(value, detail::deadline_after(timeout)), value);
   }
@@ -221,7 +226,7 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
   using base::base;
 
   // Waits for a value; nullopt only when the channel is closed and drained.
-  std::optional<T> recv() {
+  [[nodiscard("discarding the result destroys the received value")]] std::optional<T> recv() {
     std::optional<T> out;
     this->state().recv(out);
     return out;
@@ -229,7 +234,7 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
 
   // Never waits for a value: ok (value engaged), empty (no completed send
   // left unreceived), or closed (closed, nothing more will ever arrive).
-  recv_result<T> try_recv() {
+  [[nodiscard("discarding the result destroys the received value")]] recv_result<T> try_recv() {
     std::optional<T> out;
     const channel_status st = this->state().try_recv(out);
     return {st, std::move(out)};
@@ -237,7 +242,7 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
 
   // As recv(), giving up after `timeout` (status timeout).
   template <class Rep, class Period>
-  recv_result<T> recv_for(std::chrono::duration<Rep, Period> timeout) {
+  [[nodiscard("discarding the result destroys the received value")]] recv_result<T> recv_for(std::chrono::duration<Rep, Period> timeout) {
     std::optional<T> out;
     const channel_status st = this->state().recv_until(out, detail::deadline_after(timeout));
     return {st, std::move(out)};
@@ -296,8 +301,16 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
 
 // Creates a channel holding at least `capacity` values.
 template <class T>
-auto make_channel(std::size_t capacity) {
-  auto s = std::make_shared<detail::channel_state<T>>(capacity);
+[[nodiscard("the channel closes as soon as its last sender or receiver is destroyed")]] auto make_channel(std::size_t capacity) {
+  // The ring's checks would name the ring; name the call the user made.
+  if (capacity == 0) throw std::invalid_argument("runnel::make_channel: capacity must be at least 1");
+  std::shared_ptr<detail::channel_state<T>> s;
+  try {
+    s = std::make_shared<detail::channel_state<T>>(capacity);
+  } catch (const std::length_error&) {
+    throw std::length_error("runnel::make_channel: capacity " + std::to_string(capacity) +
+                            " is too large (storage size overflows)");
+  }
   return std::pair<sender<T>, receiver<T>>(sender<T>(s), receiver<T>(s));
 }
 

@@ -63,7 +63,7 @@ class mpmc_queue {
 
   // Moves v in and returns true, or returns false (queue full) and leaves v
   // untouched.
-  bool try_push(T&& v) noexcept {
+  [[nodiscard("on false the value was not pushed and is still yours")]] bool try_push(T&& v) noexcept {
     if (!ring_.try_push(std::move(v))) return false;
     not_empty_.notify_one();
     return true;
@@ -71,7 +71,7 @@ class mpmc_queue {
 
   // Copies v in; the copy is made before the slot is claimed, so a throwing
   // copy constructor leaves the queue unchanged.
-  bool try_push(const T& v) requires std::is_copy_constructible_v<T> {
+  [[nodiscard("on false the value was not pushed")]] bool try_push(const T& v) requires std::is_copy_constructible_v<T> {
     T copy(v);
     return try_push(std::move(copy));
   }
@@ -79,19 +79,19 @@ class mpmc_queue {
   // Constructs in place. Requires a noexcept constructor for Args: the slot
   // is claimed before construction and could not be given back.
   template <class... Args>
-  bool try_emplace(Args&&... args) noexcept {
+  [[nodiscard("on false nothing was constructed")]] bool try_emplace(Args&&... args) noexcept {
     if (!ring_.try_emplace(std::forward<Args>(args)...)) return false;
     not_empty_.notify_one();
     return true;
   }
 
-  bool try_pop(T& out) noexcept {
+  [[nodiscard("on false nothing was popped and out is unchanged")]] bool try_pop(T& out) noexcept {
     if (!ring_.try_pop(out)) return false;
     not_full_.notify_one();
     return true;
   }
 
-  std::optional<T> try_pop() noexcept {
+  [[nodiscard("discarding the result destroys the popped value")]] std::optional<T> try_pop() noexcept {
     std::optional<T> out;
     if (ring_.try_consume([&out](T&& v) noexcept { out.emplace(std::move(v)); })) not_full_.notify_one();
     return out;
@@ -116,7 +116,7 @@ class mpmc_queue {
   // Moves up to n values from the range starting at first, with one claim of
   // the tail; returns how many were moved (always a prefix of the range).
   template <class InputIt>
-  std::size_t try_push_n(InputIt first, std::size_t n) noexcept {
+  [[nodiscard("only that many values were moved in; the rest are still yours")]] std::size_t try_push_n(InputIt first, std::size_t n) noexcept {
     const std::size_t k = ring_.try_push_n(first, n);
     if (k != 0) k == 1 ? not_empty_.notify_one() : not_empty_.notify_all();
     return k;
@@ -125,7 +125,7 @@ class mpmc_queue {
   // Pops up to n values into *out, *(out+1), ... (any output iterator whose
   // assignment is noexcept); returns how many.
   template <class OutputIt>
-  std::size_t try_pop_n(OutputIt out, std::size_t n) noexcept {
+  [[nodiscard("only that many outputs were written")]] std::size_t try_pop_n(OutputIt out, std::size_t n) noexcept {
     static_assert(noexcept(*out = std::declval<T&&>()),
                   "runnel: try_pop_n needs a noexcept assignment through the output iterator; a "
                   "throwing one would lose values that were already claimed");
@@ -160,7 +160,7 @@ class mpmc_queue {
     not_empty_.notify_one();
   }
 
-  T pop() noexcept {
+  [[nodiscard("discarding the result destroys the popped value")]] T pop() noexcept {
     // Claim a cell first (waiting if empty), then move the value straight
     // into the return object: no intermediate optional on the hot path.
     std::size_t pos;

@@ -77,6 +77,7 @@
 #include <memory>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -106,7 +107,7 @@ class pipeline_handle {
   // Waits until every node has finished; rethrows the exception that ended
   // the run, if any. Not on a worker of the pipeline's pool.
   void wait() {
-    check_waitable();
+    check_waitable("wait");
     if (std::exception_ptr e = st_->wait()) std::rethrow_exception(e);
   }
 
@@ -123,7 +124,7 @@ class pipeline_handle {
   // another clock's deadline is converted once into a timeout).
   template <class Clock, class Duration>
   bool wait_until(std::chrono::time_point<Clock, Duration> deadline) {
-    check_waitable();
+    check_waitable("wait_for/wait_until");
     std::exception_ptr e;
     if (!st_->wait_until(detail::to_steady_deadline(deadline), e)) return false;
     if (e) std::rethrow_exception(e);
@@ -141,11 +142,14 @@ class pipeline_handle {
   pipeline_stats stats() const { return st_ ? st_->stats() : pipeline_stats{}; }
 
  private:
-  void check_waitable() const {
-    if (!st_) throw std::logic_error("runnel: wait() on an empty pipeline_handle");
+  // `what` names the call the user made (wait, wait_for, wait_until).
+  void check_waitable(const char* what) const {
+    if (!st_)
+      throw std::logic_error(std::string("runnel::pipeline_handle::") + what +
+                             ": the handle is empty (default-constructed or moved-from)");
     if (st_->pool.is_worker())
-      throw std::logic_error("runnel: pipeline_handle::wait() on a worker of the pipeline's pool "
-                             "would block a worker the pipeline needs");
+      throw std::logic_error(std::string("runnel::pipeline_handle::") + what +
+                             ": called on a worker of the pipeline's pool would block a worker the pipeline needs");
   }
 
   void stop() noexcept {
@@ -161,90 +165,179 @@ class pipeline_handle {
 };
 
 // A complete pipeline, ready to run.
-class pipeline_plan {
+class [[nodiscard("a pipeline does nothing until run() is called on it")]] pipeline_plan {
  public:
   explicit pipeline_plan(std::shared_ptr<detail::pipeline_state> s) noexcept : st_(std::move(s)) {}
 
   pipeline_plan& on_error(error_handler h) {
-    state().on_error = std::move(h);
+    state("runnel::pipeline_plan::on_error").on_error = std::move(h);
     return *this;
   }
 
   // Starts every node; the plan is consumed.
-  pipeline_handle run() {
+  [[nodiscard("destroying the handle cancels the run and discards its messages; keep it and call wait()")]] pipeline_handle run() {
     auto s = std::move(st_);
-    if (!s) throw std::logic_error("runnel: pipeline already run");
+    if (!s) throw std::logic_error("runnel::pipeline_plan::run: this pipeline was already run");
     s->start();
     return pipeline_handle(std::move(s));
   }
 
  private:
-  detail::pipeline_state& state() const {
-    if (!st_) throw std::logic_error("runnel: pipeline already run");
+  detail::pipeline_state& state(const char* who) const {
+    if (!st_) throw std::logic_error(std::string(who) + ": this pipeline was already run");
     return *st_;
   }
   std::shared_ptr<detail::pipeline_state> st_;
 };
 
 namespace detail {
-inline void check_options(const stage_options& o, bool source) {
-  if (o.workers == 0) throw std::invalid_argument("runnel: stage_options::workers must be at least 1");
+
+// ---- compile-time checks of the builder ---------------------------------
+// A static_assert message cannot name types in C++20, but both g++ and
+// clang print the asserted expression with its types filled in. So a
+// mismatch asserts on a name that reads as the diagnosis, e.g.
+//   upstream_sends<std::string>::stage_takes<Parsed>::fits  (false)
+// and the builder stops there, before the call's result type is needed
+// (which would add a screen of invoke_result errors).
+
+// What a callable takes, to name it in a diagnostic: the parameter of a
+// function (pointer) or of a lone non-template operator(); for anything
+// else (generic lambda, overloads) the callable's own type.
+template <class Sig> struct param_of_call { using type = void; };
+template <class R, class A> struct param_of_call<R (*)(A)> { using type = A; };
+template <class R, class A> struct param_of_call<R (*)(A) noexcept> { using type = A; };
+template <class R, class C, class A> struct param_of_call<R (C::*)(A)> { using type = A; };
+template <class R, class C, class A> struct param_of_call<R (C::*)(A) const> { using type = A; };
+template <class R, class C, class A> struct param_of_call<R (C::*)(A) noexcept> { using type = A; };
+template <class R, class C, class A> struct param_of_call<R (C::*)(A) const noexcept> { using type = A; };
+
+template <class F> struct param_of { using type = F; };
+template <class F>
+  requires requires { &F::operator(); } && (!std::is_void_v<typename param_of_call<decltype(&F::operator())>::type>)
+struct param_of<F> { using type = typename param_of_call<decltype(&F::operator())>::type; };
+template <class F>
+  requires(!std::is_void_v<typename param_of_call<F>::type>)
+struct param_of<F> { using type = typename param_of_call<F>::type; };
+template <class F> using param_of_t = typename param_of<F>::type;
+
+// Always false; asserted only on the failing path, for its name.
+template <class Sent>
+struct upstream_sends {
+  template <class Taken> struct stage_takes { static constexpr bool fits = false; };
+  template <class Taken> struct sink_takes { static constexpr bool fits = false; };
+  template <class Carried> struct to_channel_of { static constexpr bool fits = false; };
+};
+// What a builder that has already reported a mismatch sends on: every later
+// check passes silently, so one mistake gives one error.
+struct after_mismatch {};
+template <class Returned> struct source_returns { static constexpr bool fits = false; };
+template <class F> struct source_cannot_be_called_without_arguments { static constexpr bool fits = false; };
+
+template <class F, class T>
+inline constexpr bool accepts_message = std::is_invocable_v<F&, T&> || std::is_invocable_v<F&, T&&>;
+
+// who: the call the user made, e.g. "runnel::pipeline::stage".
+inline void check_options(const stage_options& o, bool source, const char* who) {
+  const std::string w(who);
+  if (o.workers == 0) throw std::invalid_argument(w + ": stage_options::workers must be at least 1");
   if (source && o.workers != 1)
-    throw std::invalid_argument("runnel: a source is called serially; stage_options::workers must be 1");
-  if (o.batch == 0) throw std::invalid_argument("runnel: stage_options::batch must be at least 1");
-  if (o.capacity == 0) throw std::invalid_argument("runnel: stage_options::capacity must be at least 1");
+    throw std::invalid_argument(w + ": a source is called serially; stage_options::workers must be 1");
+  if (o.batch == 0) throw std::invalid_argument(w + ": stage_options::batch must be at least 1");
+  if (o.capacity == 0) throw std::invalid_argument(w + ": stage_options::capacity must be at least 1");
+}
+
+// The channel behind a node's output. The ring's own length check names the
+// ring; the user set stage_options::capacity, so the message says that.
+template <class T>
+std::shared_ptr<channel_state<T>> make_node_channel(std::size_t capacity, const char* who) {
+  try {
+    return std::make_shared<channel_state<T>>(capacity, true);
+  } catch (const std::length_error&) {
+    throw std::length_error(std::string(who) + ": stage_options::capacity " + std::to_string(capacity) +
+                            " of the node before it is too large (storage size overflows)");
+  }
 }
 }  // namespace detail
 
 // A pipeline under construction whose last node produces T.
 template <class T>
-class pipeline_flow {
+class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipeline_flow {
  public:
   pipeline_flow(std::shared_ptr<detail::pipeline_state> s, detail::output_port<T>* port,
                 receiver<T> from) noexcept
       : st_(std::move(s)), port_(port), from_(std::move(from)) {}
 
   pipeline_flow& on_error(error_handler h) {
-    state().on_error = std::move(h);
+    state("runnel::pipeline_flow::on_error").on_error = std::move(h);
     return *this;
   }
 
   // Adds a stage: fn is T -> U, or T -> std::optional<U> to filter.
   template <class F>
   auto stage(F fn, stage_options opts = {}) {
-    using R = detail::call_result_t<F, T>;
-    static_assert(!std::is_void_v<R>, "runnel: a stage must return a value; use sink() for a consumer");
-    using U = typename detail::unwrap_optional<R>::type;
-    static_assert(!std::is_reference_v<U>, "runnel: a stage must return a value, not a reference");
-    detail::check_options(opts, false);
-    auto& s = state();
-    auto node = std::make_unique<detail::stage_node<T, U, F>>(s, std::move(fn), opts, take_input(),
-                                                              s.nodes.size());
-    auto* port = &node->out_port;
-    node->index = s.nodes.size();
-    s.nodes.push_back(std::move(node));
-    return pipeline_flow<U>(std::move(st_), port, receiver<U>{});
+    if constexpr (std::is_same_v<T, detail::after_mismatch>) {
+      return pipeline_flow<detail::after_mismatch>(nullptr, nullptr, {});
+    } else if constexpr (!detail::accepts_message<F, T>) {
+      static_assert(detail::upstream_sends<T>::template stage_takes<detail::param_of_t<F>>::fits,
+                    "runnel: the stage cannot be called with the message type the node before it "
+                    "sends (upstream_sends<sent type>::stage_takes<parameter type> names both)");
+      return pipeline_flow<detail::after_mismatch>(nullptr, nullptr, {});
+    } else {
+      using R = detail::call_result_t<F, T>;
+      static_assert(!std::is_void_v<R>, "runnel: a stage must return a value; use sink() for a consumer");
+      using U = typename detail::unwrap_optional<R>::type;
+      static_assert(!std::is_reference_v<U>, "runnel: a stage must return a value, not a reference");
+      detail::check_options(opts, false, "runnel::pipeline::stage");
+      auto& s = state("runnel::pipeline::stage");
+      auto node = std::make_unique<detail::stage_node<T, U, F>>(s, std::move(fn), opts,
+                                                                take_input("runnel::pipeline::stage"),
+                                                                s.nodes.size());
+      auto* port = &node->out_port;
+      node->index = s.nodes.size();
+      s.nodes.push_back(std::move(node));
+      return pipeline_flow<U>(std::move(st_), port, receiver<U>{});
+    }
   }
 
   // Ends the pipeline with a consumer (its result, if any, is ignored).
   template <class F>
   pipeline_plan sink(F fn, stage_options opts = {}) {
-    static_assert(std::is_invocable_v<F&, T&> || std::is_invocable_v<F&, T&&>,
-                  "runnel: the sink must be callable with the message");
-    detail::check_options(opts, false);
-    auto& s = state();
-    auto node = std::make_unique<detail::stage_node<T, void, F>>(s, std::move(fn), opts, take_input(),
-                                                                 s.nodes.size());
-    node->index = s.nodes.size();
-    s.nodes.push_back(std::move(node));
-    return pipeline_plan(std::move(st_));
+    if constexpr (std::is_same_v<T, detail::after_mismatch>) {
+      return pipeline_plan(nullptr);
+    } else if constexpr (!detail::accepts_message<F, T>) {
+      static_assert(detail::upstream_sends<T>::template sink_takes<detail::param_of_t<F>>::fits,
+                    "runnel: the sink cannot be called with the message type the node before it "
+                    "sends (upstream_sends<sent type>::sink_takes<parameter type> names both)");
+      return pipeline_plan(nullptr);
+    } else {
+      detail::check_options(opts, false, "runnel::pipeline::sink");
+      auto& s = state("runnel::pipeline::sink");
+      auto node = std::make_unique<detail::stage_node<T, void, F>>(
+          s, std::move(fn), opts, take_input("runnel::pipeline::sink"), s.nodes.size());
+      node->index = s.nodes.size();
+      s.nodes.push_back(std::move(node));
+      return pipeline_plan(std::move(st_));
+    }
+  }
+
+  // A channel of another type than the last node sends: a compile error that
+  // names both (without this overload, "no matching function").
+  template <class U>
+  pipeline_plan to(sender<U>) {
+    if constexpr (!std::is_same_v<T, detail::after_mismatch>) {
+      static_assert(detail::upstream_sends<T>::template to_channel_of<U>::fits,
+                    "runnel: to() needs a sender of the type the last node sends "
+                    "(upstream_sends<sent type>::to_channel_of<channel type> names both)");
+    }
+    return pipeline_plan(nullptr);
   }
 
   // Ends the pipeline in a user's channel (for a consumer outside the pool).
   // The pipeline holds a sender until its last node is done.
   pipeline_plan to(sender<T> tx) {
-    if (!tx.valid()) throw std::invalid_argument("runnel: to() needs a valid sender");
-    state();
+    if (!tx.valid())
+      throw std::invalid_argument("runnel::pipeline::to: the sender is empty (default-constructed or moved-from)");
+    state("runnel::pipeline::to");
     if (port_ == nullptr) {
       // from(rx).to(tx): move the messages with an identity stage.
       return stage([](T& v) noexcept -> T { return std::move(v); }).to(std::move(tx));
@@ -256,15 +349,18 @@ class pipeline_flow {
   }
 
  private:
-  detail::pipeline_state& state() const {
-    if (!st_) throw std::logic_error("runnel: pipeline builder used after it was consumed");
+  detail::pipeline_state& state(const char* who) const {
+    if (!st_)
+      throw std::logic_error(std::string(who) +
+                             ": this pipeline builder was already used (each builder call consumes it; "
+                             "chain the calls)");
     return *st_;
   }
 
-  detail::input_port<T> take_input() {
+  detail::input_port<T> take_input(const char* who) {
     detail::input_port<T> in;
     if (port_ != nullptr) {
-      port_->ch = std::make_shared<detail::channel_state<T>>(port_->capacity_hint, true);
+      port_->ch = detail::make_node_channel<T>(port_->capacity_hint, who);
       in.ch = port_->ch;
     } else {
       in.ch = pipeline_access<T>::state(from_);
@@ -285,7 +381,7 @@ class pipeline {
   explicit pipeline(thread_pool& pool) : st_(std::make_shared<detail::pipeline_state>(pool)) {}
 
   pipeline& on_error(error_handler h) {
-    state().on_error = std::move(h);
+    state("runnel::pipeline::on_error").on_error = std::move(h);
     return *this;
   }
 
@@ -293,12 +389,35 @@ class pipeline {
   // Only opts.capacity, .batch and .name apply.
   template <class Gen>
   auto source(Gen gen, stage_options opts = {}) {
-    using R = std::invoke_result_t<Gen&>;
-    static_assert(detail::unwrap_optional<R>::filters,
-                  "runnel: a source must return std::optional<T> (nullopt ends the stream)");
-    using T = typename detail::unwrap_optional<R>::type;
-    detail::check_options(opts, true);
-    auto& s = state();
+    if constexpr (!std::is_invocable_v<Gen&>) {
+      static_assert(detail::source_cannot_be_called_without_arguments<Gen>::fits,
+                    "runnel: a source must be callable with no arguments: () -> std::optional<T>");
+      return pipeline_flow<detail::after_mismatch>(nullptr, nullptr, {});
+    } else if constexpr (!detail::unwrap_optional<std::invoke_result_t<Gen&>>::filters) {
+      static_assert(detail::source_returns<std::invoke_result_t<Gen&>>::fits,
+                    "runnel: a source must return std::optional<T> (nullopt ends the stream)");
+      return pipeline_flow<detail::after_mismatch>(nullptr, nullptr, {});
+    } else {
+      return make_source(std::move(gen), std::move(opts));
+    }
+  }
+
+  // Messages come from a user's channel (filled by threads outside the
+  // pool); the run ends naturally when that channel is closed and drained.
+  template <class T>
+  pipeline_flow<T> from(receiver<T> rx) {
+    if (!rx.valid())
+      throw std::invalid_argument("runnel::pipeline::from: the receiver is empty (default-constructed or moved-from)");
+    state("runnel::pipeline::from");
+    return pipeline_flow<T>(std::move(st_), nullptr, std::move(rx));
+  }
+
+ private:
+  template <class Gen>
+  auto make_source(Gen gen, stage_options opts) {
+    using T = typename detail::unwrap_optional<std::invoke_result_t<Gen&>>::type;
+    detail::check_options(opts, true, "runnel::pipeline::source");
+    auto& s = state("runnel::pipeline::source");
     auto node = std::make_unique<detail::source_node<T, Gen>>(s, std::move(gen), opts);
     auto* port = &node->out_port;
     node->index = 0;
@@ -306,18 +425,11 @@ class pipeline {
     return pipeline_flow<T>(std::move(st_), port, receiver<T>{});
   }
 
-  // Messages come from a user's channel (filled by threads outside the
-  // pool); the run ends naturally when that channel is closed and drained.
-  template <class T>
-  pipeline_flow<T> from(receiver<T> rx) {
-    if (!rx.valid()) throw std::invalid_argument("runnel: from() needs a valid receiver");
-    state();
-    return pipeline_flow<T>(std::move(st_), nullptr, std::move(rx));
-  }
-
- private:
-  detail::pipeline_state& state() const {
-    if (!st_) throw std::logic_error("runnel: pipeline builder used after it was consumed");
+  detail::pipeline_state& state(const char* who) const {
+    if (!st_)
+      throw std::logic_error(std::string(who) +
+                             ": this pipeline builder was already used (each builder call consumes it; "
+                             "chain the calls)");
     return *st_;
   }
   std::shared_ptr<detail::pipeline_state> st_;
@@ -326,16 +438,22 @@ class pipeline {
 // Runs gen (() -> std::optional<T>) on the pool, sending into tx until it
 // returns nullopt; then drops its sender (closing the channel if last).
 template <class T, class Gen>
-pipeline_handle produce(thread_pool& pool, sender<T> tx, Gen gen, stage_options opts = {}) {
+[[nodiscard("destroying the handle cancels the run; keep it and call wait()")]] pipeline_handle produce(thread_pool& pool, sender<T> tx, Gen gen, stage_options opts = {}) {
+  if (!tx.valid())
+    throw std::invalid_argument("runnel::produce: the sender is empty (default-constructed or moved-from)");
+  detail::check_options(opts, true, "runnel::produce");
   return pipeline{pool}.source(std::move(gen), std::move(opts)).to(std::move(tx)).run();
 }
 
 // Runs fn over every message of rx with up to `workers` concurrent calls,
 // until rx is closed and drained.
 template <class T, class F>
-pipeline_handle consume(thread_pool& pool, receiver<T> rx, F fn, std::size_t workers = 1) {
+[[nodiscard("destroying the handle cancels the run; keep it and call wait()")]] pipeline_handle consume(thread_pool& pool, receiver<T> rx, F fn, std::size_t workers = 1) {
+  if (!rx.valid())
+    throw std::invalid_argument("runnel::consume: the receiver is empty (default-constructed or moved-from)");
   stage_options o;
   o.workers = workers;
+  detail::check_options(o, false, "runnel::consume");
   return pipeline{pool}.from(std::move(rx)).sink(std::move(fn), std::move(o)).run();
 }
 

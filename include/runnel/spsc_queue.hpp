@@ -62,7 +62,7 @@ class spsc_queue {
 
   // ---- producer side ----------------------------------------------------
 
-  bool try_push(T&& v) noexcept {
+  [[nodiscard("on false the value was not pushed and is still yours")]] bool try_push(T&& v) noexcept {
     const std::size_t tail = own_tail();
     if (!room_at(tail)) return false;
     ::new (static_cast<void*>(slots_[tail & mask_].storage)) T(std::move(v));
@@ -70,13 +70,13 @@ class spsc_queue {
     return true;
   }
 
-  bool try_push(const T& v) requires std::is_copy_constructible_v<T> {
+  [[nodiscard("on false the value was not pushed")]] bool try_push(const T& v) requires std::is_copy_constructible_v<T> {
     T copy(v);
     return try_push(std::move(copy));
   }
 
   template <class... Args>
-  bool try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args...>) {
+  [[nodiscard("on false nothing was constructed")]] bool try_emplace(Args&&... args) noexcept(std::is_nothrow_constructible_v<T, Args...>) {
     const std::size_t tail = own_tail();
     if (!room_at(tail)) return false;
     // Only the producer writes tail_, so a throwing constructor simply leaves
@@ -88,7 +88,7 @@ class spsc_queue {
 
   // Moves up to n values from first; returns how many (a prefix).
   template <class InputIt>
-  std::size_t try_push_n(InputIt first, std::size_t n) noexcept {
+  [[nodiscard("only that many values were moved in; the rest are still yours")]] std::size_t try_push_n(InputIt first, std::size_t n) noexcept {
     const std::size_t tail = own_tail();
     std::size_t room = capacity() - (tail - head_cache_);
     if (room < n) {
@@ -117,7 +117,7 @@ class spsc_queue {
 
   // ---- consumer side ----------------------------------------------------
 
-  bool try_pop(T& out) noexcept {
+  [[nodiscard("on false nothing was popped and out is unchanged")]] bool try_pop(T& out) noexcept {
     static_assert(std::is_nothrow_move_assignable_v<T>,
                   "runnel: try_pop(T&) needs a noexcept move assignment; use the optional<T> form");
     const std::size_t head = own_head();
@@ -129,7 +129,7 @@ class spsc_queue {
     return true;
   }
 
-  std::optional<T> try_pop() noexcept {
+  [[nodiscard("discarding the result destroys the popped value")]] std::optional<T> try_pop() noexcept {
     std::optional<T> out;
     const std::size_t head = own_head();
     if (!item_at(head)) return out;
@@ -141,7 +141,7 @@ class spsc_queue {
   }
 
   template <class OutputIt>
-  std::size_t try_pop_n(OutputIt out, std::size_t n) noexcept {
+  [[nodiscard("only that many outputs were written")]] std::size_t try_pop_n(OutputIt out, std::size_t n) noexcept {
     static_assert(noexcept(*out = std::declval<T&&>()),
                   "runnel: try_pop_n needs a noexcept assignment through the output iterator");
     const std::size_t head = own_head();
@@ -161,7 +161,7 @@ class spsc_queue {
     return k;
   }
 
-  T pop() noexcept {
+  [[nodiscard("discarding the result destroys the popped value")]] T pop() noexcept {
     const std::size_t head = own_head();
     if (!item_at(head)) wait_for_item(head);
     T* v = slots_[head & mask_].value();

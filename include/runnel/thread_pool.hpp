@@ -217,7 +217,7 @@ class thread_pool {
   }
 
   template <class F>
-  auto submit(F&& f) -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
+  [[nodiscard("the future carries the result and any exception; use post() to fire and forget")]] auto submit(F&& f) -> std::future<std::invoke_result_t<std::decay_t<F>&>> {
     using R = std::invoke_result_t<std::decay_t<F>&>;
     std::promise<R> promise;
     std::future<R> future = promise.get_future();

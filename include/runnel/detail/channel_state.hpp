@@ -34,7 +34,7 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
+#include "chrono.hpp"  // not <chrono>: see there
 #include <cstddef>
 #include <cstdint>
 #include <optional>

@@ -15,7 +15,7 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
+#include "chrono.hpp"  // not <chrono>: see there
 #include <cstdint>
 
 #include "asymmetric_fence.hpp"

@@ -2,7 +2,7 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
+#include "chrono.hpp"  // not <chrono>: see there
 #include <cstdint>
 #include <thread>
 
