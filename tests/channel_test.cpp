@@ -604,7 +604,7 @@ TEST_CASE("channel: a receiver stalled in its move constructor does not make a c
   for (int i = 0; i < 4; ++i) REQUIRE(tx.try_send(stalling(i, &gate)).ok());
   gate.armed = true;
   // Claims the oldest value, then stops while moving it out.
-  std::jthread slow([&gate, rx = rx]() mutable {
+  std::jthread slow([rx = rx]() mutable {
     auto r = rx.try_recv();
     if (!r.ok() || r->value != 0) ++g_thread_errors;
   });
