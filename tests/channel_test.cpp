@@ -3,12 +3,14 @@
 // many-to-many runs with per-sender order (also oversubscribed), the close
 // race, and the parking hooks the pipeline uses.
 #include <runnel/channel.hpp>
+#include <runnel/thread_pool.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <future>
 #include <iterator>
 #include <memory>
 #include <string>
@@ -709,4 +711,40 @@ TEST_CASE("channel: huge timeouts mean no deadline; negative ones try once", "[c
     t.join();
   }
   CHECK(g_thread_errors == 0);
+}
+
+// A blocking recv/send on the only worker of a one-worker pool would stop
+// every task of that pool, the partner included: it throws instead of
+// hanging. The watchdog below turns a hang (the check missing) into a
+// failure: after a generous wait it unblocks the call and fails the test.
+TEST_CASE("blocking channel calls on the only worker of a one-worker pool throw instead of hanging", "[channel][pool]") {
+  runnel::thread_pool one({.threads = 1});
+  auto [tx, rx] = runnel::make_channel<int>(1);
+  auto expect_throw = [&](auto call, auto unblock) {
+    std::future<bool> threw = one.submit([&] {
+      try {
+        call();
+        return false;
+      } catch (const std::logic_error& e) {
+        return std::string(e.what()).find("one-worker pool") != std::string::npos;
+      }
+    });
+    if (threw.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+      unblock();
+      FAIL("the blocking call hung on the pool's only worker");
+    }
+    CHECK(threw.get());
+  };
+  expect_throw([&] { (void)rx.recv(); }, [&] { (void)tx.send(1); });
+  expect_throw([&] { (void)rx.recv_for(std::chrono::hours(1)); }, [&] { (void)tx.send(1); });
+  REQUIRE(tx.try_send(7).ok());  // the channel is full now
+  expect_throw([&] { (void)tx.send(8); }, [&] { (void)rx.recv(); });
+  expect_throw([&] { (void)tx.send_for(9, std::chrono::hours(1)); }, [&] { (void)rx.recv(); });
+  // The try_ forms stay allowed, and on a pool of two workers blocking is
+  // allowed (another worker can run the partner).
+  CHECK(one.submit([&] { return rx.try_recv().value().value_or(-1); }).get() == 7);
+  runnel::thread_pool two({.threads = 2});
+  std::future<int> got = two.submit([&] { return rx.recv().value_or(-1); });
+  REQUIRE(tx.send(5).ok());
+  CHECK(got.get() == 5);
 }

@@ -61,6 +61,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "detail/blocking_guard.hpp"
 #include "detail/channel_state.hpp"
 #include "detail/deadline.hpp"
 
@@ -192,6 +193,7 @@ class sender : public detail::channel_handle<T, &detail::channel_state<T>::sende
   // Waits while the channel is full. Fails only when the channel is closed,
   // handing the value back.
   [[nodiscard("a failed send hands the value back in the result")]] send_result<T> send(T value) {
+    detail::check_may_block("sender::send");
     auto& s = this->state();
     return result(s.send(value), value);
   }
@@ -206,6 +208,7 @@ class sender : public detail::channel_handle<T, &detail::channel_state<T>::sende
   // As send(), giving up after `timeout` (status timeout, value handed back).
   template <class Rep, class Period>
   [[nodiscard("a failed send hands the value back in the result")]] send_result<T> send_for(T value, std::chrono::duration<Rep, Period> timeout) {
+    detail::check_may_block("sender::send_for");
     auto& s = this->state();
     return result(s.send_until(value, detail::deadline_after(timeout)), value);
   }
@@ -227,6 +230,7 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
 
   // Waits for a value; nullopt only when the channel is closed and drained.
   [[nodiscard("discarding the result destroys the received value")]] std::optional<T> recv() {
+    detail::check_may_block("receiver::recv");
     std::optional<T> out;
     this->state().recv(out);
     return out;
@@ -243,6 +247,7 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
   // As recv(), giving up after `timeout` (status timeout).
   template <class Rep, class Period>
   [[nodiscard("discarding the result destroys the received value")]] recv_result<T> recv_for(std::chrono::duration<Rep, Period> timeout) {
+    detail::check_may_block("receiver::recv_for");
     std::optional<T> out;
     const channel_status st = this->state().recv_until(out, detail::deadline_after(timeout));
     return {st, std::move(out)};

@@ -70,6 +70,7 @@
 #include <vector>
 
 #include "detail/asymmetric_fence.hpp"
+#include "detail/blocking_guard.hpp"
 #include "detail/backoff.hpp"
 #include "detail/cache_line.hpp"
 #include "detail/cpu_set.hpp"
@@ -532,6 +533,7 @@ class thread_pool {
 
   void worker_main(detail::pool_worker& self) {
     detail::current_worker() = &self;
+    detail::on_sole_worker() = workers_.size() == 1;
     if (!cpus_.empty()) detail::pin_current_thread(cpus_[self.index]);
     detail::name_current_thread(opts_.name_prefix + "-" + std::to_string(self.index));
     for (;;) {
@@ -547,6 +549,7 @@ class thread_pool {
       }
       if (!park(self)) break;
     }
+    detail::on_sole_worker() = false;
     detail::current_worker() = nullptr;
   }
 
@@ -693,10 +696,7 @@ class thread_pool {
 };
 
 namespace detail {
-inline bool blocking_would_stall_pool() noexcept {
-  const pool_worker* w = current_worker();
-  return w != nullptr && w->pool->size() == 1;
-}
+inline bool blocking_would_stall_pool() noexcept { return on_sole_worker(); }
 }  // namespace detail
 
 }  // namespace runnel
