@@ -15,10 +15,12 @@
 #include <time.h>
 
 #include <chrono>
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -205,13 +207,27 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
   run_sample s;
   std::uint64_t produced = 0, delivered = 0;
   std::size_t running = cores;
-  std::mutex running_m;
+  // The first exception from any thread; after it, the source stops and the
+  // rest drain without calling user code, so that every thread can be joined.
+  std::mutex error_m;
+  std::exception_ptr error;
+  // Relaxed: only a hint to stop early; `error` itself is read after the joins.
+  std::atomic<bool> failed{false};
+  auto fail = [&] {
+    std::lock_guard lock(error_m);
+    if (!error) error = std::current_exception();
+    failed.store(true, std::memory_order_relaxed);
+  };
 
   const detail::stopwatch clock;
   std::thread source([&] {
-    for (std::uint64_t seq = 0; !b.done(seq); ++seq, ++produced) {
-      M m = generate(seq);
-      in.push(detail::item<M>{seq, detail::now_ns(), std::move(m)});
+    try {
+      for (std::uint64_t seq = 0; !b.done(seq) && !failed.load(std::memory_order_relaxed); ++seq, ++produced) {
+        M m = generate(seq);
+        in.push(detail::item<M>{seq, detail::now_ns(), std::move(m)});
+      }
+    } catch (...) {
+      fail();
     }
     in.close();
   });
@@ -220,8 +236,15 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
     workers.emplace_back([&] {
       std::vector<detail::item<M>> batch;
       while (in.pop_batch(batch, o.batch))
-        for (auto& it : batch) out.push(detail::item<R>{it.seq, it.t0, j.process(it.value)});
-      std::lock_guard lock(running_m);
+        for (auto& it : batch) {
+          if (failed.load(std::memory_order_relaxed)) continue;
+          try {
+            out.push(detail::item<R>{it.seq, it.t0, j.process(it.value)});
+          } catch (...) {
+            fail();
+          }
+        }
+      std::lock_guard lock(error_m);
       if (--running == 0) out.close();
     });
   // The sink runs here; ordered output waits for the next sequence number.
@@ -229,7 +252,13 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
   std::map<std::uint64_t, detail::item<R>> pending;
   std::uint64_t next_out = 0;
   auto deliver = [&](detail::item<R>& it) {
-    consume(it.value);
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      consume(it.value);
+    } catch (...) {
+      fail();
+      return;
+    }
     s.latency.record(static_cast<std::uint64_t>(detail::now_ns() - it.t0));
     ++delivered;
   };
@@ -247,6 +276,7 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
   source.join();
   for (auto& t : workers) t.join();
   clock.stop(s);
+  if (error) std::rethrow_exception(error);
   detail::check_count("mutex+threads", produced, delivered);
   s.messages = delivered;
   return s;
