@@ -208,6 +208,15 @@ struct in_order_consumer {
   }
 };
 
+// Every fifth message costs 40 times more, so that implementations that do
+// not keep order visibly finish messages out of order. Returns v.
+std::uint64_t uneven_work(std::uint64_t v) {
+  const int rounds = v % 5 == 0 ? 2000 : 50;
+  std::uint64_t h = v;
+  for (int i = 0; i < rounds; ++i) h = h * 6364136223846793005ull + 1442695040888963407ull;
+  return (h & 0) + v;
+}
+
 int run_job(std::vector<std::string> args, tally& t, bool throw_at_7 = false) {
   args.insert(args.begin(), "scaling_test");
   std::vector<const char*> argv;
@@ -217,9 +226,7 @@ int run_job(std::vector<std::string> args, tally& t, bool throw_at_7 = false) {
       [](std::uint64_t seq) { return seq; },
       [throw_at_7](std::uint64_t v) {
         if (throw_at_7 && v == 7) throw std::runtime_error("stage failed on 7");
-        std::uint64_t h = v;
-        for (int i = 0; i < 50; ++i) h = h * 6364136223846793005ull + 1442695040888963407ull;
-        return (h & 0) + v;  // the sequence number, after some work
+        return uneven_work(v);
       },
       in_order_consumer{&t});
 }
@@ -444,6 +451,7 @@ TEST_CASE("a tiny run of a linked-in job writes a table, JSON, CSV and an SVG th
     CHECK(m["min"].get<double>() > 0);
     CHECK(m["min"].get<double>() <= m["median"].get<double>());
     CHECK(m["median"].get<double>() <= m["max"].get<double>());
+    CHECK(r["latency_ns"]["p50"].get<double>() > 0);
     CHECK(r["latency_ns"]["p50"].get<double>() <= r["latency_ns"]["p99"].get<double>());
     CHECK(r["latency_ns"]["p99"].get<double>() <= r["latency_ns"]["p999"].get<double>());
     if (r["cores"] == 1) CHECK(r["speedup"] == 1.0);
@@ -473,6 +481,66 @@ TEST_CASE("an exception from the stage fails the run with status 1", "[scaling][
   tally t;
   CHECK(run_job({"--cores", "1", "--messages", "100", "--repetitions", "1"}, t, true) == 1);
   CHECK(run_job({"--cores", "1", "--messages", "100", "--repetitions", "1", "--peers"}, t, true) == 1);
+}
+
+TEST_CASE("every implementation delivers each message once, in order when asked, on 1 to 3 cores",
+          "[scaling][run]") {
+  sc::options o;
+  o.messages = 2000;
+  o.batch = 4;
+  o.capacity = 16;
+  o.ordered = GENERATE(false, true);
+  const std::size_t cores = GENERATE(1, 2, 3);
+  tally t;
+  const sc::job<std::uint64_t (*)(std::uint64_t), std::uint64_t (*)(std::uint64_t), in_order_consumer> j{
+      [](std::uint64_t seq) { return seq; }, uneven_work, in_order_consumer{&t}};
+  std::vector<sc::run_sample> samples;
+  samples.push_back(sc::run_loop(o, j));
+  samples.push_back(sc::run_runnel(o, cores, j));
+  samples.push_back(sc::run_mutex_threads(o, cores, j));
+#ifdef RUNNEL_SCALING_HAVE_TBB
+  samples.push_back(sc::run_tbb(o, cores, j));
+#endif
+  for (const auto& s : samples) {
+    CHECK(s.messages == 2000);
+    CHECK(s.latency.count() == 2000);
+  }
+  CHECK(t.delivered == 2000 * samples.size());
+  if (o.ordered) CHECK(t.out_of_order == 0);
+}
+
+TEST_CASE("an exception from a user function reaches the caller of every implementation", "[scaling][run]") {
+  sc::options o;
+  o.messages = 500;
+  o.batch = 4;
+  o.capacity = 16;
+  const std::size_t cores = GENERATE(1, 2);
+  tally t;
+  auto throwing = [](std::uint64_t v) -> std::uint64_t {
+    if (v == 123) throw std::runtime_error("stage failed on 123");
+    return v;
+  };
+  const sc::job<std::uint64_t (*)(std::uint64_t), decltype(throwing), in_order_consumer> j{
+      [](std::uint64_t seq) { return seq; }, throwing, in_order_consumer{&t}};
+  CHECK_THROWS_WITH(sc::run_loop(o, j), "stage failed on 123");
+  CHECK_THROWS_WITH(sc::run_runnel(o, cores, j), "stage failed on 123");
+  CHECK_THROWS_WITH(sc::run_mutex_threads(o, cores, j), "stage failed on 123");
+#ifdef RUNNEL_SCALING_HAVE_TBB
+  CHECK_THROWS_WITH(sc::run_tbb(o, cores, j), "stage failed on 123");
+#endif
+  struct throwing_consumer {
+    void operator()(std::uint64_t v) {
+      if (v == 77) throw std::runtime_error("consumer failed on 77");
+    }
+  };
+  const sc::job<std::uint64_t (*)(std::uint64_t), std::uint64_t (*)(std::uint64_t), throwing_consumer> k{
+      [](std::uint64_t seq) { return seq; }, uneven_work, throwing_consumer{}};
+  CHECK_THROWS_WITH(sc::run_loop(o, k), "consumer failed on 77");
+  CHECK_THROWS_WITH(sc::run_runnel(o, cores, k), "consumer failed on 77");
+  CHECK_THROWS_WITH(sc::run_mutex_threads(o, cores, k), "consumer failed on 77");
+#ifdef RUNNEL_SCALING_HAVE_TBB
+  CHECK_THROWS_WITH(sc::run_tbb(o, cores, k), "consumer failed on 77");
+#endif
 }
 
 TEST_CASE("an output file that cannot be written fails with status 1", "[scaling][run]") {
