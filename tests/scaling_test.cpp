@@ -486,7 +486,7 @@ TEST_CASE("an exception from the stage fails the run with status 1", "[scaling][
 TEST_CASE("every implementation delivers each message once, in order when asked, on 1 to 3 cores",
           "[scaling][run]") {
   sc::options o;
-  o.messages = 2000;
+  o.messages = 20000;
   o.batch = 4;
   o.capacity = 16;
   o.ordered = GENERATE(false, true);
@@ -502,10 +502,10 @@ TEST_CASE("every implementation delivers each message once, in order when asked,
   samples.push_back(sc::run_tbb(o, cores, j));
 #endif
   for (const auto& s : samples) {
-    CHECK(s.messages == 2000);
-    CHECK(s.latency.count() == 2000);
+    CHECK(s.messages == 20000);
+    CHECK(s.latency.count() == 20000);
   }
-  CHECK(t.delivered == 2000 * samples.size());
+  CHECK(t.delivered == 20000 * samples.size());
   if (o.ordered) CHECK(t.out_of_order == 0);
 }
 

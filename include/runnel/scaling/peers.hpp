@@ -43,6 +43,7 @@
 #endif
 
 #ifdef RUNNEL_SCALING_HAVE_TBB
+#include <tbb/global_control.h>
 #include <tbb/parallel_pipeline.h>
 #include <tbb/task_arena.h>
 #endif
@@ -306,6 +307,9 @@ run_sample run_tbb(const options& o, std::size_t cores, const J& j) {
   detail::budget b(o);
   run_sample s;
   std::uint64_t next = 0, delivered = 0;
+  // oneTBB caps its workers at the CPUs less one by default; an
+  // oversubscribed run must get the threads it asks for, like the others.
+  const tbb::global_control allow(tbb::global_control::max_allowed_parallelism, cores);
   tbb::task_arena arena(static_cast<int>(cores));
   const detail::stopwatch clock;
   arena.execute([&] {
