@@ -79,6 +79,8 @@ inline constexpr const char* attempt_header = "x-runnel-attempt";
 inline constexpr const char* error_header = "x-runnel-error";
 // Frames read per loop iteration before other work gets a turn.
 inline constexpr int frames_per_round = 1024;
+// Done deliveries gathered before a multiple ack goes out while busy.
+inline constexpr std::size_t ack_batch = 64;
 // Results taken from one publish channel per loop iteration.
 inline constexpr std::size_t publishes_per_round = 512;
 
@@ -911,7 +913,11 @@ class core : public std::enable_shared_from_this<core> {
 
   // ---- acks --------------------------------------------------------------------
 
+  // Busy: ack when a batch of done tags has gathered (each ack frame costs
+  // the broker as much as a message); idle: ack everything at once, so acks
+  // never wait for a batch to fill.
   void flush_acks(bool idle) {
+    if (!idle && window_.done_waiting() < ack_batch) return;
     std::uint64_t n = 0;
     if (const auto tag = window_.advance(&n)) {
       send_ack(*tag, true);
@@ -919,7 +925,7 @@ class core : public std::enable_shared_from_this<core> {
     }
     // Stragglers behind a slow message: singly, when idle or when they would
     // otherwise hold back much of the prefetch window.
-    if (idle || window_.done_waiting() >= 64) {
+    if (idle || window_.done_waiting() >= ack_batch) {
       for (std::uint64_t t : window_.take_stragglers()) {
         send_ack(t, false);
         c_acked_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
