@@ -130,7 +130,7 @@ class raw {
   void publish_n(const std::string& q, std::size_t n, const std::function<std::string(std::size_t)>& body) {
     amqp_basic_properties_t p{};
     p._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
-    p.delivery_mode = 2;
+    p.delivery_mode = persistent_ ? 2 : 1;
     for (std::size_t i = 0; i < n; ++i) {
       const std::string b = body(i);
       amqp_bytes_t bytes{b.size(), const_cast<char*>(b.data())};
@@ -191,6 +191,8 @@ class raw {
   }
   amqp_connection_state_t c_;
   std::uint64_t seq_ = 0, confirmed_ = 0;
+ public:
+  bool persistent_ = true;
   amqp_channel_t next_ch_ = 1;
 };
 

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "../channel.hpp"
+#include "../detail/asymmetric_fence.hpp"
 #include "../mpmc_queue.hpp"
 #include "ack_window.hpp"
 #include "delivery.hpp"
@@ -223,10 +224,11 @@ class core : public std::enable_shared_from_this<core> {
   }
 
   void wake() noexcept {
-    // Seq_cst fence pairs with the I/O thread's fence between storing
-    // sleeping_ = true and re-checking its queues (Dekker): either it sees
-    // our op, or we see it sleeping.
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // Pairs with the I/O thread's heavy fence between storing sleeping_ =
+    // true and re-checking its queues (Dekker, asymmetric: the frequent side
+    // pays only a compiler barrier when membarrier is available): either it
+    // sees our op, or we see it sleeping.
+    runnel::detail::light_fence();
     // Relaxed: ordered by the fences; the exchange decides who writes.
     if (sleeping_.load(std::memory_order_relaxed) && sleeping_.exchange(false, std::memory_order_relaxed))
       wake_now();
@@ -952,9 +954,9 @@ class core : public std::enable_shared_from_this<core> {
 
   void sleep() {
     if (connected_ && channel_open_) flush_acks(true);
-    // Relaxed store + seq_cst fence: see wake().
+    // Relaxed store + heavy fence: see wake().
     sleeping_.store(true, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    runnel::detail::heavy_fence();
     bool work = !ops_.empty_approx();
     {
       std::lock_guard lock(req_m_);
