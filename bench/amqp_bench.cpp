@@ -94,6 +94,30 @@ std::pair<std::string, std::string> preload(std::size_t n) {
   return {in, out};
 }
 
+// CPU seconds (user + system) used so far by the broker's Erlang VM.
+double broker_cpu() {
+  static const std::string pid = [] {
+    std::string out = the_broker().ctl("eval 'os:getpid().'");
+    std::string digits;
+    for (char ch : out)
+      if (ch >= '0' && ch <= '9') digits += ch;
+    return digits;
+  }();
+  FILE* f = std::fopen(("/proc/" + pid + "/stat").c_str(), "r");
+  if (f == nullptr) return 0;
+  char buf[4096];
+  const std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[len] = '\0';
+  // Fields after the command name (which ends with the last ')'): utime is
+  // the 12th, stime the 13th.
+  const char* p = std::strrchr(buf, ')');
+  if (p == nullptr) return 0;
+  unsigned long utime = 0, stime = 0;
+  if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2) return 0;
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
 bool check_out(benchmark::State& state, const std::string& out, std::size_t n) {
   runnel_test::raw r(the_broker().port());
   const std::uint32_t got = r.ready(out);
@@ -104,15 +128,17 @@ bool check_out(benchmark::State& state, const std::string& out, std::size_t n) {
   return true;
 }
 
-void report(benchmark::State& state, std::size_t n, double seconds) {
+void report(benchmark::State& state, std::size_t n, double seconds, double broker_cpu0) {
   state.SetIterationTime(seconds);
   state.counters["items_per_second"] = static_cast<double>(n) / seconds;
+  state.counters["broker_us_per_msg"] = 1e6 * (broker_cpu() - broker_cpu0) / static_cast<double>(n);
 }
 
 void bm_runnel(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
+    const double b0 = broker_cpu();
     runnel::thread_pool pool({.threads = 2, .pin = false});
     runnel::amqp::client c{runnel::amqp::connection_options::from_url(
         "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
@@ -128,11 +154,11 @@ void bm_runnel(benchmark::State& state, std::uint64_t w) {
                    }, {.workers = 2})
                    .to(c.publish({.routing_key = out, .persistent = false}))
                    .run();
-    while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::microseconds(200));
+    while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     const auto last = clock_type::now();
     c.close();
     run.wait();
-    report(state, n, std::chrono::duration<double>(last - first).count());
+    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
     state.counters["unacked_peak"] = static_cast<double>(c.stats().unacked_peak);
     check_out(state, out, n);
   }
@@ -142,6 +168,7 @@ void bm_c_loop(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
+    const double b0 = broker_cpu();
     amqp_connection_state_t conn = amqp_new_connection();
     amqp_socket_t* sock = amqp_tcp_socket_new(conn);
     amqp_socket_open(sock, "127.0.0.1", the_broker().port());
@@ -174,7 +201,7 @@ void bm_c_loop(benchmark::State& state, std::uint64_t w) {
     amqp_channel_close(conn, 1, AMQP_REPLY_SUCCESS);
     amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(conn);
-    report(state, n, std::chrono::duration<double>(last - first).count());
+    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
     check_out(state, out, n);
   }
 }
@@ -184,6 +211,7 @@ void bm_pika(benchmark::State& state, const char* mode, int procs) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
+    const double b0 = broker_cpu();
     std::vector<FILE*> ps;
     for (int i = 0; i < procs; ++i) {
       const std::string cmd = std::string("python3 ") + RUNNEL_BENCH_DIR + "/amqp/pika_peer.py " + mode + " " +
@@ -207,7 +235,7 @@ void bm_pika(benchmark::State& state, const char* mode, int procs) {
       state.SkipWithError(("pika peer handled " + std::to_string(done) + " of " + std::to_string(n)).c_str());
       continue;
     }
-    report(state, n, last - first);
+    report(state, n, last - first, b0);
     check_out(state, out, n);
   }
 }

@@ -42,7 +42,7 @@ std::string id_body(std::size_t i) { return std::to_string(i); }
 // Polls pred until it holds or `limit` passes (a hang becomes a failure; the
 // limit is generous and never a measurement).
 template <class Pred>
-bool eventually(Pred pred, std::chrono::seconds limit = std::chrono::seconds(180)) {
+bool eventually(Pred pred, std::chrono::seconds limit = std::chrono::seconds(90)) {
   const auto end = std::chrono::steady_clock::now() + limit;
   while (!pred()) {
     if (std::chrono::steady_clock::now() > end) return false;
@@ -317,20 +317,27 @@ TEST_CASE("close_all_connections three times mid-run: the run finishes, every id
   r.publish_n(in, n, id_body);
   runnel::thread_pool pool({.threads = 2, .pin = false});
   amqp::client c{amqp::connection_options::from_url(b->url())};
+  // The second half waits at a gate until the faults are done, so each fault
+  // hits a run with deliveries in flight.
+  std::atomic<bool> gate{false};
   auto run = runnel::pipeline{pool}
                  .from(c.consume({.queue = in, .prefetch = 128}))
-                 .stage([](amqp::delivery d) {
-                   std::this_thread::sleep_for(100us);  // keep the run going through the faults
+                 .stage([&gate, n](amqp::delivery d) {
+                   if (std::stoul(d.body) >= n / 2)
+                     while (!gate.load()) std::this_thread::sleep_for(1ms);
                    d.body = "r:" + d.body + (d.redelivered ? ":R" : "");
                    return d;
                  }, {.workers = 2})
                  .to(c.publish({.routing_key = out}))
                  .run();
+  REQUIRE(eventually([&] { return c.stats().acked >= n / 4; }));
   for (int k = 0; k < 3; ++k) {
     const auto before = c.stats().reconnects;
     b->ctl("close_all_connections test-fault");  // closes the test's raw connection too
     REQUIRE(eventually([&] { return c.stats().reconnects > before; }));
   }
+  CHECK(c.stats().acked < n);  // the gate held: the faults came mid-run
+  gate = true;
   // Drained: nothing ready, nothing unacked at the broker.
   REQUIRE(eventually([&] {
     raw probe(b->port());

@@ -52,6 +52,7 @@ class ack_window {
     state* s = find(tag);
     if (s == nullptr || *s != state::pending) return false;
     *s = state::sent;
+    ++sent_;
     return true;
   }
 
@@ -65,6 +66,8 @@ class ack_window {
         last = base_;
         ++n;
         --done_;
+      } else {
+        --sent_;
       }
       states_.pop_front();
       ++base_;
@@ -83,22 +86,20 @@ class ack_window {
         out.push_back(base_ + i);
       }
     }
+    sent_ += done_;
     done_ = 0;
     return out;
   }
 
   // Deliveries not yet settled (pending or done-not-acked).
-  std::size_t unsettled() const noexcept {
-    std::size_t n = 0;
-    for (state s : states_) n += s != state::sent;
-    return n;
-  }
+  std::size_t unsettled() const noexcept { return states_.size() - sent_; }
   std::size_t done_waiting() const noexcept { return done_; }
   bool empty() const noexcept { return states_.empty(); }
   void reset() {
     states_.clear();
     base_ = 1;
     done_ = 0;
+    sent_ = 0;
   }
 
  private:
@@ -110,6 +111,7 @@ class ack_window {
   std::uint64_t base_ = 1;   // lowest tag not yet passed by the watermark
   std::deque<state> states_; // states_[i] is tag base_ + i
   std::size_t done_ = 0;     // count of done tags in states_
+  std::size_t sent_ = 0;     // count of sent tags in states_
 };
 
 }  // namespace runnel::amqp::detail
