@@ -339,11 +339,19 @@ TEST_CASE("close_all_connections three times mid-run: the run finishes, every id
   CHECK(c.stats().acked < n);  // the gate held: the faults came mid-run
   gate = true;
   // Drained: nothing ready, nothing unacked at the broker.
-  REQUIRE(eventually([&] {
+  const bool drained = eventually([&] {
     raw probe(b->port());
     return probe.ready(in) == 0 && c.stats().unacked == 0 && c.stats().acked > 0 &&
            runnel_test::queue_counts(*b, in) == std::pair<long, long>{0, 0};
-  }));
+  });
+  {
+    const auto s = c.stats();
+    const auto qc = runnel_test::queue_counts(*b, in);
+    INFO("delivered " << s.delivered << " acked " << s.acked << " published " << s.published << " confirmed "
+                      << s.confirmed << " stale " << s.stale << " unacked " << s.unacked << " reconnects "
+                      << s.reconnects << "; broker ready " << qc.first << " unacked " << qc.second);
+    REQUIRE(drained);
+  }
   c.close();
   run.wait();
   raw r2(b->port());
