@@ -1,0 +1,296 @@
+// RabbitMQ bridge throughput against its peers, one run each, on a private
+// broker this program starts (tests/amqp/broker.sh).
+//
+// Each case: preload N 64-byte messages (transient) into a fresh queue, then
+// consume -> W rounds of a 64-bit LCG on the body -> publish an 8-byte
+// result to another queue -> ack. Speed is N divided by the time from the
+// first delivery to the last ack. Groups:
+//   amqp/W=0        broker-bound: runnel vs every peer
+//   amqp/W=heavy    W calibrated to ~20 us a message: runnel vs the C loop
+// Peers: rabbitmq_c_loop, the obvious hand-written single-thread program
+// (consume, compute, publish, ack multiple every 64; no publisher confirms);
+// pika_threadpool, pika with a ThreadPoolExecutor(2) and acks via
+// add_callback_threadsafe; pika_2proc, two single-threaded pika processes with
+// a connection each. runnel publishes with confirms and acks only confirmed
+// results. "amqp/idle" reports the CPU use of an idle runnel consumer.
+//
+//   amqp_bench [--smoke] [Google Benchmark flags]   (N: RUNNEL_AMQP_BENCH_N,
+//   default 200000; --smoke: 2000 and no pika peers)
+#include <runnel/amqp.hpp>
+#include <runnel/pipeline.hpp>
+#include <runnel/thread_pool.hpp>
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#include "../tests/amqp/broker.hpp"
+#include "bench_support.hpp"
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+std::size_t n_messages() {
+  if (runnel_bench::smoke) return 2000;
+  const char* v = std::getenv("RUNNEL_AMQP_BENCH_N");
+  return v != nullptr ? static_cast<std::size_t>(std::atol(v)) : 200000;
+}
+
+// W rounds of a 64-bit LCG seeded from the body (FNV-1a of its first 8 bytes).
+std::uint64_t work(const char* body, std::size_t len, std::uint64_t w) {
+  std::uint64_t x = 1469598103934665603ULL;
+  for (std::size_t i = 0; i < len && i < 8; ++i) x = (x ^ static_cast<unsigned char>(body[i])) * 1099511628211ULL;
+  for (std::uint64_t i = 0; i < w; ++i) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+  return x;
+}
+
+unsigned bench_prefetch() {
+  const char* v = std::getenv("RUNNEL_AMQP_BENCH_PREFETCH");
+  return v != nullptr ? static_cast<unsigned>(std::atoi(v)) : 256;
+}
+
+std::uint64_t heavy_w() {
+  static const std::uint64_t w = [] {
+    const std::uint64_t probe = 2000000;
+    const auto t0 = clock_type::now();
+    volatile std::uint64_t sink = work("calibrate", 9, probe);
+    (void)sink;
+    const double ns = std::chrono::duration<double, std::nano>(clock_type::now() - t0).count();
+    return static_cast<std::uint64_t>(20000.0 * static_cast<double>(probe) / ns);  // ~20 us
+  }();
+  return w;
+}
+
+runnel_test::broker& the_broker() {
+  runnel_test::broker* b = runnel_test::broker::get();
+  if (b == nullptr) {
+    std::fprintf(stderr, "amqp_bench: rabbitmq-server is not installed\n");
+    std::exit(1);
+  }
+  return *b;
+}
+
+// Fresh in/out queues with N preloaded inputs.
+std::pair<std::string, std::string> preload(std::size_t n) {
+  static int k = 0;
+  const std::string in = "bench-in-" + std::to_string(++k), out = "bench-out-" + std::to_string(k);
+  runnel_test::raw r(the_broker().port());
+  r.persistent_ = false;
+  r.fresh_queue(in);
+  r.fresh_queue(out);
+  const std::string pad(56, 'x');
+  r.publish_n(in, n, [&pad](std::size_t i) {
+    char id[16];
+    std::snprintf(id, sizeof id, "%08zu", i);
+    return std::string(id, 8) + pad;
+  });
+  return {in, out};
+}
+
+// CPU seconds (user + system) used so far by the broker's Erlang VM.
+double broker_cpu() {
+  static const std::string pid = [] {
+    std::string out = the_broker().ctl("eval 'os:getpid().'");
+    std::string digits;
+    for (char ch : out)
+      if (ch >= '0' && ch <= '9') digits += ch;
+    return digits;
+  }();
+  FILE* f = std::fopen(("/proc/" + pid + "/stat").c_str(), "r");
+  if (f == nullptr) return 0;
+  char buf[4096];
+  const std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[len] = '\0';
+  // Fields after the command name (which ends with the last ')'): utime is
+  // the 12th, stime the 13th.
+  const char* p = std::strrchr(buf, ')');
+  if (p == nullptr) return 0;
+  unsigned long utime = 0, stime = 0;
+  if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime) != 2) return 0;
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+bool check_out(benchmark::State& state, const std::string& out, std::size_t n) {
+  runnel_test::raw r(the_broker().port());
+  // A peer without confirms may finish before the broker routed its last
+  // results: give them a moment.
+  std::uint32_t got = 0;
+  for (int i = 0; i < 100 && (got = r.ready(out)) != n; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  if (got != n) {
+    state.SkipWithError(("output holds " + std::to_string(got) + " of " + std::to_string(n)).c_str());
+    return false;
+  }
+  return true;
+}
+
+void report(benchmark::State& state, std::size_t n, double seconds, double broker_cpu0) {
+  state.SetIterationTime(seconds);
+  state.counters["items_per_second"] = static_cast<double>(n) / seconds;
+  state.counters["broker_us_per_msg"] = 1e6 * (broker_cpu() - broker_cpu0) / static_cast<double>(n);
+}
+
+void bm_runnel(benchmark::State& state, std::uint64_t w) {
+  const std::size_t n = n_messages();
+  for (auto _ : state) {
+    const auto [in, out] = preload(n);
+    const double b0 = broker_cpu();
+    runnel::thread_pool pool({.threads = 2, .pin = false});
+    runnel::amqp::client c{runnel::amqp::connection_options::from_url(
+        "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
+    std::atomic<bool> started{false};
+    clock_type::time_point first{};
+    auto run = runnel::pipeline{pool}
+                   .from(c.consume({.queue = in, .prefetch = bench_prefetch()}))
+                   .stage([&, w](runnel::amqp::delivery d) {
+                     if (!started.load(std::memory_order_relaxed) && !started.exchange(true)) first = clock_type::now();
+                     const std::uint64_t x = work(d.body.data(), d.body.size(), w);
+                     d.body.assign(reinterpret_cast<const char*>(&x), sizeof x);
+                     return d;
+                   }, {.workers = 2})
+                   .to(c.publish({.routing_key = out, .persistent = false}))
+                   .run();
+    while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const auto last = clock_type::now();
+    c.close();
+    run.wait();
+    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
+    state.counters["unacked_peak"] = static_cast<double>(c.stats().unacked_peak);
+    check_out(state, out, n);
+  }
+}
+
+void bm_c_loop(benchmark::State& state, std::uint64_t w) {
+  const std::size_t n = n_messages();
+  for (auto _ : state) {
+    const auto [in, out] = preload(n);
+    const double b0 = broker_cpu();
+    amqp_connection_state_t conn = amqp_new_connection();
+    amqp_socket_t* sock = amqp_tcp_socket_new(conn);
+    amqp_socket_open(sock, "127.0.0.1", the_broker().port());
+    amqp_login(conn, "/", 0, 131072, 30, AMQP_SASL_METHOD_PLAIN, "guest", "guest");
+    amqp_channel_open(conn, 1);
+    amqp_basic_qos(conn, 1, 0, 256, 0);
+    amqp_basic_consume(conn, 1, amqp_cstring_bytes(in.c_str()), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    amqp_basic_properties_t props{};
+    props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
+    props.delivery_mode = 1;
+    clock_type::time_point first{};
+    std::uint64_t last_tag = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      amqp_envelope_t env;
+      amqp_maybe_release_buffers(conn);
+      if (amqp_consume_message(conn, &env, nullptr, 0).reply_type != AMQP_RESPONSE_NORMAL) {
+        state.SkipWithError("consume failed");
+        break;
+      }
+      if (i == 0) first = clock_type::now();
+      const std::uint64_t x = work(static_cast<const char*>(env.message.body.bytes), env.message.body.len, w);
+      amqp_bytes_t result{sizeof x, const_cast<std::uint64_t*>(&x)};
+      amqp_basic_publish(conn, 1, amqp_empty_bytes, amqp_cstring_bytes(out.c_str()), 0, 0, &props, result);
+      last_tag = env.delivery_tag;
+      if ((i + 1) % 64 == 0) amqp_basic_ack(conn, 1, last_tag, 1);
+      amqp_destroy_envelope(&env);
+    }
+    amqp_basic_ack(conn, 1, last_tag, 1);
+    const auto last = clock_type::now();
+    amqp_channel_close(conn, 1, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+    amqp_destroy_connection(conn);
+    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
+    check_out(state, out, n);
+  }
+}
+
+// Runs `procs` pika peers; each prints "first last count".
+void bm_pika(benchmark::State& state, const char* mode, int procs) {
+  const std::size_t n = n_messages();
+  for (auto _ : state) {
+    const auto [in, out] = preload(n);
+    const double b0 = broker_cpu();
+    std::vector<FILE*> ps;
+    for (int i = 0; i < procs; ++i) {
+      const std::string cmd = std::string("/usr/bin/python3 ") + RUNNEL_BENCH_DIR + "/amqp/pika_peer.py " + mode + " " +
+                              std::to_string(the_broker().port()) + " " + in + " " + out + " 0 " +
+                              std::to_string(n);
+      ps.push_back(::popen(cmd.c_str(), "r"));
+    }
+    double first = 1e300, last = 0;
+    std::size_t done = 0;
+    for (FILE* p : ps) {
+      double f = 0, l = 0;
+      unsigned long k = 0;
+      if (std::fscanf(p, "%lf %lf %lu", &f, &l, &k) == 3) {
+        first = std::min(first, f);
+        last = std::max(last, l);
+        done += k;
+      }
+      ::pclose(p);
+    }
+    if (done != n) {
+      state.SkipWithError(("pika peer handled " + std::to_string(done) + " of " + std::to_string(n)).c_str());
+      continue;
+    }
+    report(state, n, last - first, b0);
+    check_out(state, out, n);
+  }
+}
+
+// CPU used by a client consuming from an empty queue (its I/O thread
+// sleeps in poll) with an idle pool, over 2 s.
+void bm_idle(benchmark::State& state) {
+  for (auto _ : state) {
+    const auto [in, out] = preload(0);
+    runnel::thread_pool pool({.threads = 2, .pin = false});
+    runnel::amqp::client c{runnel::amqp::connection_options::from_url(
+        "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
+    auto run = runnel::pipeline{pool}
+                   .from(c.consume({.queue = in, .prefetch = 256}))
+                   .sink([](runnel::amqp::delivery) {})
+                   .run();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    rusage r0{}, r1{};
+    ::getrusage(RUSAGE_SELF, &r0);
+    const auto t0 = clock_type::now();
+    std::this_thread::sleep_for(std::chrono::seconds(runnel_bench::smoke ? 1 : 2));
+    ::getrusage(RUSAGE_SELF, &r1);
+    const double wall = std::chrono::duration<double>(clock_type::now() - t0).count();
+    auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6; };
+    const double cpu = sec(r1.ru_utime) - sec(r0.ru_utime) + sec(r1.ru_stime) - sec(r0.ru_stime);
+    c.close();
+    run.wait();
+    state.SetIterationTime(wall);
+    state.counters["cpu_percent"] = 100.0 * cpu / wall;
+  }
+}
+
+void register_all() {
+  auto reg = [](const std::string& name, auto fn) {
+    benchmark::RegisterBenchmark(name.c_str(), fn)->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);
+  };
+  reg("amqp/W=0:runnel", [](benchmark::State& s) { bm_runnel(s, 0); });
+  reg("amqp/W=0:rabbitmq_c_loop", [](benchmark::State& s) { bm_c_loop(s, 0); });
+  if (!runnel_bench::smoke) {
+    reg("amqp/W=0:pika_threadpool", [](benchmark::State& s) { bm_pika(s, "pool", 1); });
+    reg("amqp/W=0:pika_2proc", [](benchmark::State& s) { bm_pika(s, "proc", 2); });
+  }
+  reg("amqp/W=heavy:runnel", [](benchmark::State& s) { bm_runnel(s, heavy_w()); });
+  reg("amqp/W=heavy:rabbitmq_c_loop", [](benchmark::State& s) { bm_c_loop(s, heavy_w()); });
+  reg("amqp/idle:runnel", bm_idle);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::printf("N = %zu messages, heavy W = %llu LCG rounds (~20 us)\n", n_messages(),
+              static_cast<unsigned long long>(heavy_w()));
+  return runnel_bench::run_main(argc, argv, register_all);
+}

@@ -1,0 +1,1177 @@
+// The connection core of the RabbitMQ bridge: one I/O thread owns the
+// rabbitmq-c connection (which is not thread-safe) and does every socket
+// operation; everybody else talks to it through queues and an eventfd.
+//
+// Threads and hand-offs
+//   pool workers --(ops ring: ack / fail)----------------> I/O thread
+//   pipeline     --(publish channels: results)-----------> I/O thread
+//   user threads --(requests under a mutex: consume, close)-> I/O thread
+//   I/O thread   --(consume channels: deliveries)--------> pipeline
+// The I/O thread sleeps in poll() on the socket and an eventfd. A worker
+// that queues an op writes the eventfd only when the I/O thread announced it
+// is going to sleep (`sleeping_`), so a busy stream pays no syscall per ack.
+// A publish or consume channel wakes it through a waker registered on the
+// channel, whose callback writes the eventfd.
+//
+// Epochs. Every (re)opened AMQP channel starts a new epoch; delivery tags
+// are only meaningful within their epoch. Ops and results carry the epoch of
+// their delivery; those of an older epoch are dropped (the broker requeued
+// the message when the old channel died) and counted as stale.
+//
+// Acks go out when the broker confirmed the publish of a delivery's result
+// (the channel is in confirm mode; confirms are pipelined, never awaited one
+// by one), or when its delivery was settled without a result. They are
+// coalesced by ack_window (multiple = true up to the contiguous watermark),
+// and flushed whenever the I/O thread is about to sleep, so nothing waits
+// for a batch to fill.
+#pragma once
+
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "../channel.hpp"
+#include "../detail/asymmetric_fence.hpp"
+#include "../mpmc_queue.hpp"
+#include "ack_window.hpp"
+#include "delivery.hpp"
+#include "error.hpp"
+#include "options.hpp"
+
+namespace runnel::amqp {
+
+// Counters of one client (monotonic unless noted).
+struct client_stats {
+  std::uint64_t delivered = 0;      // messages received from the broker
+  std::uint64_t redelivered = 0;    // ... of which flagged redelivered
+  std::uint64_t acked = 0;          // inputs acked
+  std::uint64_t nacked = 0;         // inputs nacked (requeued)
+  std::uint64_t retried = 0;        // failures republished for another attempt
+  std::uint64_t dead_lettered = 0;  // failures past max_attempts
+  std::uint64_t published = 0;      // publishes sent (results, retries, dead letters)
+  std::uint64_t confirmed = 0;      // publishes confirmed by the broker
+  std::uint64_t stale = 0;          // acks/results of an older connection epoch, dropped
+  std::uint64_t reconnects = 0;
+  std::uint64_t unacked = 0;        // gauge: deliveries of the current epoch not yet acked
+  std::uint64_t unacked_peak = 0;   // highest value of unacked seen
+};
+
+namespace detail {
+
+inline constexpr const char* attempt_header = "x-runnel-attempt";
+inline constexpr const char* error_header = "x-runnel-error";
+// Frames read per loop iteration before other work gets a turn.
+inline constexpr int frames_per_round = 1024;
+// Done deliveries gathered before a multiple ack goes out while busy.
+inline constexpr std::size_t ack_batch = 64;
+// Results taken from one publish channel per loop iteration.
+inline constexpr std::size_t publishes_per_round = 512;
+
+// An op queued by a worker to the I/O thread.
+struct op {
+  enum kind_t : std::uint8_t { ack, fail } kind = ack;
+  std::uint32_t consumer = 0;
+  std::uint64_t epoch = 0;
+  std::uint64_t tag = 0;
+  message msg{};       // fail: the message to retry or dead-letter
+  std::string reason;  // fail: the error text
+};
+
+// A parked I/O thread registered on a channel; the channel's wake-up writes
+// the eventfd.
+struct channel_waker : runnel::detail::waker {
+  class core* owner = nullptr;
+  // True while registered in a channel's list (only one list at a time).
+  // Written by the I/O thread (arm) and the notifier (disarm); acq_rel so
+  // the I/O thread sees the disarm before re-arming.
+  std::atomic<bool> armed{false};
+};
+
+class core : public std::enable_shared_from_this<core> {
+ public:
+  explicit core(connection_options o) : opts_(std::move(o)), ops_(16384) {
+    efd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (efd_ < 0) throw error("runnel::amqp: eventfd failed");
+  }
+  ~core() {
+    if (conn_ != nullptr) amqp_destroy_connection(conn_);
+    ::close(efd_);
+  }
+  core(const core&) = delete;
+  core& operator=(const core&) = delete;
+
+  // ---- called by the client (user threads) ----------------------------------
+
+  // Connects (throwing the first endpoint's error if none works), then
+  // starts the I/O thread.
+  void start() {
+    std::string last;
+    int code = 0;
+    for (std::size_t i = 0; i < opts_.endpoints.size(); ++i) {
+      try {
+        connect(opts_.endpoints[(next_ep_ + i) % opts_.endpoints.size()]);
+        next_ep_ = (next_ep_ + i) % opts_.endpoints.size();
+        thread_ = std::thread([this] { run(); });
+        return;
+      } catch (const error& e) {
+        last = e.what();
+        code = e.reply_code();
+      }
+    }
+    throw error(last, code);
+  }
+
+  receiver<delivery> consume(const consume_options& co) {
+    if (co.queue.empty()) throw error("runnel::amqp: consume_options::queue is empty");
+    if (co.prefetch == 0 || co.prefetch > 65535)
+      throw error("runnel::amqp: consume_options::prefetch must be in [1, 65535], got " +
+                  std::to_string(co.prefetch));
+    if (co.on_failure.max_attempts == 0)
+      throw error("runnel::amqp: failure_policy::max_attempts must be at least 1");
+    const std::size_t cap = co.capacity != 0 ? co.capacity : co.prefetch;
+    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(cap, true);
+    receiver<delivery> rx(ch);
+    request r;
+    r.kind = request::consume;
+    r.copts = co;
+    r.ch = std::move(ch);
+    submit(r);
+    return rx;
+  }
+
+  sender<delivery> publish(const publish_options& po) {
+    if (po.capacity == 0) throw error("runnel::amqp: publish_options::capacity must be at least 1");
+    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(po.capacity, true);
+    sender<delivery> tx(ch);
+    request r;
+    r.kind = request::publish;
+    r.popts = po;
+    r.ch = std::move(ch);
+    submit(r);
+    return tx;
+  }
+
+  void declare_queue(const std::string& name) {
+    request r;
+    r.kind = request::declare;
+    r.copts.queue = name;
+    submit(r);
+  }
+
+  // Graceful stop; rethrows a fatal error the I/O thread ended with.
+  void close() {
+    {
+      std::lock_guard lock(req_m_);
+      closing_requested_ = true;
+    }
+    wake();
+    if (thread_.joinable()) thread_.join();
+    std::lock_guard lock(req_m_);
+    if (fatal_) {
+      auto e = fatal_;
+      fatal_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+  client_stats stats() const noexcept {
+    client_stats s;
+    // Relaxed: independent monotonic counters, read for display.
+    s.delivered = c_delivered_.load(std::memory_order_relaxed);
+    s.redelivered = c_redelivered_.load(std::memory_order_relaxed);
+    s.acked = c_acked_.load(std::memory_order_relaxed);
+    s.nacked = c_nacked_.load(std::memory_order_relaxed);
+    s.retried = c_retried_.load(std::memory_order_relaxed);
+    s.dead_lettered = c_dead_.load(std::memory_order_relaxed);
+    s.published = c_published_.load(std::memory_order_relaxed);
+    s.confirmed = c_confirmed_.load(std::memory_order_relaxed);
+    s.stale = c_stale_.load(std::memory_order_relaxed);
+    s.reconnects = c_reconnects_.load(std::memory_order_relaxed);
+    s.unacked = c_unacked_.load(std::memory_order_relaxed);
+    s.unacked_peak = c_unacked_peak_.load(std::memory_order_relaxed);
+    return s;
+  }
+
+  // ---- called by deliveries (any thread) ------------------------------------
+
+  void push(op&& o) noexcept {
+    // The ring holds far more than the unacked deliveries that can exist
+    // (prefetch per consumer plus those of stale epochs), so this loop only
+    // spins if the I/O thread has fallen far behind.
+    while (!ops_.try_push(std::move(o))) {
+      wake_now();
+      std::this_thread::yield();
+    }
+    wake();
+  }
+
+  void wake() noexcept {
+    // Pairs with the I/O thread's heavy fence between storing sleeping_ =
+    // true and re-checking its queues (Dekker, asymmetric: the frequent side
+    // pays only a compiler barrier when membarrier is available): either it
+    // sees our op, or we see it sleeping.
+    runnel::detail::light_fence();
+    // Relaxed: ordered by the fences; the exchange decides who writes.
+    if (sleeping_.load(std::memory_order_relaxed) && sleeping_.exchange(false, std::memory_order_relaxed))
+      wake_now();
+  }
+
+  static void on_channel_wake(runnel::detail::waker* w) noexcept {
+    auto* cw = static_cast<channel_waker*>(w);
+    // Release: the I/O thread's acquire load sees the waker out of the list.
+    cw->armed.store(false, std::memory_order_release);
+    cw->owner->wake_now();
+  }
+
+ private:
+  struct request {
+    enum kind_t { consume, publish, declare } kind = consume;
+    consume_options copts;
+    publish_options popts;
+    std::shared_ptr<runnel::detail::channel_state<delivery>> ch;
+    std::promise<void> done;
+  };
+
+  struct consumer {
+    consume_options opts;
+    std::string tag;
+    std::shared_ptr<runnel::detail::channel_state<delivery>> ch;  // we are its only sender
+    std::unique_ptr<channel_waker> waker = std::make_unique<channel_waker>();
+    std::deque<delivery> pending;  // received, not yet accepted by the channel
+    bool cancelled = false;        // basic.cancel sent (closing) or pipeline gone
+  };
+
+  struct publisher {
+    publish_options opts;
+    std::shared_ptr<runnel::detail::channel_state<delivery>> ch;  // we are its only receiver
+    std::unique_ptr<channel_waker> waker = std::make_unique<channel_waker>();
+  };
+
+  // A publish waiting for its confirm.
+  struct unconfirmed {
+    std::uint64_t seq = 0;
+    bool has_input = false;
+    std::uint32_t consumer = 0;
+    std::uint64_t epoch = 0, tag = 0;
+    enum kind_t : std::uint8_t { result, retry, dead_letter } kind = result;
+    bool confirmed = false;
+    // For a publish without an input (kept to republish after a reconnect).
+    std::string exchange, routing_key;
+    message msg;
+    bool persistent = true;
+  };
+
+  // ---- requests ---------------------------------------------------------------
+
+  void submit(request& r) {
+    auto fut = r.done.get_future();
+    {
+      std::lock_guard lock(req_m_);
+      if (closing_requested_ || finished_) throw error("runnel::amqp: the client is closed");
+      requests_.push_back(&r);
+    }
+    wake();
+    fut.get();  // rethrows the I/O thread's error
+  }
+
+  void wake_now() noexcept {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] const auto n = ::write(efd_, &one, sizeof one);
+  }
+
+  // ---- connect ---------------------------------------------------------------
+
+  std::string where(const endpoint& ep) const { return ep.host + ":" + std::to_string(ep.port); }
+
+  static std::string bytes_str(amqp_bytes_t b) {
+    return b.len == 0 ? std::string{} : std::string(static_cast<const char*>(b.bytes), b.len);
+  }
+
+  // Turns a failed RPC reply into an error (and answers a close).
+  error reply_error(const std::string& what, amqp_rpc_reply_t r) {
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION) {
+      if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+        auto* m = static_cast<amqp_channel_close_t*>(r.reply.decoded);
+        const int code = m->reply_code;
+        std::string text = bytes_str(m->reply_text);
+        amqp_channel_close_ok_t ok{};
+        amqp_send_method(conn_, chan_, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        channel_open_ = false;
+        return error(what + ": broker closed the channel: " + std::to_string(code) + " " + text, code);
+      }
+      if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        auto* m = static_cast<amqp_connection_close_t*>(r.reply.decoded);
+        const int code = m->reply_code;
+        std::string text = bytes_str(m->reply_text);
+        amqp_connection_close_ok_t ok{};
+        amqp_send_method(conn_, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        connected_ = false;
+        return error(what + ": broker closed the connection: " + std::to_string(code) + " " + text, code);
+      }
+      return error(what + ": unexpected broker reply");
+    }
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
+      connected_ = false;
+      return error(what + ": " + amqp_error_string2(r.library_error));
+    }
+    return error(what + ": no reply");
+  }
+
+  void check(const std::string& what) {
+    const amqp_rpc_reply_t r = amqp_get_rpc_reply(conn_);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) throw reply_error(what, r);
+  }
+
+  // Opens connection, channel and confirm mode; throws error on failure.
+  void connect(const endpoint& ep) {
+    if (conn_ != nullptr) amqp_destroy_connection(conn_);
+    conn_ = amqp_new_connection();
+    connected_ = false;
+    amqp_socket_t* sock = amqp_tcp_socket_new(conn_);
+    if (sock == nullptr) throw error("runnel::amqp: cannot create a socket");
+    timeval tv{opts_.connect_timeout_s, 0};
+    const int st = amqp_socket_open_noblock(sock, ep.host.c_str(), ep.port, &tv);
+    if (st != AMQP_STATUS_OK)
+      throw error("runnel::amqp: cannot connect to " + where(ep) + ": " + amqp_error_string2(st));
+    amqp_set_handshake_timeout(conn_, &tv);
+    amqp_set_rpc_timeout(conn_, &tv);
+    // Advertise consumer_cancel_notify so a deleted queue cancels our
+    // consumer visibly instead of leaving it silent.
+    amqp_table_entry_t cap[2];
+    cap[0].key = amqp_cstring_bytes("consumer_cancel_notify");
+    cap[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    cap[0].value.value.boolean = 1;
+    cap[1].key = amqp_cstring_bytes("publisher_confirms");
+    cap[1].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    cap[1].value.value.boolean = 1;
+    amqp_table_entry_t props[1];
+    props[0].key = amqp_cstring_bytes("capabilities");
+    props[0].value.kind = AMQP_FIELD_KIND_TABLE;
+    props[0].value.value.table.num_entries = 2;
+    props[0].value.value.table.entries = cap;
+    amqp_table_t client_props{1, props};
+    const amqp_rpc_reply_t r =
+        amqp_login_with_properties(conn_, opts_.vhost.c_str(), 0, opts_.frame_max, opts_.heartbeat_s,
+                                   &client_props, AMQP_SASL_METHOD_PLAIN, opts_.user.c_str(),
+                                   opts_.password.c_str());
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+      const std::string what = "runnel::amqp: login to " + where(ep) + " as user '" + opts_.user +
+                               "' on vhost '" + opts_.vhost + "' failed";
+      if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+          (r.library_error == AMQP_STATUS_CONNECTION_CLOSED || r.library_error == AMQP_STATUS_SOCKET_CLOSED ||
+           r.library_error == AMQP_STATUS_SOCKET_ERROR))
+        throw error(what + " (access refused: wrong user or password?)", 403);
+      throw reply_error(what, r);
+    }
+    connected_ = true;
+    open_channel();
+  }
+
+  void open_channel() {
+    ++chan_;
+    if (chan_ > 1000) chan_ = 1;
+    amqp_channel_open(conn_, chan_);
+    check("runnel::amqp: channel.open");
+    amqp_confirm_select(conn_, chan_);
+    check("runnel::amqp: confirm.select");
+    channel_open_ = true;
+    // A new channel numbers deliveries and publishes from 1 again.
+    epoch_.fetch_add(1, std::memory_order_release);  // release: deliveries read it via their own copy
+    window_.reset();
+    next_seq_ = 1;
+    partial_.reset();
+    set_unacked();
+  }
+
+  // ---- the I/O loop ------------------------------------------------------------
+
+  void run() noexcept {
+    try {
+      loop();
+    } catch (...) {
+      std::lock_guard lock(req_m_);
+      fatal_ = std::current_exception();
+    }
+    finish();
+  }
+
+  std::uint64_t epoch() const noexcept { return epoch_.load(std::memory_order_relaxed); }
+
+  void loop() {
+    for (;;) {
+      bool busy = false;
+      if (connected_ && channel_open_) {
+        try {
+          busy |= take_requests();
+          busy |= take_ops();
+          busy |= take_publishes();
+          busy |= read_frames();
+          busy |= feed_consumers();
+          flush_acks(false);
+        } catch (const error& e) {
+          if (!connected_ || !channel_open_) {
+            last_error_ = e.what();
+            last_code_ = e.reply_code();
+          } else {
+            throw;
+          }
+        }
+        if (closing_ && close_done()) {
+          shutdown_connection();
+          return;
+        }
+        if (!connected_ || !channel_open_) {
+          lost();
+          continue;
+        }
+      } else {
+        if (closing_requested()) {
+          closing_ = true;
+          return;
+        }
+        reconnect();
+        continue;
+      }
+      if (!busy) sleep();
+    }
+  }
+
+  bool closing_requested() {
+    std::lock_guard lock(req_m_);
+    return closing_requested_;
+  }
+
+  // Requests from user threads; also notices close().
+  bool take_requests() {
+    std::vector<request*> rs;
+    bool start_close = false;
+    {
+      std::lock_guard lock(req_m_);
+      rs.swap(requests_);
+      start_close = closing_requested_ && !closing_;
+    }
+    if (start_close) begin_close();
+    for (request* r : rs) {
+      try {
+        if (r->kind == request::consume) add_consumer(*r);
+        else if (r->kind == request::publish) add_publisher(*r);
+        else declare(r->copts.queue);
+        r->done.set_value();
+      } catch (...) {
+        r->done.set_exception(std::current_exception());
+        if (!channel_open_ && connected_) {
+          // A refused request closed the channel: open a new one and restore
+          // the consumers that were fine (a new epoch).
+          open_channel();
+          restore();
+        }
+      }
+    }
+    return !rs.empty();
+  }
+
+  void declare(const std::string& q) {
+    amqp_queue_declare(conn_, chan_, amqp_cstring_bytes(q.c_str()), 0, 1, 0, 0, amqp_empty_table);
+    check("runnel::amqp: declaring queue '" + q + "'");
+    if (std::find(declared_.begin(), declared_.end(), q) == declared_.end()) declared_.push_back(q);
+  }
+
+  void start_consumer(consumer& c) {
+    if (c.opts.declare) declare(c.opts.queue);
+    amqp_basic_qos(conn_, chan_, 0, static_cast<std::uint16_t>(c.opts.prefetch), 0);
+    check("runnel::amqp: basic.qos");
+    amqp_basic_consume(conn_, chan_, amqp_cstring_bytes(c.opts.queue.c_str()), amqp_cstring_bytes(c.tag.c_str()),
+                       0, 0, 0, amqp_empty_table);
+    check("runnel::amqp: consuming from queue '" + c.opts.queue + "'");
+  }
+
+  void add_consumer(request& r) {
+    auto c = std::make_unique<consumer>();
+    c->opts = r.copts;
+    c->tag = "runnel-" + std::to_string(consumers_.size());
+    c->ch = r.ch;
+    c->waker->owner = this;
+    c->waker->wake = &core::on_channel_wake;
+    start_consumer(*c);
+    c->ch->senders.fetch_add(1, std::memory_order_relaxed);  // relaxed: no other sender exists yet
+    consumers_.push_back(std::move(c));
+  }
+
+  void add_publisher(request& r) {
+    auto p = std::make_unique<publisher>();
+    p->opts = r.popts;
+    p->ch = r.ch;
+    p->waker->owner = this;
+    p->waker->wake = &core::on_channel_wake;
+    p->ch->receivers.fetch_add(1, std::memory_order_relaxed);  // relaxed: as above
+    publishers_.push_back(std::move(p));
+  }
+
+  // After a new channel: declarations, QoS and consumers again.
+  void restore() {
+    for (const auto& q : declared_) declare(q);
+    for (auto& c : consumers_) {
+      // Deliveries not yet handed to the pipeline belong to the old epoch.
+      for (auto& d : c->pending) d.core_ = nullptr;
+      c->pending.clear();
+      if (!c->cancelled) start_consumer(*c);
+    }
+    // Publishes without an input are sent again; those with one are dropped
+    // (their input comes back redelivered and is processed again).
+    std::deque<unconfirmed> old;
+    old.swap(unconfirmed_);
+    for (auto& u : old) {
+      if (u.has_input) continue;
+      send_publish(u.exchange, u.routing_key, u.msg, u.persistent, std::move(u));
+    }
+  }
+
+  bool take_ops() {
+    bool any = false;
+    op o;
+    for (int i = 0; i < 4096 && ops_.try_pop(o); ++i) {
+      any = true;
+      if (o.epoch != epoch()) {
+        c_stale_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+        continue;
+      }
+      if (o.kind == op::ack) {
+        window_.complete(o.tag);
+      } else {
+        apply_policy(o);
+      }
+    }
+    return any;
+  }
+
+  static void set_header(message& m, const std::string& k, std::string v) {
+    for (auto& h : m.headers) {
+      if (h.first == k) {
+        h.second = std::move(v);
+        return;
+      }
+    }
+    m.headers.emplace_back(k, std::move(v));
+  }
+
+  // A failed delivery: republish for another attempt, or dead-letter; its
+  // input is acked when that publish is confirmed.
+  void apply_policy(op& o) {
+    if (o.consumer >= consumers_.size()) return;
+    const consumer& c = *consumers_[o.consumer];
+    const failure_policy& fp = c.opts.on_failure;
+    unconfirmed u;
+    u.has_input = true;
+    u.consumer = o.consumer;
+    u.epoch = o.epoch;
+    u.tag = o.tag;
+    if (o.msg.attempt < fp.max_attempts) {
+      set_header(o.msg, attempt_header, std::to_string(o.msg.attempt + 1));
+      u.kind = unconfirmed::retry;
+      send_publish("", c.opts.queue, o.msg, true, std::move(u));
+      return;
+    }
+    if (fp.dead_letter_exchange.empty() && fp.dead_letter_routing_key.empty()) {
+      c_dead_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+      window_.complete(o.tag);
+      return;
+    }
+    set_header(o.msg, error_header, o.reason);
+    u.kind = unconfirmed::dead_letter;
+    send_publish(fp.dead_letter_exchange,
+                 fp.dead_letter_routing_key.empty() ? o.msg.routing_key : fp.dead_letter_routing_key, o.msg,
+                 true, std::move(u));
+  }
+
+  // Publishes m and records it as unconfirmed (with its input, if any).
+  void send_publish(const std::string& exchange, const std::string& rk, const message& m, bool persistent,
+                    unconfirmed&& u) {
+    amqp_basic_properties_t props{};
+    props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
+    props.delivery_mode = persistent ? 2 : 1;
+    if (!m.message_id.empty()) {
+      props._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+      props.message_id = amqp_cstring_bytes(m.message_id.c_str());
+    }
+    std::vector<amqp_table_entry_t> hs;
+    if (!m.headers.empty()) {
+      hs.resize(m.headers.size());
+      for (std::size_t i = 0; i < hs.size(); ++i) {
+        hs[i].key = amqp_cstring_bytes(m.headers[i].first.c_str());
+        hs[i].value.kind = AMQP_FIELD_KIND_UTF8;
+        hs[i].value.value.bytes = amqp_cstring_bytes(m.headers[i].second.c_str());
+      }
+      props._flags |= AMQP_BASIC_HEADERS_FLAG;
+      props.headers.num_entries = static_cast<int>(hs.size());
+      props.headers.entries = hs.data();
+    }
+    amqp_bytes_t body{m.body.size(), const_cast<char*>(m.body.data())};
+    const int st = amqp_basic_publish(conn_, chan_, amqp_cstring_bytes(exchange.c_str()),
+                                      amqp_cstring_bytes(rk.c_str()), 0, 0, &props, body);
+    u.seq = next_seq_++;
+    if (!u.has_input) {
+      u.exchange = exchange;
+      u.routing_key = rk;
+      u.msg = m;
+      u.persistent = persistent;
+    }
+    unconfirmed_.push_back(std::move(u));
+    c_published_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    if (st != AMQP_STATUS_OK) {
+      connected_ = false;
+      throw error(std::string("runnel::amqp: publish failed: ") + amqp_error_string2(st));
+    }
+  }
+
+  bool take_publishes() {
+    bool any = false;
+    std::vector<delivery> batch;
+    for (auto& p : publishers_) {
+      if (!p->ch) continue;
+      batch.clear();
+      const auto got = p->ch->try_recv_n([&batch](delivery&& d) noexcept {
+        try {
+          batch.push_back(std::move(d));
+        } catch (...) {
+          // Out of memory: the delivery is destroyed unsettled... its
+          // destructor acks, which would lose it; fail it instead.
+          d.fail("out of memory in the publisher");
+        }
+      }, publishes_per_round);
+      if (got && *got == 0 && !p->ch->is_closed()) arm(*p->waker, *p->ch, false);
+      for (auto& d : batch) {
+        any = true;
+        unconfirmed u;
+        if (d.core_) {
+          if (d.epoch_ != epoch()) {
+            c_stale_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+            d.core_ = nullptr;
+            continue;
+          }
+          u.has_input = true;
+          u.consumer = d.consumer_;
+          u.epoch = d.epoch_;
+          u.tag = d.tag_;
+          d.core_ = nullptr;  // settled by the confirm from now on
+        }
+        const std::string& rk = p->opts.routing_key.empty() ? d.routing_key : p->opts.routing_key;
+        // The attempt header belongs to the input, not to the result.
+        std::erase_if(d.headers, [](const auto& h) { return h.first == attempt_header; });
+        send_publish(p->opts.exchange, rk, d, p->opts.persistent, std::move(u));
+      }
+    }
+    return any;
+  }
+
+  // Registers the I/O thread on a channel (as receiver or sender) unless it
+  // already is; a wake-up then writes the eventfd.
+  void arm(channel_waker& w, runnel::detail::channel_state<delivery>& ch, bool as_sender) {
+    // Acquire: pairs with the release in on_channel_wake.
+    if (w.armed.load(std::memory_order_acquire)) return;
+    w.armed.store(true, std::memory_order_relaxed);  // relaxed: nobody else sees w until park
+    const bool parked = as_sender ? ch.park_sender(w) : ch.park_receiver(w);
+    if (!parked) {
+      w.armed.store(false, std::memory_order_relaxed);  // relaxed: not registered anywhere
+      wake_now();  // the condition already holds: look again
+    }
+  }
+
+  // ---- reading ---------------------------------------------------------------
+
+  struct partial_delivery {
+    delivery d;
+    std::uint64_t size = 0;
+    bool have_header = false;
+    std::uint32_t consumer = 0;
+    bool active = false;
+    void reset() {
+      d.core_ = nullptr;  // an unfinished delivery of a dead channel: nothing to settle
+      d = delivery{};
+      size = 0;
+      have_header = false;
+      active = false;
+    }
+  };
+
+  bool read_frames() {
+    bool any = false;
+    for (int i = 0; i < frames_per_round; ++i) {
+      amqp_frame_t f;
+      timeval zero{0, 0};
+      const int st = amqp_simple_wait_frame_noblock(conn_, &f, &zero);
+      if (st == AMQP_STATUS_TIMEOUT) break;
+      if (st != AMQP_STATUS_OK) {
+        connected_ = false;
+        throw error(std::string("runnel::amqp: connection lost: ") + amqp_error_string2(st));
+      }
+      any = true;
+      handle_frame(f);
+      if (!partial_.active) amqp_maybe_release_buffers(conn_);
+    }
+    return any;
+  }
+
+  static void copy_headers(const amqp_table_t& t, message& m) {
+    for (int i = 0; i < t.num_entries; ++i) {
+      const amqp_table_entry_t& e = t.entries[i];
+      std::string k = bytes_str(e.key), v;
+      switch (e.value.kind) {
+        case AMQP_FIELD_KIND_UTF8:
+        case AMQP_FIELD_KIND_BYTES: v = bytes_str(e.value.value.bytes); break;
+        case AMQP_FIELD_KIND_I8: v = std::to_string(e.value.value.i8); break;
+        case AMQP_FIELD_KIND_U8: v = std::to_string(e.value.value.u8); break;
+        case AMQP_FIELD_KIND_I16: v = std::to_string(e.value.value.i16); break;
+        case AMQP_FIELD_KIND_U16: v = std::to_string(e.value.value.u16); break;
+        case AMQP_FIELD_KIND_I32: v = std::to_string(e.value.value.i32); break;
+        case AMQP_FIELD_KIND_U32: v = std::to_string(e.value.value.u32); break;
+        case AMQP_FIELD_KIND_I64: v = std::to_string(e.value.value.i64); break;
+        case AMQP_FIELD_KIND_U64: v = std::to_string(e.value.value.u64); break;
+        default: continue;  // other kinds are not carried
+      }
+      if (k == attempt_header) {
+        try {
+          m.attempt = static_cast<unsigned>(std::stoul(v));
+        } catch (...) {
+          m.attempt = 1;
+        }
+      }
+      m.headers.emplace_back(std::move(k), std::move(v));
+    }
+  }
+
+  void handle_frame(const amqp_frame_t& f) {
+    if (f.frame_type == AMQP_FRAME_METHOD) {
+      handle_method(f.channel, f.payload.method);
+      return;
+    }
+    if (f.channel != chan_ || !partial_.active) return;
+    if (f.frame_type == AMQP_FRAME_HEADER) {
+      partial_.size = f.payload.properties.body_size;
+      const auto* p = static_cast<const amqp_basic_properties_t*>(f.payload.properties.decoded);
+      if (p != nullptr) {
+        if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) partial_.d.message_id = bytes_str(p->message_id);
+        if (p->_flags & AMQP_BASIC_HEADERS_FLAG) copy_headers(p->headers, partial_.d);
+      }
+      partial_.have_header = true;
+      partial_.d.body.reserve(partial_.size);
+    } else if (f.frame_type == AMQP_FRAME_BODY) {
+      partial_.d.body.append(static_cast<const char*>(f.payload.body_fragment.bytes), f.payload.body_fragment.len);
+    } else {
+      return;
+    }
+    if (partial_.have_header && partial_.d.body.size() >= partial_.size) complete_delivery();
+  }
+
+  void complete_delivery() {
+    consumer& c = *consumers_[partial_.consumer];
+    c_delivered_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    if (partial_.d.redelivered) c_redelivered_.fetch_add(1, std::memory_order_relaxed);
+    window_.delivered(partial_.d.tag_);
+    set_unacked();
+    c.pending.push_back(std::move(partial_.d));
+    partial_.reset();
+  }
+
+  void handle_method(amqp_channel_t ch, const amqp_method_t& m) {
+    switch (m.id) {
+      case AMQP_BASIC_DELIVER_METHOD: {
+        if (ch != chan_) return;
+        const auto* d = static_cast<const amqp_basic_deliver_t*>(m.decoded);
+        partial_.reset();
+        partial_.active = true;
+        const std::string tag = bytes_str(d->consumer_tag);
+        partial_.consumer = consumer_index(tag);
+        partial_.d.routing_key = bytes_str(d->routing_key);
+        partial_.d.exchange = bytes_str(d->exchange);
+        partial_.d.redelivered = d->redelivered != 0;
+        partial_.d.core_ = shared_from_this();
+        partial_.d.epoch_ = epoch();
+        partial_.d.tag_ = d->delivery_tag;
+        partial_.d.consumer_ = partial_.consumer;
+        return;
+      }
+      case AMQP_BASIC_ACK_METHOD: {
+        if (ch != chan_) return;
+        const auto* a = static_cast<const amqp_basic_ack_t*>(m.decoded);
+        on_confirm(a->delivery_tag, a->multiple != 0, true);
+        return;
+      }
+      case AMQP_BASIC_NACK_METHOD: {
+        if (ch != chan_) return;
+        const auto* a = static_cast<const amqp_basic_nack_t*>(m.decoded);
+        on_confirm(a->delivery_tag, a->multiple != 0, false);
+        return;
+      }
+      case AMQP_BASIC_CANCEL_METHOD: {
+        // The broker cancelled a consumer (its queue was deleted).
+        const auto* c = static_cast<const amqp_basic_cancel_t*>(m.decoded);
+        const std::string tag = bytes_str(c->consumer_tag);
+        throw_fatal(error("runnel::amqp: the broker cancelled the consumer of queue '" +
+                          consumers_[consumer_index(tag)]->opts.queue + "' (queue deleted?)", 404));
+        return;
+      }
+      case AMQP_CHANNEL_CLOSE_METHOD: {
+        const auto* c = static_cast<const amqp_channel_close_t*>(m.decoded);
+        const int code = c->reply_code;
+        const std::string text = bytes_str(c->reply_text);
+        amqp_channel_close_ok_t ok{};
+        amqp_send_method(conn_, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        channel_open_ = false;
+        throw error("runnel::amqp: the broker closed the channel: " + std::to_string(code) + " " + text, code);
+      }
+      case AMQP_CONNECTION_CLOSE_METHOD: {
+        const auto* c = static_cast<const amqp_connection_close_t*>(m.decoded);
+        const int code = c->reply_code;
+        const std::string text = bytes_str(c->reply_text);
+        amqp_connection_close_ok_t ok{};
+        amqp_send_method(conn_, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        connected_ = false;
+        throw error("runnel::amqp: the broker closed the connection: " + std::to_string(code) + " " + text,
+                    code);
+      }
+      default:
+        return;  // cancel-ok, flow, blocked, ...: nothing to do
+    }
+  }
+
+  [[noreturn]] void throw_fatal(error e) {
+    fatal_stop_ = true;
+    throw e;
+  }
+
+  std::uint32_t consumer_index(const std::string& tag) const {
+    // Tags are "runnel-<index>".
+    const std::size_t i = tag.size() > 7 ? std::stoul(tag.substr(7)) : 0;
+    return static_cast<std::uint32_t>(i < consumers_.size() ? i : 0);
+  }
+
+  void on_confirm(std::uint64_t seq, bool multiple, bool ok) {
+    for (auto& u : unconfirmed_) {
+      if (u.seq > seq) break;
+      if (u.seq == seq || multiple) u.confirmed = true;
+    }
+    while (!unconfirmed_.empty() && unconfirmed_.front().confirmed) {
+      unconfirmed& u = unconfirmed_.front();
+      c_confirmed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+      if (u.has_input && u.epoch == epoch()) {
+        if (ok) {
+          if (u.kind == unconfirmed::retry) c_retried_.fetch_add(1, std::memory_order_relaxed);
+          if (u.kind == unconfirmed::dead_letter) c_dead_.fetch_add(1, std::memory_order_relaxed);
+          window_.complete(u.tag);
+        } else {
+          // The broker could not take the result: requeue the input.
+          amqp_basic_nack(conn_, chan_, u.tag, 0, 1);
+          window_.mark_sent(u.tag);
+          c_nacked_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+        }
+      }
+      unconfirmed_.pop_front();
+    }
+  }
+
+  // ---- feeding the pipeline --------------------------------------------------
+
+  bool feed_consumers() {
+    bool any = false;
+    for (auto& c : consumers_) {
+      if (c->pending.empty() || !c->ch) continue;
+      const std::size_t n = c->pending.size();
+      const auto k = c->ch->try_send_n(c->pending.begin(), n);
+      if (!k) {
+        // The pipeline dropped the channel: requeue what it will never take.
+        for (auto& d : c->pending) {
+          amqp_basic_nack(conn_, chan_, d.tag_, 0, 1);
+          window_.mark_sent(d.tag_);
+          c_nacked_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+          d.core_ = nullptr;
+        }
+        c->pending.clear();
+        continue;
+      }
+      if (*k != 0) any = true;
+      c->pending.erase(c->pending.begin(), c->pending.begin() + static_cast<std::ptrdiff_t>(*k));
+      if (!c->pending.empty()) arm(*c->waker, *c->ch, true);
+    }
+    return any;
+  }
+
+  // ---- acks --------------------------------------------------------------------
+
+  // Busy: ack when a batch of done tags has gathered (each ack frame costs
+  // the broker as much as a message); idle: ack everything at once, so acks
+  // never wait for a batch to fill.
+  void flush_acks(bool idle) {
+    if (!idle && window_.done_waiting() < ack_batch) return;
+    std::uint64_t n = 0;
+    if (const auto tag = window_.advance(&n)) {
+      send_ack(*tag, true);
+      c_acked_.fetch_add(n, std::memory_order_relaxed);  // relaxed: a counter
+    }
+    // Stragglers behind a slow message: singly, when idle or when they would
+    // otherwise hold back much of the prefetch window.
+    if (idle || window_.done_waiting() >= ack_batch) {
+      for (std::uint64_t t : window_.take_stragglers()) {
+        send_ack(t, false);
+        c_acked_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+      }
+    }
+    set_unacked();
+  }
+
+  void send_ack(std::uint64_t tag, bool multiple) {
+    const int st = amqp_basic_ack(conn_, chan_, tag, multiple ? 1 : 0);
+    if (st != AMQP_STATUS_OK) {
+      connected_ = false;
+      throw error(std::string("runnel::amqp: ack failed: ") + amqp_error_string2(st));
+    }
+  }
+
+  void set_unacked() {
+    const std::uint64_t u = window_.unsettled();
+    c_unacked_.store(u, std::memory_order_relaxed);  // relaxed: a gauge for display
+    if (u > c_unacked_peak_.load(std::memory_order_relaxed)) c_unacked_peak_.store(u, std::memory_order_relaxed);
+  }
+
+  // ---- sleeping ------------------------------------------------------------------
+
+  void sleep() {
+    if (connected_ && channel_open_) flush_acks(true);
+    // Relaxed store + heavy fence: see wake().
+    sleeping_.store(true, std::memory_order_relaxed);
+    runnel::detail::heavy_fence();
+    bool work = !ops_.empty_approx();
+    {
+      std::lock_guard lock(req_m_);
+      work |= !requests_.empty() || (closing_requested_ && !closing_);
+    }
+    if (conn_ != nullptr && connected_) work |= amqp_frames_enqueued(conn_) || amqp_data_in_buffer(conn_);
+    if (!work) {
+      pollfd fds[2];
+      fds[0] = {efd_, POLLIN, 0};
+      int n = 1;
+      if (conn_ != nullptr && connected_) fds[n++] = {amqp_get_sockfd(conn_), POLLIN, 0};
+      // Wake at least every half heartbeat so rabbitmq-c sends ours (it only
+      // does inside library calls), and every second while closing.
+      int timeout = opts_.heartbeat_s > 0 ? opts_.heartbeat_s * 500 : 1000;
+      if (closing_ || timeout > 1000) timeout = std::min(timeout, 1000);
+      ::poll(fds, static_cast<nfds_t>(n), timeout);
+    }
+    sleeping_.store(false, std::memory_order_relaxed);  // relaxed: only avoids needless writes
+    std::uint64_t v;
+    [[maybe_unused]] const auto r = ::read(efd_, &v, sizeof v);
+  }
+
+  // ---- closing ----------------------------------------------------------------
+
+  // Stop consuming: cancel every consumer (deliveries already received still
+  // go through the pipeline).
+  void begin_close() {
+    closing_ = true;
+    close_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    for (auto& c : consumers_) {
+      if (c->cancelled) continue;
+      c->cancelled = true;
+      if (connected_ && channel_open_) {
+        amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c->tag.c_str()));
+        // A failure here is noticed by the next read.
+      }
+    }
+  }
+
+  // True once nothing is left in flight.
+  bool close_done() {
+    for (auto& c : consumers_) {
+      if (!c->pending.empty()) return false;
+      if (c->ch) {
+        c->ch->close();  // the pipeline ends once it has drained it
+        if (c->ch->unpark(*c->waker)) c->waker->armed.store(false, std::memory_order_relaxed);
+      }
+    }
+    for (auto& p : publishers_)
+      if (p->ch && p->ch->size_approx() != 0) return false;
+    if (!window_.empty() || !unconfirmed_.empty()) {
+      return std::chrono::steady_clock::now() >= close_deadline_;
+    }
+    return true;
+  }
+
+  void shutdown_connection() {
+    if (conn_ == nullptr) return;
+    if (connected_) {
+      amqp_channel_close(conn_, chan_, AMQP_REPLY_SUCCESS);
+      amqp_connection_close(conn_, AMQP_REPLY_SUCCESS);
+    }
+    amqp_destroy_connection(conn_);
+    conn_ = nullptr;
+    connected_ = false;
+  }
+
+  // ---- reconnecting ------------------------------------------------------------
+
+  void lost() {
+    if (fatal_stop_) throw error(last_error_, last_code_);
+    if (conn_ != nullptr) {
+      amqp_destroy_connection(conn_);
+      conn_ = nullptr;
+    }
+    connected_ = false;
+    channel_open_ = false;
+    partial_.reset();
+    // Everything of the dead channel is void: a new epoch starts now, so late
+    // acks and results of the old one are dropped.
+    epoch_.fetch_add(1, std::memory_order_release);  // release: as in open_channel
+    window_.reset();
+    set_unacked();
+    backoff_ms_ = opts_.reconnect_initial_ms;
+    failed_attempts_ = 0;
+  }
+
+  void reconnect() {
+    // Capped exponential backoff with jitter; interruptible by close().
+    std::uniform_int_distribution<int> jitter(backoff_ms_ / 2, backoff_ms_ + backoff_ms_ / 2);
+    const int delay = jitter(rng_);
+    pollfd fd{efd_, POLLIN, 0};
+    ::poll(&fd, 1, delay);
+    std::uint64_t v;
+    [[maybe_unused]] const auto r = ::read(efd_, &v, sizeof v);
+    if (closing_requested()) return;
+    backoff_ms_ = std::min(backoff_ms_ * 2, opts_.reconnect_max_ms);
+    next_ep_ = (next_ep_ + 1) % opts_.endpoints.size();
+    try {
+      connect(opts_.endpoints[next_ep_]);
+      restore();
+      c_reconnects_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    } catch (const error& e) {
+      last_error_ = e.what();
+      last_code_ = e.reply_code();
+      if (conn_ != nullptr) {
+        amqp_destroy_connection(conn_);
+        conn_ = nullptr;
+      }
+      connected_ = false;
+      channel_open_ = false;
+      if (opts_.reconnect_attempts > 0 && ++failed_attempts_ >= opts_.reconnect_attempts)
+        throw error("runnel::amqp: giving up reconnecting: " + last_error_, last_code_);
+    }
+  }
+
+  // The I/O thread is ending (closed or fatal): end the pipeline's input,
+  // stop taking results, answer waiting requests.
+  void finish() noexcept {
+    shutdown_connection();
+    for (auto& c : consumers_) {
+      for (auto& d : c->pending) d.core_ = nullptr;
+      c->pending.clear();
+      if (c->ch) {
+        if (c->ch->unpark(*c->waker)) c->waker->armed.store(false, std::memory_order_relaxed);
+        if (c->ch->senders.fetch_sub(1, std::memory_order_acq_rel) == 1) c->ch->close();
+        c->ch->close();
+      }
+    }
+    for (auto& p : publishers_) {
+      if (p->ch) {
+        if (p->ch->unpark(*p->waker)) p->waker->armed.store(false, std::memory_order_relaxed);
+        if (p->ch->receivers.fetch_sub(1, std::memory_order_acq_rel) == 1) p->ch->close();
+        p->ch->close();
+      }
+    }
+    std::vector<request*> rs;
+    {
+      std::lock_guard lock(req_m_);
+      finished_ = true;
+      rs.swap(requests_);
+    }
+    for (request* r : rs) r->done.set_exception(std::make_exception_ptr(error("runnel::amqp: the client is closed")));
+  }
+
+  connection_options opts_;
+  mpmc_queue<op> ops_;  // acks and failures from workers
+  int efd_ = -1;
+  // True while the I/O thread is (about to be) asleep in poll(); see wake().
+  std::atomic<bool> sleeping_{false};
+  // Epoch of the current AMQP channel; written by the I/O thread only.
+  std::atomic<std::uint64_t> epoch_{0};
+
+  std::mutex req_m_;
+  std::vector<request*> requests_;      // guarded by req_m_
+  bool closing_requested_ = false;      // guarded by req_m_
+  bool finished_ = false;               // guarded by req_m_
+  std::exception_ptr fatal_;            // guarded by req_m_ after the thread ended
+  std::thread thread_;
+
+  // I/O thread only from here on (and the constructor's thread before it starts).
+  amqp_connection_state_t conn_ = nullptr;
+  amqp_channel_t chan_ = 0;
+  bool connected_ = false, channel_open_ = false;
+  bool closing_ = false, fatal_stop_ = false;
+  std::chrono::steady_clock::time_point close_deadline_{};
+  std::size_t next_ep_ = 0;
+  std::vector<std::unique_ptr<consumer>> consumers_;
+  std::vector<std::unique_ptr<publisher>> publishers_;
+  std::vector<std::string> declared_;
+  ack_window window_;
+  std::deque<unconfirmed> unconfirmed_;
+  std::uint64_t next_seq_ = 1;
+  partial_delivery partial_;
+  int backoff_ms_ = 100, failed_attempts_ = 0;
+  std::string last_error_;
+  int last_code_ = 0;
+  std::minstd_rand rng_{std::random_device{}()};
+
+  // Counters (relaxed: each independent, for stats()).
+  std::atomic<std::uint64_t> c_delivered_{0}, c_redelivered_{0}, c_acked_{0}, c_nacked_{0}, c_retried_{0},
+      c_dead_{0}, c_published_{0}, c_confirmed_{0}, c_stale_{0}, c_reconnects_{0}, c_unacked_{0},
+      c_unacked_peak_{0};
+
+  friend class runnel::amqp::delivery;
+};
+
+}  // namespace detail
+
+inline void delivery::settle() noexcept {
+  if (!core_) return;
+  detail::op o;
+  o.epoch = epoch_;
+  o.tag = tag_;
+  o.consumer = consumer_;
+  if (std::uncaught_exceptions() > uncaught_) {
+    o.kind = detail::op::fail;
+    o.reason = "an exception was thrown while processing the message";
+    o.msg = std::move(static_cast<message&>(*this));
+  }
+  auto c = std::move(core_);
+  c->push(std::move(o));
+}
+
+inline void delivery::fail(std::string reason) noexcept {
+  if (!core_) return;
+  detail::op o;
+  o.kind = detail::op::fail;
+  o.epoch = epoch_;
+  o.tag = tag_;
+  o.consumer = consumer_;
+  o.reason = std::move(reason);
+  o.msg = std::move(static_cast<message&>(*this));
+  auto c = std::move(core_);
+  c->push(std::move(o));
+}
+
+}  // namespace runnel::amqp
