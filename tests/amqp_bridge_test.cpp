@@ -201,7 +201,7 @@ TEST_CASE("round trip: every input id appears exactly once in the output, nothin
   CHECK(runnel_test::queue_counts(*b, in) == std::pair<long, long>{0, 0});
 }
 
-TEST_CASE("a sink acks after it returns; a filtering stage acks what it drops", "[amqp][broker]") {
+TEST_CASE("a sink acks after it returns and a filtering stage acks what it drops", "[amqp][broker]") {
   broker* b = broker::get();
   if (b == nullptr) return;
   const std::size_t n = 2000;
@@ -228,7 +228,7 @@ TEST_CASE("a sink acks after it returns; a filtering stage acks what it drops", 
   CHECK(runnel_test::queue_counts(*b, in) == std::pair<long, long>{0, 0});
 }
 
-TEST_CASE("poison messages are dead-lettered after max_attempts with the error text; others delivered",
+TEST_CASE("poison messages are dead-lettered after max_attempts with the error text and others delivered",
           "[amqp][broker]") {
   broker* b = broker::get();
   if (b == nullptr) return;

@@ -674,7 +674,7 @@ TEST_CASE("channel: try_recv_n reports closed only when nothing more will arrive
 
 // ---- huge and negative timeouts ------------------------------------------------
 
-TEST_CASE("channel: huge timeouts mean no deadline; negative ones try once", "[channel]") {
+TEST_CASE("channel: huge timeouts mean no deadline and negative ones try once", "[channel]") {
   using std::chrono::hours;
   using std::chrono::nanoseconds;
   const auto now = std::chrono::steady_clock::now();
@@ -719,7 +719,9 @@ TEST_CASE("channel: huge timeouts mean no deadline; negative ones try once", "[c
 // failure: after a generous wait it unblocks the call and fails the test.
 TEST_CASE("blocking channel calls on the only worker of a one-worker pool throw instead of hanging", "[channel][pool]") {
   runnel::thread_pool one({.threads = 1});
-  auto [tx, rx] = runnel::make_channel<int>(1);
+  auto channel = runnel::make_channel<int>(1);
+  auto& tx = channel.first;  // named references: lambdas may not capture structured bindings (clang 14)
+  auto& rx = channel.second;
   auto expect_throw = [&](auto call, auto unblock) {
     std::future<bool> threw = one.submit([&] {
       try {

@@ -174,7 +174,7 @@ TEST_CASE("pipeline: ordered delivery survives a 1-worker pool and tiny windows"
   check_invariant(run.stats());
 }
 
-TEST_CASE("pipeline: errors reach the handler with their message; the run goes on",
+TEST_CASE("pipeline: errors reach the handler with their message and the run goes on",
           "[pipeline]") {
   const std::uint64_t n = runnel_test::scaled(20000);
   thread_pool pool(pool_of(2));

@@ -303,7 +303,7 @@ TEST_CASE("every bad argument is a usage error that says what is wrong", "[scali
              Contains("not built with the RabbitMQ bridge"));
 }
 
-TEST_CASE("--cores beyond the allowed CPUs is refused unless --oversubscribe", "[scaling][args]") {
+TEST_CASE("scaling: --cores beyond the allowed CPUs is refused unless --oversubscribe", "[scaling][args]") {
   using Catch::Matchers::Contains;
   const std::string m = usage_message({"--cores", "1,3"}, 2);
   CHECK_THAT(m, Contains("--cores 3 is more than the 2 CPUs"));
@@ -312,7 +312,7 @@ TEST_CASE("--cores beyond the allowed CPUs is refused unless --oversubscribe", "
   CHECK(parse({"--cores", "1,3", "--oversubscribe"}, 2).cores == std::vector<std::size_t>{1, 3});
 }
 
-TEST_CASE("--help is not an error; the program exits 0 for help and 2 for a usage error", "[scaling][args]") {
+TEST_CASE("scaling: --help is not an error and the program exits 0 for help and 2 for a usage error", "[scaling][args]") {
   try {
     parse({"--help"});
     FAIL("no help_requested");

@@ -141,7 +141,7 @@ TEST_CASE("a deep chain of nested waits completes (bounded helping depth)", "[gr
   }
 }
 
-TEST_CASE("wait rethrows the first exception; the group is reusable", "[group][errors]") {
+TEST_CASE("wait rethrows the first exception and the group is reusable", "[group][errors]") {
   thread_pool pool{{.threads = 2, .pin = false}};
   task_group g{pool};
   std::atomic<int> ran{0};

@@ -179,7 +179,7 @@ TEST_CASE("the error handler receives every posted-task exception and the count 
   CHECK(distinct.count("task 999") == 1);
 }
 
-TEST_CASE("the default error handler keeps the worker alive; a throwing handler is survived", "[pool]") {
+TEST_CASE("the default error handler keeps the worker alive and a throwing handler is survived", "[pool]") {
   std::atomic<int> after{0};
   {
     thread_pool pool{{.threads = 1, .pin = false}};
@@ -215,7 +215,7 @@ void spawn_tree(thread_pool& pool, std::atomic<std::size_t>& count, std::size_t 
 }
 }  // namespace
 
-TEST_CASE("tasks may post more tasks; current() and is_worker() identify the pool", "[pool]") {
+TEST_CASE("tasks may post more tasks and current() and is_worker() identify the pool", "[pool]") {
   const std::size_t depth = runnel_test::under_sanitizer ? 9 : 14;
   for (std::size_t threads : {1, 2, 4}) {
     thread_pool pool{{.threads = threads, .pin = false}};
