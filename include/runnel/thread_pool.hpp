@@ -150,6 +150,52 @@ inline pool_worker*& current_worker() noexcept {
 // of hanging. One thread-local read on threads outside any pool.
 bool blocking_would_stall_pool() noexcept;
 
+// The pool's idle state packs two counts so that one load tells a poster
+// whether to wake anybody: searching workers (low half) and unparked workers
+// (high half).
+struct idle_counts {
+  static constexpr std::uint64_t one_searching = 1;
+  static constexpr std::uint64_t one_unparked = std::uint64_t{1} << 32;
+  static std::uint32_t searching_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s); }
+  static std::uint32_t unparked_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s >> 32); }
+};
+
+// The two sides of the handshake between a worker that publishes a task and
+// the last searcher leaving the search. thread_pool::notify_one_if_needed()
+// and thread_pool::stop_searching() call these; tests/idle_protocol_test.cpp
+// runs them against each other as a store-buffering litmus test.
+//
+// Publishing side, after the task is in a queue: true when a sleeper must be
+// woken (nobody searches and some worker is parked).
+inline bool publisher_must_wake(const std::atomic<std::uint64_t>& state, std::size_t workers) noexcept {
+  // Orders the publish before the load below (the light side of the
+  // handshake whose heavy side is in park() and last_searcher_sees_work()).
+  light_fence();
+  // Relaxed: ordered by light_fence(), see above.
+  const std::uint64_t s = state.load(std::memory_order_relaxed);
+  return idle_counts::searching_of(s) == 0 && idle_counts::unparked_of(s) < workers;
+}
+
+// Leaving side: stops counting one searcher. True when it was the last
+// searcher, some worker is parked, and queued() then reports work: the caller
+// must hand the search over to a sleeper, so parallelism ramps up.
+//
+// It is the heavy side of the same handshake as park(): a publisher that read
+// the state before our decrement skipped its wake-up because of us, and its
+// push may still sit in its store buffer (the light fence is only a compiler
+// barrier with membarrier), so a plain re-check could miss it: the task would
+// be stranded in a busy worker's deque while others sleep. After the heavy
+// fence the re-check sees every such push. With no worker parked nobody
+// needs waking (a worker parking later re-checks itself), so the fence is
+// paid only when someone sleeps.
+template <class Queued>
+bool last_searcher_sees_work(std::atomic<std::uint64_t>& state, std::size_t workers, Queued&& queued) noexcept {
+  const std::uint64_t before = state.fetch_sub(idle_counts::one_searching, std::memory_order_seq_cst);
+  if (idle_counts::searching_of(before) != 1 || idle_counts::unparked_of(before) >= workers) return false;
+  heavy_fence();
+  return static_cast<bool>(queued());
+}
+
 inline void print_task_error(std::exception_ptr e) noexcept {
   try {
     std::rethrow_exception(std::move(e));
@@ -470,22 +516,15 @@ class thread_pool {
     return unparked_of(idle_state_.load(std::memory_order_seq_cst)) == 0;
   }
 
-  // idle_state_ packs two counts so that one load tells a poster whether to
-  // wake anybody: searching workers (low half) and unparked workers (high).
-  static constexpr std::uint64_t one_searching = 1;
-  static constexpr std::uint64_t one_unparked = std::uint64_t{1} << 32;
-  static std::uint32_t searching_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s); }
-  static std::uint32_t unparked_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s >> 32); }
+  // idle_state_'s layout: see detail::idle_counts.
+  static constexpr std::uint64_t one_searching = detail::idle_counts::one_searching;
+  static constexpr std::uint64_t one_unparked = detail::idle_counts::one_unparked;
+  static std::uint32_t searching_of(std::uint64_t s) noexcept { return detail::idle_counts::searching_of(s); }
+  static std::uint32_t unparked_of(std::uint64_t s) noexcept { return detail::idle_counts::unparked_of(s); }
 
   // After publishing work: wake one sleeper unless a searcher will find it.
   void notify_one_if_needed() noexcept {
-    // Orders the publish before the load below (the light side of the
-    // handshake whose heavy side is in park()).
-    detail::light_fence();
-    // Relaxed: ordered by light_fence(), see above.
-    const std::uint64_t s = idle_state_.load(std::memory_order_relaxed);
-    if (searching_of(s) != 0 || unparked_of(s) >= workers_.size()) return;
-    wake_one();
+    if (detail::publisher_must_wake(idle_state_, workers_.size())) wake_one();
   }
 
   void wake_one() noexcept {
@@ -577,24 +616,13 @@ class thread_pool {
     return nullptr;
   }
 
-  // Found work: no longer a searcher.
-  //
-  // The last searcher to leave hands the search over to a sleeper when more
-  // work is queued, so parallelism ramps up. It is the heavy side of the same
-  // handshake as park(): a worker that pushed to its deque, ran the light
-  // fence and then read idle_state_ before our decrement skipped its wake-up
-  // because of us, and its push may still sit in its store buffer (the light
-  // fence is only a compiler barrier with membarrier), so a plain re-check
-  // here can miss it: the task is then stranded in a busy worker's deque
-  // while others sleep. After the heavy fence the re-check sees every such
-  // push. With no worker parked nobody needs waking (a worker parking later
-  // re-checks itself), so the fence is paid only when someone sleeps.
+  // Found work: no longer a searcher. The last searcher to leave hands the
+  // search over to a sleeper when more work is queued (see
+  // detail::last_searcher_sees_work() for the handshake).
   void stop_searching(detail::pool_worker& self) noexcept {
     self.searching = false;
-    const std::uint64_t before = idle_state_.fetch_sub(one_searching, std::memory_order_seq_cst);
-    if (searching_of(before) != 1 || unparked_of(before) >= workers_.size()) return;
-    detail::heavy_fence();
-    if (any_queued()) notify_one_if_needed();
+    if (detail::last_searcher_sees_work(idle_state_, workers_.size(), [this] { return any_queued(); }))
+      notify_one_if_needed();
   }
 
   // Sleeps until woken. Returns false when the pool is shutting down and no
