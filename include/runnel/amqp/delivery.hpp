@@ -19,8 +19,9 @@
 // blocking the worker); an ack for an older connection epoch is dropped (the
 // broker has already requeued that message) and counted.
 //
-// The pipeline tells the last two cases through runnel::message_fate (set
-// while it destroys a message it counts as failed or discarded). A
+// The pipeline tells "destroyed as failed" and "destroyed as discarded"
+// through runnel::message_fate (set while it destroys a message it counts as
+// failed or discarded; pipeline/message_fate.hpp). A
 // default-constructed delivery has no identity: it is an outgoing message
 // built by the user (see client::publish).
 #pragma once
