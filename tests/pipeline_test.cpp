@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "test_support.hpp"
@@ -580,4 +581,106 @@ TEST_CASE("pipeline: wait_for / wait_until time out, finish, rethrow, and satura
 
   runnel::pipeline_handle empty;
   CHECK_THROWS_AS(empty.wait_for(std::chrono::seconds(1)), std::logic_error);
+}
+
+namespace {
+
+// How the live messages of a run were destroyed, by the fate the pipeline
+// reported at the time.
+struct fate_ledger {
+  std::atomic<std::uint64_t> normal{0}, discarded{0}, failed{0};
+};
+
+// A message that records current_message_fate() when its live value is
+// destroyed (a moved-from husk records nothing).
+struct fated {
+  std::uint64_t id = 0;
+  fate_ledger* led = nullptr;
+  fated(std::uint64_t i, fate_ledger* l) : id(i), led(l) {}
+  fated(fated&& o) noexcept : id(o.id), led(std::exchange(o.led, nullptr)) {}
+  fated& operator=(fated&& o) noexcept {
+    record();
+    id = o.id;
+    led = std::exchange(o.led, nullptr);
+    return *this;
+  }
+  fated(const fated&) = delete;
+  fated& operator=(const fated&) = delete;
+  ~fated() { record(); }
+  void record() noexcept {
+    if (led == nullptr) return;
+    switch (runnel::current_message_fate()) {
+      case runnel::message_fate::normal: led->normal.fetch_add(1); break;
+      case runnel::message_fate::discarded: led->discarded.fetch_add(1); break;
+      case runnel::message_fate::failed: led->failed.fetch_add(1); break;
+    }
+    led = nullptr;
+  }
+};
+
+auto fated_source(fate_ledger& led, std::uint64_t n) {
+  return [&led, n, i = std::uint64_t{0}]() mutable -> std::optional<fated> {
+    if (i == n) return std::nullopt;
+    return std::optional<fated>(std::in_place, i++, &led);
+  };
+}
+
+}  // namespace
+
+TEST_CASE("pipeline: message_fate reports failed for a failing message, discarded for what cancel drops",
+          "[pipeline]") {
+  thread_pool pool(pool_of(2));
+  CHECK(runnel::current_message_fate() == runnel::message_fate::normal);
+  SECTION("a stage taking the message by reference throws") {
+    for (bool ordered : {false, true}) {
+      fate_ledger led;
+      const std::uint64_t n = 2000;
+      std::atomic<std::uint64_t> handled{0}, sunk{0};
+      auto run = pipeline{pool}
+                     .source(fated_source(led, n), {.capacity = 64})
+                     .stage([](fated& m) -> fated {
+                       if (m.id % 10 == 3) throw std::runtime_error("odd one");
+                       return std::move(m);
+                     }, {.workers = 2, .ordered = ordered, .capacity = 64})
+                     .sink([&](fated&) { sunk.fetch_add(1); })
+                     .on_error([&](const runnel::stage_failure&) { handled.fetch_add(1); })
+                     .run();
+      run.wait();
+      const auto s = run.stats();
+      check_invariant(s);
+      CHECK(handled.load() == n / 10);
+      CHECK(s.failed == n / 10);
+      CHECK(led.failed.load() == n / 10);  // each failed message, once
+      CHECK(led.normal.load() == n - n / 10);
+      CHECK(sunk.load() == n - n / 10);
+      CHECK(led.discarded.load() == 0);
+    }
+  }
+  SECTION("cancel mid-run") {
+    std::uint64_t discarded_total = 0;
+    for (int round = 0; round < 4; ++round) {
+      fate_ledger led;
+      std::atomic<std::uint64_t> sunk{0};
+      auto run = pipeline{pool}
+                     .source(fated_source(led, UINT64_MAX), {.capacity = 64})
+                     .stage([](fated& m) -> fated { return std::move(m); },
+                            {.workers = 2, .ordered = (round & 1) != 0, .capacity = 64})
+                     .sink([&](fated) { sunk.fetch_add(1); }, {.workers = 2})
+                     .run();
+      while (sunk.load() < 500) std::this_thread::yield();
+      run.cancel();
+      run.wait();
+      const auto s = run.stats();
+      check_invariant(s);
+      // Every produced message destroyed once: normally if delivered, as
+      // discarded if cancel dropped it.
+      CHECK(led.normal.load() == s.delivered);
+      CHECK(led.discarded.load() == s.discarded);
+      CHECK(led.failed.load() == 0);
+      CHECK(led.normal.load() + led.discarded.load() == s.produced);
+      discarded_total += s.discarded;
+    }
+    CHECK(discarded_total > 0);  // cancel did drop something to report
+  }
+  CHECK(runnel::current_message_fate() == runnel::message_fate::normal);
 }

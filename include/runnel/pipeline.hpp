@@ -57,6 +57,9 @@
 //   produced == delivered + filtered + failed + discarded.
 // If the receivers of a .to() channel close it, the message that could not
 // be sent is discarded and the run is cancelled.
+// A message counted as discarded or failed is destroyed under a
+// runnel::message_fate saying so (pipeline/message_fate.hpp), so a type
+// whose destructor settles something can tell it from a processed one.
 //
 // Types. stage_options, stage_failure, error_handler, stage_stats and
 // pipeline_stats (namespace runnel) are declared in pipeline_types.hpp,
@@ -84,6 +87,7 @@
 #include "channel.hpp"
 #include "detail/deadline.hpp"
 #include "detail/pipeline_nodes.hpp"
+#include "pipeline/message_fate.hpp"
 #include "pipeline_types.hpp"
 #include "thread_pool.hpp"
 

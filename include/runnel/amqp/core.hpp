@@ -87,7 +87,7 @@ inline constexpr std::size_t publishes_per_round = 512;
 
 // An op queued by a worker to the I/O thread.
 struct op {
-  enum kind_t : std::uint8_t { ack, fail } kind = ack;
+  enum kind_t : std::uint8_t { ack, fail, requeue } kind = ack;
   std::uint32_t consumer = 0;
   std::uint64_t epoch = 0;
   std::uint64_t tag = 0;
@@ -555,6 +555,9 @@ class core : public std::enable_shared_from_this<core> {
       }
       if (o.kind == op::ack) {
         window_.complete(o.tag);
+      } else if (o.kind == op::requeue) {
+        // Never processed (the pipeline discarded it): back to the queue.
+        requeue(o.tag);
       } else {
         apply_policy(o);
       }
@@ -892,15 +895,14 @@ class core : public std::enable_shared_from_this<core> {
   bool feed_consumers() {
     bool any = false;
     for (auto& c : consumers_) {
+      requeue_abandoned(*c);
       if (c->pending.empty() || !c->ch) continue;
       const std::size_t n = c->pending.size();
       const auto k = c->ch->try_send_n(c->pending.begin(), n);
       if (!k) {
         // The pipeline dropped the channel: requeue what it will never take.
         for (auto& d : c->pending) {
-          amqp_basic_nack(conn_, chan_, d.tag_, 0, 1);
-          window_.mark_sent(d.tag_);
-          c_nacked_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+          requeue(d.tag_);
           d.core_ = nullptr;
         }
         c->pending.clear();
@@ -913,7 +915,33 @@ class core : public std::enable_shared_from_this<core> {
     return any;
   }
 
+  // The pipeline let go of the consume channel (its last receiver is gone,
+  // e.g. after cancel()): requeue what is still in it, which nobody will
+  // take, instead of holding it unacked until the connection closes.
+  void requeue_abandoned(consumer& c) {
+    // Acquire: pairs with the last receiver's acq_rel decrement; no receiver
+    // touches the ring after it, so this thread may drain it.
+    if (!c.ch || c.ch->receivers.load(std::memory_order_acquire) != 0) return;
+    const std::uint64_t ep = epoch();
+    for (;;) {
+      const auto got = c.ch->try_recv_n([this, ep](delivery&& d) noexcept {
+        if (d.core_ && d.epoch_ == ep) requeue(d.tag_);  // an older epoch's was requeued by the broker
+        d.core_ = nullptr;  // settled here: its destructor must not ack it
+      }, 256);
+      if (!got || *got == 0) return;
+    }
+  }
+
   // ---- acks --------------------------------------------------------------------
+
+  // Settles `tag` on its own with a nack that requeues it.
+  // A tag that is not pending is ignored (settling it twice would close
+  // the channel), as complete() ignores one.
+  void requeue(std::uint64_t tag) {
+    if (!window_.mark_sent(tag)) return;
+    amqp_basic_nack(conn_, chan_, tag, 0, 1);
+    c_nacked_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+  }
 
   // Busy: ack when a batch of done tags has gathered (each ack frame costs
   // the broker as much as a message); idle: ack everything at once, so acks
@@ -999,6 +1027,7 @@ class core : public std::enable_shared_from_this<core> {
   // True once nothing is left in flight.
   bool close_done() {
     for (auto& c : consumers_) {
+      requeue_abandoned(*c);
       if (!c->pending.empty()) return false;
       if (c->ch) {
         c->ch->close();  // the pipeline ends once it has drained it
@@ -1152,7 +1181,10 @@ inline void delivery::settle() noexcept {
   o.epoch = epoch_;
   o.tag = tag_;
   o.consumer = consumer_;
-  if (std::uncaught_exceptions() > uncaught_) {
+  const message_fate fate = current_message_fate();
+  if (fate == message_fate::discarded) {
+    o.kind = detail::op::requeue;
+  } else if (fate == message_fate::failed || std::uncaught_exceptions() > uncaught_) {
     o.kind = detail::op::fail;
     o.reason = "an exception was thrown while processing the message";
     o.msg = std::move(static_cast<message&>(*this));

@@ -5,20 +5,25 @@
 // identity settles the message when it is destroyed:
 //   - destroyed normally (a stage filtered it, a sink returned): acked;
 //   - destroyed while an exception unwinds through its owner (a stage or
-//     sink taking it by value threw), or fail(reason) was called: handed to
-//     the consumer's failure policy (retry with the attempt count + 1, or
-//     dead-letter after max_attempts);
+//     sink taking it by value threw), destroyed by the pipeline as failed (a
+//     stage or sink taking it by reference threw), or fail(reason) was
+//     called: handed to the consumer's failure policy (retry with the
+//     attempt count + 1, or dead-letter after max_attempts);
+//   - destroyed by the pipeline as discarded, never processed (cancel(), or
+//     a .to() channel closed by its receivers): nacked with requeue, so the
+//     broker delivers it again (to this or another consumer) and it is
+//     processed once; nothing is lost and nothing processed twice;
 //   - moved into client::publish(): acked once the broker confirms the
 //     publish of the result.
 // The ack is queued to the connection's I/O thread (lock-free, never
 // blocking the worker); an ack for an older connection epoch is dropped (the
 // broker has already requeued that message) and counted.
 //
-// Take the delivery by value (or as an rvalue) in stage and sink functions:
-// a function that takes it by reference and throws leaves it to the
-// pipeline, which destroys it normally after the error handler, and it is
-// then acked. A default-constructed delivery has no identity: it is an
-// outgoing message built by the user (see client::publish).
+// The pipeline tells "destroyed as failed" and "destroyed as discarded"
+// through runnel::message_fate (set while it destroys a message it counts as
+// failed or discarded; pipeline/message_fate.hpp). A
+// default-constructed delivery has no identity: it is an outgoing message
+// built by the user (see client::publish).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +32,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "../pipeline/message_fate.hpp"
 
 namespace runnel::amqp {
 

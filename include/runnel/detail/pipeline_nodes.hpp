@@ -31,6 +31,13 @@
 // and one node's out is the next node's in. Cancel closes the internal
 // channels (so upstream pushes fail and their values are counted as
 // discarded) and lets every lane drain and count what it holds.
+//
+// Fates. Every message counted as discarded or failed is destroyed under a
+// message_fate_scope saying so (pipeline/message_fate.hpp), one by one or as
+// the tail of a buffer, so that a message type whose destructor settles
+// something (a broker ack) can tell "never processed" and "failed" from
+// "done". Only the messages counted are covered: moved-from husks and
+// processed messages are destroyed with the normal fate.
 #pragma once
 
 #include <algorithm>
@@ -54,6 +61,7 @@
 #include "../channel.hpp"
 #include "../thread_pool.hpp"
 #include "../pipeline_types.hpp"
+#include "../pipeline/message_fate.hpp"
 #include "asymmetric_fence.hpp"
 #include "channel_state.hpp"
 #include "ring_common.hpp"
@@ -293,6 +301,27 @@ using call_result_t = typename std::conditional_t<std::is_invocable_v<F&, T&>,
                                                   std::invoke_result<F&, T&>,
                                                   std::invoke_result<F&, T&&>>::type;
 
+// Destroys v[from..] with fate `f` (the messages counted as discarded or
+// failed); the rest of v is left to the caller.
+template <class T>
+void drop_tail(std::vector<T>& v, std::size_t from, message_fate f) noexcept {
+  if constexpr (!std::is_trivially_destructible_v<T>) {  // else no destructor to tell
+    if (from >= v.size()) return;
+    const message_fate_scope scope(f);
+    while (v.size() > from) v.pop_back();  // pop_back: T need not be assignable
+  }
+}
+
+// Destroys the value held in `msg` now, with fate `f`, leaving a moved-from
+// husk for the buffer to destroy later.
+template <class T>
+void drop_one(T& msg, message_fate f) noexcept {
+  if constexpr (!std::is_trivially_destructible_v<T>) {  // else no destructor to tell
+    const message_fate_scope scope(f);
+    [[maybe_unused]] T gone(std::move(msg));
+  }
+}
+
 template <class R> struct unwrap_optional { using type = R; static constexpr bool filters = false; };
 template <class R> struct unwrap_optional<std::optional<R>> { using type = R; static constexpr bool filters = true; };
 
@@ -378,6 +407,7 @@ class source_node final : public node_base {
 
   void finish() noexcept {
     discarded.add(buf_.size() - pos_);
+    drop_tail(buf_, pos_, message_fate::discarded);
     buf_.clear();
     pos_ = 0;
     out_port.finish();
@@ -500,7 +530,7 @@ class stage_node final : public node_base {
         if (got) {
           in.add(*got);
           discarded.add(*got);
-          l.inbuf.clear();
+          drop_tail(l.inbuf, 0, message_fate::discarded);
           if (*got != 0) continue;
         }
       } else if (ordered_) {
@@ -540,6 +570,7 @@ class stage_node final : public node_base {
       std::optional<out_t> res;
       if (st.cancelled()) {
         ++n_discarded;
+        drop_one(msg, message_fate::discarded);
       } else {
         try {
           if constexpr (is_sink) {
@@ -554,6 +585,8 @@ class stage_node final : public node_base {
         } catch (...) {
           ++n_failed;
           st.report(*this, std::current_exception(), &msg);
+          // After the handler saw it (a by-reference function left it whole).
+          drop_one(msg, message_fate::failed);
         }
       }
       if constexpr (!is_sink) {
@@ -579,11 +612,13 @@ class stage_node final : public node_base {
         const std::size_t left = l.outbuf.size() - l.out_pos;
         if (st.cancelled()) {
           discarded.add(left);
+          drop_tail(l.outbuf, l.out_pos, message_fate::discarded);
           break;
         }
         const auto k = och.try_send_n(l.outbuf.begin() + static_cast<std::ptrdiff_t>(l.out_pos), left);
         if (!k) {
           discarded.add(left);
+          drop_tail(l.outbuf, l.out_pos, message_fate::discarded);
           if (!st.cancelled()) st.cancel();  // a .to() channel closed by its receivers
           break;
         }
@@ -650,11 +685,13 @@ class stage_node final : public node_base {
           const std::size_t left = ebuf_.size() - epos_;
           if (st.cancelled()) {
             discarded.add(left);
+            drop_tail(ebuf_, epos_, message_fate::discarded);
             break;
           }
           const auto k = och.try_send_n(ebuf_.begin() + static_cast<std::ptrdiff_t>(epos_), left);
           if (!k) {
             discarded.add(left);
+            drop_tail(ebuf_, epos_, message_fate::discarded);
             if (!st.cancelled()) st.cancel();
             break;
           }
