@@ -217,12 +217,17 @@ class channel_state {
     // seq_cst RMW (release would do for the hand-over of the pushed value;
     // the extra order is free on x86 and keeps the reasoning simple).
     const std::uint64_t prev = state_.fetch_sub(one_sender);
-    if ((prev & closed_bit) != 0 && prev - one_sender == closed_bit) {
-      // The last in-flight send after close(): receivers that saw it in
-      // flight went back to waiting; now they can finish.
-      not_empty_.notify_all();
-      recv_tasks_.notify_all();
+    if ((prev & closed_bit) != 0 && prev - one_sender == closed_bit) [[unlikely]] {
+      wake_receivers_after_last_send();
     }
+  }
+
+  // The last in-flight send after close(): receivers that saw it in flight
+  // went back to waiting; now they can finish. Out of line: rare, and kept
+  // out of every send's inlined body.
+  [[gnu::noinline, gnu::cold]] void wake_receivers_after_last_send() noexcept {
+    not_empty_.notify_all();
+    recv_tasks_.notify_all();
   }
 
   // True when closed with no send in flight. A send that arrives after
