@@ -21,14 +21,20 @@ inline bool& on_sole_worker() noexcept {
   return sole;
 }
 
+// Out of line and cold: the message is built only when thrown, and the
+// check below stays a load and a branch in every inlined send and recv.
+[[noreturn, gnu::cold, gnu::noinline]] inline void throw_blocking_on_sole_worker(const char* call) {
+  throw std::logic_error(std::string("runnel::") + call +
+                         ": called on the only worker of a one-worker pool, which would stop every "
+                         "task of that pool (a partner task could never run); use the try_ forms, "
+                         "or a pipeline node, which parks instead of blocking");
+}
+
 // Throws std::logic_error naming `call` when blocking here would stall the
 // calling thread's pool for good.
 inline void check_may_block(const char* call) {
   if (on_sole_worker()) [[unlikely]]
-    throw std::logic_error(std::string("runnel::") + call +
-                           ": called on the only worker of a one-worker pool, which would stop every "
-                           "task of that pool (a partner task could never run); use the try_ forms, "
-                           "or a pipeline node, which parks instead of blocking");
+    throw_blocking_on_sole_worker(call);
 }
 
 }  // namespace runnel::detail
