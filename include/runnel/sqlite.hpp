@@ -240,7 +240,7 @@ class store {
   // After the commit: tell the user, then destroy normally (acks).
   void committed(std::span<T> items) {
     if (h_.on_commit) guard([&] { h_.on_commit(items); });
-    for (T& m : items) T released(std::move(m));
+    for (T& m : items) [[maybe_unused]] T released(std::move(m));
   }
 
   // After the rollback: tell the user, then destroy as failed.
@@ -248,7 +248,7 @@ class store {
     bump(failed_, items.size());
     if (h_.on_failure) guard([&] { h_.on_failure(items, f); });
     const message_fate_scope fate(message_fate::failed);
-    for (T& m : items) T released(std::move(m));
+    for (T& m : items) [[maybe_unused]] T released(std::move(m));
   }
 
   static write_failure describe(std::exception_ptr e) {
