@@ -202,7 +202,7 @@ TEST_CASE("consumers killed with SIGKILL mid-batch and connections closed under 
   const std::size_t n = n_inputs();
   scratch_dir d;
   consumer_args a{b->url(), runnel_test::unique_name("sqin"), (d.dir / "out.db").string(),
-                  (d.dir / "report").string(), 10000, 0};
+                  (d.dir / "report").string(), 20000, 0};
   {
     raw r(b->port());
     r.fresh_queue(a.queue);
