@@ -75,12 +75,15 @@ struct bridge_case {
   amqp::client c;
 
   bridge_case(broker& br, const std::string& tag, std::size_t n, const std::string& query = "")
+      : bridge_case(br, tag, n, amqp::connection_options::from_url(br.url(query))) {}
+
+  bridge_case(broker& br, const std::string& tag, std::size_t n, amqp::connection_options o)
       : b(br),
         in(runnel_test::unique_name(tag + "in")),
         out(runnel_test::unique_name(tag + "out")),
         dlq(runnel_test::unique_name(tag + "dlq")),
         r(br.port()),
-        c(amqp::connection_options::from_url(br.url(query))) {
+        c(std::move(o)) {
     r.fresh_queue(in);
     r.fresh_queue(out);
     r.fresh_queue(dlq);
@@ -620,21 +623,15 @@ TEST_CASE("several broker addresses: a dead one first is skipped, and a broker r
   broker* b = broker::get();
   if (b == nullptr) return;
   const std::size_t n = 2000;
-  const std::string in = runnel_test::unique_name("mein"), out = runnel_test::unique_name("meout");
-  {
-    raw r(b->port());
-    r.fresh_queue(in);
-    r.fresh_queue(out);
-    r.publish_n(in, n, id_body);
-  }
   auto o = amqp::connection_options::from_url("amqp://guest:guest@127.0.0.1:" + std::to_string(closed_port()) +
                                               ",127.0.0.1:" + std::to_string(b->port()) + "/%2f");
   REQUIRE(o.endpoints.size() == 2);
   o.reconnect_max_ms = 400;  // keep the restart short
-  runnel::thread_pool pool({.threads = 2, .pin = false});
-  amqp::client c{o};
+  bridge_case t(*b, "me", n, o);
+  auto& c = t.c;
+  const std::string& in = t.in;
   std::atomic<bool> gate{false};
-  auto run = runnel::pipeline{pool}
+  auto run = runnel::pipeline{t.pool}
                  .from(c.consume({.queue = in, .prefetch = 100}))
                  .stage([&gate, n](amqp::delivery d) {
                    if (std::stoul(d.body) >= n / 2)
@@ -642,7 +639,7 @@ TEST_CASE("several broker addresses: a dead one first is skipped, and a broker r
                    d.body = "r:" + d.body;
                    return d;
                  }, {.workers = 2})
-                 .to(c.publish({.routing_key = out}))
+                 .to(c.publish({.routing_key = t.out}))
                  .run();
   REQUIRE(eventually([&] { return c.stats().acked >= n / 4; }));
   // The broker goes away and comes back: the client tries both addresses in
@@ -658,8 +655,8 @@ TEST_CASE("several broker addresses: a dead one first is skipped, and a broker r
   REQUIRE(drained);
   c.close();
   run.wait();
-  raw r(b->port());
-  const auto got = r.take(out, 10 * n, 1500);
+  raw r(b->port());  // the fixture's connection closed with the broker
+  const auto got = r.take(t.out, 10 * n, 1500);
   std::vector<int> seen(n, 0);
   for (const auto& m : got) ++seen[std::stoul(m.body.substr(2))];
   std::size_t missing = 0;

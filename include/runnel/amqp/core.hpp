@@ -148,27 +148,18 @@ class core : public std::enable_shared_from_this<core> {
                   std::to_string(co.prefetch));
     if (co.on_failure.max_attempts == 0)
       throw error("runnel::amqp: failure_policy::max_attempts must be at least 1");
-    const std::size_t cap = co.capacity != 0 ? co.capacity : co.prefetch;
-    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(cap, true);
-    receiver<delivery> rx(ch);
     request r;
     r.kind = request::consume;
     r.copts = co;
-    r.ch = std::move(ch);
-    submit(r);
-    return rx;
+    return open_channel_end<receiver<delivery>>(r, co.capacity != 0 ? co.capacity : co.prefetch);
   }
 
   sender<delivery> publish(const publish_options& po) {
     if (po.capacity == 0) throw error("runnel::amqp: publish_options::capacity must be at least 1");
-    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(po.capacity, true);
-    sender<delivery> tx(ch);
     request r;
     r.kind = request::publish;
     r.popts = po;
-    r.ch = std::move(ch);
-    submit(r);
-    return tx;
+    return open_channel_end<sender<delivery>>(r, po.capacity);
   }
 
   void declare_queue(const std::string& name) {
@@ -294,6 +285,18 @@ class core : public std::enable_shared_from_this<core> {
     }
     wake();
     fut.get();  // rethrows the I/O thread's error
+  }
+
+  // A new channel of `capacity` between the pipeline and the I/O thread:
+  // hands it to the I/O thread with request r and returns the user's end
+  // once the I/O thread has taken the other (throwing its error).
+  template <class End>
+  End open_channel_end(request& r, std::size_t capacity) {
+    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(capacity, true);
+    End end(ch);
+    r.ch = std::move(ch);
+    submit(r);
+    return end;
   }
 
   void wake_now() noexcept {
