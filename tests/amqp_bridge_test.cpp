@@ -622,7 +622,7 @@ TEST_CASE("several broker addresses: a dead one first is skipped, and a broker r
           "[amqp][broker]") {
   broker* b = broker::get();
   if (b == nullptr) return;
-  const std::size_t n = 2000;
+  constexpr std::size_t n = 2000;
   auto o = amqp::connection_options::from_url("amqp://guest:guest@127.0.0.1:" + std::to_string(closed_port()) +
                                               ",127.0.0.1:" + std::to_string(b->port()) + "/%2f");
   REQUIRE(o.endpoints.size() == 2);
@@ -633,7 +633,7 @@ TEST_CASE("several broker addresses: a dead one first is skipped, and a broker r
   std::atomic<bool> gate{false};
   auto run = runnel::pipeline{t.pool}
                  .from(c.consume({.queue = in, .prefetch = 100}))
-                 .stage([&gate, n](amqp::delivery d) {
+                 .stage([&gate](amqp::delivery d) {
                    if (std::stoul(d.body) >= n / 2)
                      while (!gate.load()) std::this_thread::sleep_for(1ms);
                    d.body = "r:" + d.body;
