@@ -32,9 +32,15 @@
 // redelivers it. A delivery moved into publish() is acked when the broker
 // confirms its result. Acks are coalesced (multiple = true on the contiguous
 // watermark, single acks for stragglers) and flushed whenever the I/O thread
-// goes idle. Caveat: pipeline_handle::cancel() destroys the deliveries it
-// discards normally, so they are acked; stop a bridged pipeline with
-// client.close() instead.
+// goes idle. pipeline_handle::cancel() requeues the deliveries the pipeline
+// discards, and the I/O thread then cancels that consumer at the broker
+// (basic.cancel) and requeues what it still holds; client.close() is the
+// graceful stop (it drains instead).
+//
+// Resource alarms: while the broker has blocked the connection
+// (connection.blocked; stats().blocked) nothing is published, so the I/O
+// thread never stalls in a write the broker does not read; results wait in
+// their bounded publish channels.
 //
 // Faults. A lost connection (broker restart, forced close, heartbeat
 // timeout, a channel error) is re-established with capped exponential

@@ -196,9 +196,10 @@ class raw {
   amqp_channel_t next_ch_ = 1;
 };
 
-// "messages_ready messages_unacknowledged" of q, from rabbitmqctl.
-inline std::pair<long, long> queue_counts(const broker& b, const std::string& q) {
-  const std::string out = b.ctl("list_queues name messages_ready messages_unacknowledged");
+// Two numeric columns of q's line in `rabbitmqctl list_queues name a b`;
+// {-1, -1} when q is not listed.
+inline std::pair<long, long> queue_columns(const broker& b, const std::string& q, const std::string& cols) {
+  const std::string out = b.ctl("list_queues name " + cols);
   std::size_t pos = 0;
   while (pos < out.size()) {
     const std::size_t eol = out.find('\n', pos);
@@ -210,6 +211,16 @@ inline std::pair<long, long> queue_counts(const broker& b, const std::string& q)
     pos = eol + 1;
   }
   return {-1, -1};
+}
+
+// "messages_ready messages_unacknowledged" of q, from rabbitmqctl.
+inline std::pair<long, long> queue_counts(const broker& b, const std::string& q) {
+  return queue_columns(b, q, "messages_ready messages_unacknowledged");
+}
+
+// Consumers of q at the broker.
+inline long queue_consumers(const broker& b, const std::string& q) {
+  return queue_columns(b, q, "consumers messages").first;
 }
 
 inline std::string unique_name(const std::string& base) {

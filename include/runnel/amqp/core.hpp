@@ -72,6 +72,8 @@ struct client_stats {
   std::uint64_t reconnects = 0;
   std::uint64_t unacked = 0;        // gauge: deliveries of the current epoch not yet acked
   std::uint64_t unacked_peak = 0;   // highest value of unacked seen
+  std::uint64_t blocks = 0;         // connection.blocked received (broker resource alarm)
+  bool blocked = false;             // gauge: the broker blocks publishing now
 };
 
 namespace detail {
@@ -146,27 +148,18 @@ class core : public std::enable_shared_from_this<core> {
                   std::to_string(co.prefetch));
     if (co.on_failure.max_attempts == 0)
       throw error("runnel::amqp: failure_policy::max_attempts must be at least 1");
-    const std::size_t cap = co.capacity != 0 ? co.capacity : co.prefetch;
-    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(cap, true);
-    receiver<delivery> rx(ch);
     request r;
     r.kind = request::consume;
     r.copts = co;
-    r.ch = std::move(ch);
-    submit(r);
-    return rx;
+    return open_channel_end<receiver<delivery>>(r, co.capacity != 0 ? co.capacity : co.prefetch);
   }
 
   sender<delivery> publish(const publish_options& po) {
     if (po.capacity == 0) throw error("runnel::amqp: publish_options::capacity must be at least 1");
-    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(po.capacity, true);
-    sender<delivery> tx(ch);
     request r;
     r.kind = request::publish;
     r.popts = po;
-    r.ch = std::move(ch);
-    submit(r);
-    return tx;
+    return open_channel_end<sender<delivery>>(r, po.capacity);
   }
 
   void declare_queue(const std::string& name) {
@@ -207,6 +200,8 @@ class core : public std::enable_shared_from_this<core> {
     s.reconnects = c_reconnects_.load(std::memory_order_relaxed);
     s.unacked = c_unacked_.load(std::memory_order_relaxed);
     s.unacked_peak = c_unacked_peak_.load(std::memory_order_relaxed);
+    s.blocks = c_blocks_.load(std::memory_order_relaxed);
+    s.blocked = c_blocked_.load(std::memory_order_relaxed);
     return s;
   }
 
@@ -292,6 +287,18 @@ class core : public std::enable_shared_from_this<core> {
     fut.get();  // rethrows the I/O thread's error
   }
 
+  // A new channel of `capacity` between the pipeline and the I/O thread:
+  // hands it to the I/O thread with request r and returns the user's end
+  // once the I/O thread has taken the other (throwing its error).
+  template <class End>
+  End open_channel_end(request& r, std::size_t capacity) {
+    auto ch = std::make_shared<runnel::detail::channel_state<delivery>>(capacity, true);
+    End end(ch);
+    r.ch = std::move(ch);
+    submit(r);
+    return end;
+  }
+
   void wake_now() noexcept {
     const std::uint64_t one = 1;
     [[maybe_unused]] const auto n = ::write(efd_, &one, sizeof one);
@@ -354,18 +361,22 @@ class core : public std::enable_shared_from_this<core> {
     amqp_set_handshake_timeout(conn_, &tv);
     amqp_set_rpc_timeout(conn_, &tv);
     // Advertise consumer_cancel_notify so a deleted queue cancels our
-    // consumer visibly instead of leaving it silent.
-    amqp_table_entry_t cap[2];
+    // consumer visibly instead of leaving it silent, and connection.blocked
+    // so a resource alarm is announced (we then stop publishing, see blocked_).
+    amqp_table_entry_t cap[3];
     cap[0].key = amqp_cstring_bytes("consumer_cancel_notify");
     cap[0].value.kind = AMQP_FIELD_KIND_BOOLEAN;
     cap[0].value.value.boolean = 1;
     cap[1].key = amqp_cstring_bytes("publisher_confirms");
     cap[1].value.kind = AMQP_FIELD_KIND_BOOLEAN;
     cap[1].value.value.boolean = 1;
+    cap[2].key = amqp_cstring_bytes("connection.blocked");
+    cap[2].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    cap[2].value.value.boolean = 1;
     amqp_table_entry_t props[1];
     props[0].key = amqp_cstring_bytes("capabilities");
     props[0].value.kind = AMQP_FIELD_KIND_TABLE;
-    props[0].value.value.table.num_entries = 2;
+    props[0].value.value.table.num_entries = 3;
     props[0].value.value.table.entries = cap;
     amqp_table_t client_props{1, props};
     const amqp_rpc_reply_t r =
@@ -546,6 +557,13 @@ class core : public std::enable_shared_from_this<core> {
 
   bool take_ops() {
     bool any = false;
+    while (!blocked_ && !deferred_fails_.empty()) {
+      op d = std::move(deferred_fails_.front());
+      deferred_fails_.pop_front();
+      if (d.epoch == epoch()) apply_policy(d);
+      else c_stale_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+      any = true;
+    }
     op o;
     for (int i = 0; i < 4096 && ops_.try_pop(o); ++i) {
       any = true;
@@ -558,6 +576,8 @@ class core : public std::enable_shared_from_this<core> {
       } else if (o.kind == op::requeue) {
         // Never processed (the pipeline discarded it): back to the queue.
         requeue(o.tag);
+      } else if (blocked_) {
+        deferred_fails_.push_back(std::move(o));
       } else {
         apply_policy(o);
       }
@@ -648,7 +668,7 @@ class core : public std::enable_shared_from_this<core> {
     bool any = false;
     std::vector<delivery> batch;
     for (auto& p : publishers_) {
-      if (!p->ch) continue;
+      if (!p->ch || blocked_) continue;
       batch.clear();
       const auto got = p->ch->try_recv_n([&batch](delivery&& d) noexcept {
         try {
@@ -850,9 +870,26 @@ class core : public std::enable_shared_from_this<core> {
         throw error("runnel::amqp: the broker closed the connection: " + std::to_string(code) + " " + text,
                     code);
       }
+      case AMQP_CONNECTION_BLOCKED_METHOD:
+        set_blocked(true);
+        return;
+      case AMQP_CONNECTION_UNBLOCKED_METHOD:
+        set_blocked(false);
+        return;
       default:
-        return;  // cancel-ok, flow, blocked, ...: nothing to do
+        return;  // cancel-ok, flow, ...: nothing to do
     }
+  }
+
+  // A blocked broker stops reading our socket at the first publish, which
+  // would then stall this thread in send() (no acks, no deliveries, no
+  // heartbeats). So while blocked nothing is published: results wait in
+  // their bounded publish channels (the stages feeding them park), failures
+  // wait in deferred_fails_ (at most one per unacked delivery).
+  void set_blocked(bool b) {
+    if (b && !blocked_) c_blocks_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    blocked_ = b;
+    c_blocked_.store(b, std::memory_order_relaxed);  // relaxed: a gauge for display
   }
 
   [[noreturn]] void throw_fatal(error e) {
@@ -916,12 +953,14 @@ class core : public std::enable_shared_from_this<core> {
   }
 
   // The pipeline let go of the consume channel (its last receiver is gone,
-  // e.g. after cancel()): requeue what is still in it, which nobody will
-  // take, instead of holding it unacked until the connection closes.
+  // e.g. after cancel()): cancel the consumer so the broker stops sending,
+  // and requeue what is still in the channel, which nobody will take,
+  // instead of holding it unacked until the connection closes.
   void requeue_abandoned(consumer& c) {
     // Acquire: pairs with the last receiver's acq_rel decrement; no receiver
     // touches the ring after it, so this thread may drain it.
     if (!c.ch || c.ch->receivers.load(std::memory_order_acquire) != 0) return;
+    if (!c.cancelled) cancel_consumer(c);
     const std::uint64_t ep = epoch();
     for (;;) {
       const auto got = c.ch->try_recv_n([this, ep](delivery&& d) noexcept {
@@ -1014,13 +1053,17 @@ class core : public std::enable_shared_from_this<core> {
   void begin_close() {
     closing_ = true;
     close_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    for (auto& c : consumers_) {
-      if (c->cancelled) continue;
-      c->cancelled = true;
-      if (connected_ && channel_open_) {
-        amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c->tag.c_str()));
-        // A failure here is noticed by the next read.
-      }
+    for (auto& c : consumers_)
+      if (!c->cancelled) cancel_consumer(*c);
+  }
+
+  // basic.cancel (and not again after a reconnect); deliveries already on
+  // their way still arrive and are requeued or processed as usual.
+  void cancel_consumer(consumer& c) {
+    c.cancelled = true;
+    if (connected_ && channel_open_) {
+      amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c.tag.c_str()));
+      // A failure here is noticed by the next read.
     }
   }
 
@@ -1069,6 +1112,8 @@ class core : public std::enable_shared_from_this<core> {
     epoch_.fetch_add(1, std::memory_order_release);  // release: as in open_channel
     window_.reset();
     set_unacked();
+    deferred_fails_.clear();  // their inputs come back redelivered
+    set_blocked(false);       // a new connection is told again if the alarm holds
     backoff_ms_ = opts_.reconnect_initial_ms;
     failed_attempts_ = 0;
   }
@@ -1160,6 +1205,8 @@ class core : public std::enable_shared_from_this<core> {
   std::deque<unconfirmed> unconfirmed_;
   std::uint64_t next_seq_ = 1;
   partial_delivery partial_;
+  bool blocked_ = false;            // connection.blocked and not yet unblocked
+  std::deque<op> deferred_fails_;   // failures to publish once unblocked
   int backoff_ms_ = 100, failed_attempts_ = 0;
   std::string last_error_;
   int last_code_ = 0;
@@ -1168,7 +1215,8 @@ class core : public std::enable_shared_from_this<core> {
   // Counters (relaxed: each independent, for stats()).
   std::atomic<std::uint64_t> c_delivered_{0}, c_redelivered_{0}, c_acked_{0}, c_nacked_{0}, c_retried_{0},
       c_dead_{0}, c_published_{0}, c_confirmed_{0}, c_stale_{0}, c_reconnects_{0}, c_unacked_{0},
-      c_unacked_peak_{0};
+      c_unacked_peak_{0}, c_blocks_{0};
+  std::atomic<bool> c_blocked_{false};  // relaxed: a gauge for display
 
   friend class runnel::amqp::delivery;
 };

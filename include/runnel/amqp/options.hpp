@@ -2,9 +2,12 @@
 // (no broker library needed for this header).
 //
 //   amqp://user:password@host:port/vhost?heartbeat=10&connect_timeout=5
+//   amqp://user:password@host1:port1,host2:port2/vhost   (several brokers)
 //
 // - user and password default to guest/guest, host to 127.0.0.1, port to
-//   5672; "[::1]" style hosts are accepted.
+//   5672; "[::1]" style hosts are accepted. Several "host[:port]" separated
+//   by commas (one user, vhost and query for all) become several endpoints,
+//   tried in that order at connect and rotated through at each reconnect.
 // - The vhost is the percent-decoded path after the first '/': no path means
 //   "/", "amqp://h/" means the empty vhost, "%2f" is "/".
 // - Query keys (any other key is an error, so a typo is never silently
@@ -70,6 +73,31 @@ inline long long parse_int(std::string_view v, long long lo, long long hi, std::
   return x;
 }
 
+// One "host[:port]" (or "[v6]:port") of the URL's host list.
+inline endpoint parse_endpoint(std::string_view authority) {
+  endpoint ep;
+  std::string_view port;
+  bool has_port = false;
+  if (!authority.empty() && authority.front() == '[') {
+    const auto close = authority.find(']');
+    if (close == std::string_view::npos) throw error("runnel::amqp: unterminated '[' in the URL host");
+    ep.host = std::string(authority.substr(1, close - 1));
+    const std::string_view after = authority.substr(close + 1);
+    if (!after.empty() && after.front() != ':') throw error("runnel::amqp: junk after ']' in the URL host");
+    has_port = !after.empty();
+    if (has_port) port = after.substr(1);
+  } else {
+    const auto colon = authority.find(':');
+    ep.host = percent_decode(authority.substr(0, colon), "host");
+    has_port = colon != std::string_view::npos;
+    if (has_port) port = authority.substr(colon + 1);
+  }
+  if (ep.host.empty()) throw error("runnel::amqp: empty host in the URL");
+  if (has_port && port.empty()) throw error("runnel::amqp: empty port in the URL");
+  if (!port.empty()) ep.port = static_cast<int>(parse_int(port, 1, 65535, "port"));
+  return ep;
+}
+
 }  // namespace detail
 
 struct connection_options {
@@ -116,27 +144,13 @@ struct connection_options {
                                                    : detail::percent_decode(userinfo.substr(colon + 1), "password");
       if (o.user.empty()) throw error("runnel::amqp: empty user name in the URL");
     }
-    endpoint ep;
-    std::string_view port;
-    bool has_port = false;
-    if (!authority.empty() && authority.front() == '[') {
-      const auto close = authority.find(']');
-      if (close == std::string_view::npos) throw error("runnel::amqp: unterminated '[' in the URL host");
-      ep.host = std::string(authority.substr(1, close - 1));
-      const std::string_view after = authority.substr(close + 1);
-      if (!after.empty() && after.front() != ':') throw error("runnel::amqp: junk after ']' in the URL host");
-      has_port = !after.empty();
-      if (has_port) port = after.substr(1);
-    } else {
-      const auto colon = authority.find(':');
-      ep.host = detail::percent_decode(authority.substr(0, colon), "host");
-      has_port = colon != std::string_view::npos;
-      if (has_port) port = authority.substr(colon + 1);
+    o.endpoints.clear();
+    for (;;) {
+      const auto comma = authority.find(',');
+      o.endpoints.push_back(detail::parse_endpoint(authority.substr(0, comma)));
+      if (comma == std::string_view::npos) break;
+      authority = authority.substr(comma + 1);
     }
-    if (ep.host.empty()) throw error("runnel::amqp: empty host in the URL");
-    if (has_port && port.empty()) throw error("runnel::amqp: empty port in the URL");
-    if (!port.empty()) ep.port = static_cast<int>(detail::parse_int(port, 1, 65535, "port"));
-    o.endpoints = {ep};
     while (!query.empty()) {
       const auto amp = query.find('&');
       const std::string_view kv = query.substr(0, amp);
