@@ -17,11 +17,15 @@
 
 #include "amqp/broker.hpp"
 #include "runnel/scaling.hpp"
+#include "scaling_support.hpp"
 
 namespace sc = runnel::scaling;
 using runnel_test::broker;
 
 namespace {
+
+using scaling_support::slurp;
+using scaling_support::uneven_work;
 
 struct tally {
   std::atomic<std::uint64_t> delivered{0}, out_of_order{0}, sum{0};
@@ -39,14 +43,6 @@ struct counting_consumer {
   }
 };
 
-// Every fifth message costs 40 times more, so that an unordered stage on two
-// workers can finish messages out of order. Returns v.
-std::uint64_t uneven_work(std::uint64_t v) {
-  const int rounds = v % 5 == 0 ? 2000 : 50;
-  std::uint64_t h = v;
-  for (int i = 0; i < rounds; ++i) h = h * 6364136223846793005ull + 1442695040888963407ull;
-  return (h & 0) + v;
-}
 
 // The program with a std::string message ("<seq>") or a plain integer one.
 int run_job(std::vector<std::string> args, tally& t, bool string_messages) {
@@ -63,12 +59,6 @@ int run_job(std::vector<std::string> args, tally& t, bool string_messages) {
       [](std::uint64_t v) { return uneven_work(v); }, counting_consumer{&t});
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
 
 }  // namespace
 
@@ -105,7 +95,7 @@ TEST_CASE("a tiny --amqp run sends every message through the broker once on each
   }
 }
 
-TEST_CASE("--amqp refuses a queue that already holds messages and leaves them there", "[amqp][scaling]") {
+TEST_CASE("a queue that already holds messages is refused and left as it was", "[amqp][scaling]") {
   broker* b = broker::get();
   if (b == nullptr) return;
   const std::string q = runnel_test::unique_name("busy");
@@ -119,7 +109,7 @@ TEST_CASE("--amqp refuses a queue that already holds messages and leaves them th
   CHECK(runnel_test::queue_counts(*b, q) == std::pair<long, long>{5, 0});
 }
 
-TEST_CASE("--amqp with --seconds or a bad URL is a usage error", "[amqp][scaling]") {
+TEST_CASE("with --amqp, --seconds, a bad URL or an empty queue name is a usage error", "[amqp][scaling]") {
   tally t;
   CHECK(run_job({"--seconds", "1", "--amqp", "amqp://127.0.0.1", "--queue", "q"}, t, false) == 2);
   CHECK(run_job({"--amqp", "http://127.0.0.1", "--queue", "q"}, t, false) == 2);

@@ -24,10 +24,14 @@
 #include <vector>
 
 #include "runnel/scaling.hpp"
+#include "scaling_support.hpp"
 
 namespace sc = runnel::scaling;
 
 namespace {
+
+using scaling_support::slurp;
+using scaling_support::uneven_work;
 
 sc::options parse(std::vector<std::string> args, std::size_t cpus = 2) {
   args.insert(args.begin(), "scaling_test");
@@ -45,12 +49,6 @@ std::string usage_message(std::vector<std::string> args, std::size_t cpus = 2) {
   return "(no usage_error)";
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
 
 // A temporary directory removed (with the files the test wrote) at the end.
 struct temp_dir {
@@ -213,14 +211,6 @@ struct in_order_consumer {
   }
 };
 
-// Every fifth message costs 40 times more, so that implementations that do
-// not keep order visibly finish messages out of order. Returns v.
-std::uint64_t uneven_work(std::uint64_t v) {
-  const int rounds = v % 5 == 0 ? 2000 : 50;
-  std::uint64_t h = v;
-  for (int i = 0; i < rounds; ++i) h = h * 6364136223846793005ull + 1442695040888963407ull;
-  return (h & 0) + v;
-}
 
 int run_job(std::vector<std::string> args, tally& t, bool throw_at_7 = false) {
   args.insert(args.begin(), "scaling_test");

@@ -17,6 +17,8 @@
 // needs CLI11 and nlohmann_json (Debian: libcli11-dev, nlohmann-json3-dev) and
 // uses oneTBB as a peer when found; the core target runnel::runnel does not
 // depend on any of them, and runnel.hpp does not include this header.
+// runnel::scaling_amqp (when librabbitmq is found) adds --amqp URL --queue Q:
+// runnel's stage fed from RabbitMQ through the bridge (scaling/amqp_feed.hpp).
 //
 // For each core count and implementation the program runs the whole stream
 // --repetitions times (repetitions interleaved across implementations, so a
