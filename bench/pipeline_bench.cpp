@@ -20,11 +20,8 @@
 // is shared and noisy.
 #include <benchmark/benchmark.h>
 
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -32,6 +29,7 @@
 
 #include "runnel/channel.hpp"
 #include "runnel/pipeline.hpp"
+#include "runnel/scaling/locked_queue.hpp"
 #include "runnel/thread_pool.hpp"
 #include "bench_support.hpp"
 
@@ -119,43 +117,10 @@ void BM_pipeline_tbb(benchmark::State& state) {
 
 // ---- mutex baseline -----------------------------------------------------------
 
+// The queue is runnel::scaling::locked_queue, shared with the scaling
+// benchmark's mutex+threads peer.
 template <class T>
-class mutex_queue {
- public:
-  explicit mutex_queue(std::size_t cap) : cap_(cap) {}
-  void push(T v) {
-    std::unique_lock lock(m_);
-    not_full_.wait(lock, [&] { return q_.size() < cap_; });
-    q_.push_back(std::move(v));
-    lock.unlock();
-    not_empty_.notify_one();
-  }
-  // nullopt once closed and empty.
-  std::optional<T> pop() {
-    std::unique_lock lock(m_);
-    not_empty_.wait(lock, [&] { return !q_.empty() || closed_; });
-    if (q_.empty()) return std::nullopt;
-    T v = std::move(q_.front());
-    q_.pop_front();
-    lock.unlock();
-    not_full_.notify_one();
-    return v;
-  }
-  void close() {
-    {
-      std::lock_guard lock(m_);
-      closed_ = true;
-    }
-    not_empty_.notify_all();
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable not_empty_, not_full_;
-  std::deque<T> q_;
-  std::size_t cap_;
-  bool closed_ = false;
-};
+using mutex_queue = runnel::scaling::locked_queue<T>;
 
 void BM_pipeline_mutex(benchmark::State& state) {
   const std::int64_t w = state.range(0);

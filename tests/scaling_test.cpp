@@ -5,24 +5,33 @@
 // every implementation. No timing is asserted.
 #include <catch2/catch.hpp>
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runnel/scaling.hpp"
+#include "scaling_support.hpp"
 
 namespace sc = runnel::scaling;
 
 namespace {
+
+using scaling_support::slurp;
+using scaling_support::uneven_work;
 
 sc::options parse(std::vector<std::string> args, std::size_t cpus = 2) {
   args.insert(args.begin(), "scaling_test");
@@ -40,12 +49,6 @@ std::string usage_message(std::vector<std::string> args, std::size_t cpus = 2) {
   return "(no usage_error)";
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
 
 // A temporary directory removed (with the files the test wrote) at the end.
 struct temp_dir {
@@ -208,14 +211,6 @@ struct in_order_consumer {
   }
 };
 
-// Every fifth message costs 40 times more, so that implementations that do
-// not keep order visibly finish messages out of order. Returns v.
-std::uint64_t uneven_work(std::uint64_t v) {
-  const int rounds = v % 5 == 0 ? 2000 : 50;
-  std::uint64_t h = v;
-  for (int i = 0; i < rounds; ++i) h = h * 6364136223846793005ull + 1442695040888963407ull;
-  return (h & 0) + v;
-}
 
 int run_job(std::vector<std::string> args, tally& t, bool throw_at_7 = false) {
   args.insert(args.begin(), "scaling_test");
@@ -236,6 +231,86 @@ std::set<std::string> expected_implementations() {
   if (sc::have_tbb) s.insert("tbb");
   return s;
 }
+
+// Options for calling one implementation directly.
+sc::options small_run(std::uint64_t messages, std::size_t batch, std::size_t capacity) {
+  sc::options o;
+  o.messages = messages;
+  o.batch = batch;
+  o.capacity = capacity;
+  return o;
+}
+
+// The affinity mask of the calling thread, as ascending CPU ids (empty if
+// it cannot be read). Called from the runs' threads: no Catch assertions.
+std::vector<int> thread_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> cpus;
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return cpus;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &set)) cpus.push_back(c);
+  return cpus;
+}
+
+// Every affinity mask seen by the threads that called a job's functions.
+struct mask_log {
+  std::mutex m;
+  std::set<std::vector<int>> masks;
+  void record() {
+    auto cpus = thread_cpus();
+    std::lock_guard lock(m);
+    masks.insert(std::move(cpus));
+  }
+};
+
+// Makes an implementation that may reorder do so, without relying on timing
+// to fail: the stage holds message 0 back until message 1 has been consumed.
+// An implementation that keeps order cannot consume 1 first, so message 0
+// is let go `grace` after message 1's stage returned (a correct run never
+// depends on the grace; a reordering one has had it to consume 1 first).
+struct hold_back_state {
+  static constexpr auto grace = std::chrono::milliseconds(200);
+  // Only a liveness bound: a run that never brings message 1 through (no
+  // second thread) gives up instead of hanging, and the test fails on it.
+  static constexpr auto give_up = std::chrono::seconds(60);
+  std::atomic<bool> one_processed{false}, one_consumed{false}, gave_up{false};
+  std::mutex m;
+  std::vector<std::uint64_t> consumed;
+};
+
+struct hold_back_stage {
+  hold_back_state* st;
+  std::uint64_t operator()(std::uint64_t v) const {
+    // seq_cst: a handful of flag reads and writes in a test.
+    if (v == 1) st->one_processed.store(true);
+    if (v != 0) return v;
+    const auto start = std::chrono::steady_clock::now();
+    std::optional<std::chrono::steady_clock::time_point> processed_at;
+    while (!st->one_consumed.load()) {
+      const auto now = std::chrono::steady_clock::now();
+      if (!processed_at && st->one_processed.load()) processed_at = now;
+      if (processed_at && now - *processed_at > hold_back_state::grace) break;
+      if (now - start > hold_back_state::give_up) {
+        st->gave_up.store(true);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return v;
+  }
+};
+
+struct hold_back_consumer {
+  hold_back_state* st;
+  void operator()(std::uint64_t v) {
+    {
+      std::lock_guard lock(st->m);
+      st->consumed.push_back(v);
+    }
+    if (v == 1) st->one_consumed.store(true);
+  }
+};
 
 }  // namespace
 
@@ -485,10 +560,7 @@ TEST_CASE("an exception from the stage fails the run with status 1", "[scaling][
 
 TEST_CASE("every implementation delivers each message once, in order when asked, on 1 to 3 cores",
           "[scaling][run]") {
-  sc::options o;
-  o.messages = 20000;
-  o.batch = 4;
-  o.capacity = 16;
+  sc::options o = small_run(20000, 4, 16);
   o.ordered = GENERATE(false, true);
   const std::size_t cores = GENERATE(1, 2, 3);
   tally t;
@@ -510,10 +582,7 @@ TEST_CASE("every implementation delivers each message once, in order when asked,
 }
 
 TEST_CASE("an exception from a user function reaches the caller of every implementation", "[scaling][run]") {
-  sc::options o;
-  o.messages = 500;
-  o.batch = 4;
-  o.capacity = 16;
+  sc::options o = small_run(500, 4, 16);
   const std::size_t cores = GENERATE(1, 2);
   tally t;
   auto throwing = [](std::uint64_t v) -> std::uint64_t {
@@ -547,4 +616,50 @@ TEST_CASE("an output file that cannot be written fails with status 1", "[scaling
   tally t;
   CHECK(run_job({"--cores", "1", "--messages", "50", "--repetitions", "1", "--json", "/nonexistent/dir/r.json"},
                 t) == 1);
+}
+
+TEST_CASE("with two cores every implementation lets a held-back message be overtaken, unless --ordered",
+          "[scaling][run]") {
+  sc::options o = small_run(2, 1, 4);
+  o.ordered = GENERATE(false, true);
+  const std::vector<std::uint64_t> expected = o.ordered ? std::vector<std::uint64_t>{0, 1}
+                                                        : std::vector<std::uint64_t>{1, 0};
+  std::vector<std::string> impls{"runnel", "mutex+threads"};
+  if (sc::have_tbb) impls.emplace_back("tbb");
+  for (const auto& impl : impls) {
+    INFO(impl << (o.ordered ? ", ordered" : ", unordered"));
+    hold_back_state st;
+    const sc::job<std::uint64_t (*)(std::uint64_t), hold_back_stage, hold_back_consumer> j{
+        [](std::uint64_t seq) { return seq; }, hold_back_stage{&st}, hold_back_consumer{&st}};
+    const auto s = sc::run_one(impl, o, 2, j);
+    CHECK(s.messages == 2);
+    CHECK_FALSE(st.gave_up);
+    CHECK(st.consumed == expected);
+  }
+}
+
+TEST_CASE("the mutex+threads peer runs every thread on the first `cores` allowed CPUs", "[scaling][run]") {
+  const std::vector<int> allowed = runnel::detail::affinity_cpus();
+  const std::vector<int> before = thread_cpus();
+  const std::size_t cores = GENERATE(1, 2, 3);
+  const std::vector<int> expected(allowed.begin(),
+                                  allowed.begin() + static_cast<std::ptrdiff_t>(std::min(cores, allowed.size())));
+  sc::options o = small_run(3000, 4, 16);
+  mask_log gen, stage, sink;
+  auto generate = [&gen](std::uint64_t seq) {
+    gen.record();
+    return seq;
+  };
+  auto process = [&stage](std::uint64_t v) {
+    stage.record();
+    return v;
+  };
+  auto consume = [&sink](std::uint64_t) { sink.record(); };
+  const sc::job<decltype(generate), decltype(process), decltype(consume)> j{generate, process, consume};
+  CHECK(sc::run_mutex_threads(o, cores, j).messages == 3000);
+  const std::set<std::vector<int>> one{expected};
+  CHECK(gen.masks == one);
+  CHECK(stage.masks == one);
+  CHECK(sink.masks == one);
+  CHECK(thread_cpus() == before);  // the caller's own mask is left alone
 }

@@ -17,6 +17,8 @@
 // needs CLI11 and nlohmann_json (Debian: libcli11-dev, nlohmann-json3-dev) and
 // uses oneTBB as a peer when found; the core target runnel::runnel does not
 // depend on any of them, and runnel.hpp does not include this header.
+// runnel::scaling_amqp (when librabbitmq is found) adds --amqp URL --queue Q:
+// runnel's stage fed from RabbitMQ through the bridge (scaling/amqp_feed.hpp).
 //
 // For each core count and implementation the program runs the whole stream
 // --repetitions times (repetitions interleaved across implementations, so a
@@ -48,6 +50,10 @@
 #include "scaling/report.hpp"
 #include "scaling/svg_chart.hpp"
 #include "thread_pool.hpp"
+
+#ifdef RUNNEL_SCALING_HAVE_AMQP
+#include "scaling/amqp_feed.hpp"
+#endif
 
 namespace runnel::scaling {
 
@@ -96,7 +102,8 @@ run_sample run_runnel(const options& o, std::size_t cores, const J& j) {
 inline std::vector<std::string> implementations(const options& o, std::size_t cores) {
   std::vector<std::string> v;
   if (o.peers && cores == 1) v.emplace_back(loop_name);
-  v.emplace_back("runnel");
+  // With --amqp, runnel is fed from the broker; the peers stay in-process.
+  v.emplace_back(o.amqp_url.empty() ? "runnel" : "runnel+amqp");
   if (o.peers) {
     v.emplace_back("mutex+threads");
     if (have_tbb) v.emplace_back("tbb");
@@ -110,6 +117,9 @@ run_sample run_one(const std::string& impl, const options& o, std::size_t cores,
   if (impl == "mutex+threads") return run_mutex_threads(o, cores, j);
 #ifdef RUNNEL_SCALING_HAVE_TBB
   if (impl == "tbb") return run_tbb(o, cores, j);
+#endif
+#ifdef RUNNEL_SCALING_HAVE_AMQP
+  if (impl == amqp_name) return run_runnel_amqp(o, cores, j);
 #endif
   return run_runnel(o, cores, j);
 }
@@ -193,6 +203,10 @@ int run_main(int argc, const char* const* argv, const std::string& title, Gen ge
   report rep;
   try {
     rep = run(title, o, cpus, j, detail::terminal_progress);
+  } catch (const usage_error& e) {
+    detail::terminal_progress("");
+    std::cerr << (argc > 0 ? argv[0] : "scaling") << ": " << e.what() << '\n';
+    return 2;
   } catch (const std::exception& e) {
     detail::terminal_progress("");
     std::cerr << "error: " << e.what() << '\n';

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <iterator>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -220,25 +221,31 @@ inline std::size_t default_worker_count() {
   return default_worker_count(affinity_cpus().size(), cgroup::process_cpu_limit());
 }
 
-// Restricts the calling thread to `cpu`. Returns false if the kernel refuses
-// (CPU offline or outside the cpuset); the thread then keeps its mask.
-inline bool pin_current_thread(int cpu) noexcept {
+// Restricts the calling thread to the CPUs in `cpus` (the kernel may run it
+// on any of them). Returns false if the kernel refuses (a CPU offline or
+// outside the cpuset, a negative id, an empty list); the thread then keeps
+// its mask.
+inline bool confine_current_thread(std::span<const int> cpus) noexcept {
 #if defined(__linux__)
-  if (cpu < 0) return false;
-  const auto ncpu = static_cast<std::size_t>(cpu) + 1;
+  if (cpus.empty() || *std::min_element(cpus.begin(), cpus.end()) < 0) return false;
+  const auto ncpu = static_cast<std::size_t>(*std::max_element(cpus.begin(), cpus.end())) + 1;
   cpu_set_t* set = CPU_ALLOC(ncpu);
   if (set == nullptr) return false;
   const std::size_t bytes = CPU_ALLOC_SIZE(ncpu);
   CPU_ZERO_S(bytes, set);
-  CPU_SET_S(static_cast<std::size_t>(cpu), bytes, set);
+  for (const int c : cpus) CPU_SET_S(static_cast<std::size_t>(c), bytes, set);
   const bool ok = ::pthread_setaffinity_np(::pthread_self(), bytes, set) == 0;
   CPU_FREE(set);
   return ok;
 #else
-  (void)cpu;
+  (void)cpus;
   return false;
 #endif
 }
+
+// Restricts the calling thread to `cpu`. Returns false if the kernel refuses
+// (CPU offline or outside the cpuset); the thread then keeps its mask.
+inline bool pin_current_thread(int cpu) noexcept { return confine_current_thread(std::span<const int>(&cpu, 1)); }
 
 // Names the calling thread (Linux keeps at most 15 characters).
 inline void name_current_thread(const std::string& name) noexcept {

@@ -18,6 +18,10 @@
 
 #include <CLI/CLI.hpp>
 
+#ifdef RUNNEL_SCALING_HAVE_AMQP
+#include "../amqp/options.hpp"  // URL parsing only: no broker library
+#endif
+
 namespace runnel::scaling {
 
 // Bad command line: the program exits with status 2.
@@ -158,12 +162,23 @@ inline options parse_args(int argc, const char* const* argv, std::size_t cpus,
   o.batch = detail::parse_count(batch, "--batch");
   o.capacity = detail::parse_count(capacity, "--capacity");
   o.repetitions = detail::parse_count(repetitions, "--repetitions");
-  // The seam for the RabbitMQ bridge: the flags parse (and must come
-  // together), but no runner consumes from a broker yet, so asking for one
-  // is refused here rather than silently using the in-process generator.
-  if (!o.amqp_url.empty())
-    throw usage_error("--amqp: this program was not built with the RabbitMQ bridge (runnel::amqp); "
-                      "drop --amqp and --queue to use the in-process generator");
+  if (!o.amqp_url.empty()) {
+#ifdef RUNNEL_SCALING_HAVE_AMQP
+    // The broker is preloaded with exactly the messages of a run.
+    if (o.seconds > 0) throw usage_error("--amqp runs a number of --messages, not --seconds");
+    if (o.queue.empty()) throw usage_error("--queue: empty queue name");
+    try {
+      (void)amqp::connection_options::from_url(o.amqp_url);
+    } catch (const amqp::error& e) {
+      throw usage_error(std::string("--amqp: ") + e.what());
+    }
+#else
+    // Asking for a broker without the bridge is refused rather than silently
+    // using the in-process generator.
+    throw usage_error("--amqp: this program was not built with the RabbitMQ bridge (link runnel::scaling_amqp "
+                      "instead of runnel::scaling); drop --amqp and --queue to use the in-process generator");
+#endif
+  }
   return o;
 }
 

@@ -3,10 +3,12 @@
 // runnel is compared against in the same run:
 //   loop            one thread: generate, process, consume, in a loop (the
 //                   floor for one core: no queue, no hand-off);
-//   mutex+threads   a bounded mutex + condition-variable queue into N worker
-//                   std::threads, a second queue into one sink thread (the
-//                   generator has its own thread; the obvious hand-written
-//                   design);
+//   mutex+threads   a bounded mutex + condition-variable queue
+//                   (locked_queue.hpp) into N worker std::threads, a second
+//                   queue into one sink thread; the generator has its own
+//                   thread (the obvious hand-written design). Its N + 2
+//                   threads are confined to the N CPUs runnel's pool would
+//                   pin its N workers to, so "N cores" means N CPUs for both;
 //   tbb             oneTBB parallel_pipeline in a task_arena of N threads
 //                   (when built with RUNNEL_SCALING_HAVE_TBB).
 // Part of the runnel::scaling target.
@@ -14,12 +16,11 @@
 
 #include <time.h>
 
-#include <chrono>
+#include <algorithm>
 #include <atomic>
-#include <condition_variable>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <map>
@@ -48,6 +49,8 @@
 #include <tbb/task_arena.h>
 #endif
 
+#include "../detail/cpu_set.hpp"
+#include "locked_queue.hpp"
 #include "options.hpp"
 #include "report.hpp"
 
@@ -137,51 +140,6 @@ inline void check_count(const char* impl, std::uint64_t produced, std::uint64_t 
                              " of " + std::to_string(produced) + " messages");
 }
 
-// A bounded FIFO behind one mutex and two condition variables.
-template <class T>
-class locked_queue {
- public:
-  explicit locked_queue(std::size_t capacity) : capacity_(capacity) {}
-
-  void push(T v) {
-    std::unique_lock lock(m_);
-    not_full_.wait(lock, [&] { return q_.size() < capacity_; });
-    q_.push_back(std::move(v));
-    lock.unlock();
-    not_empty_.notify_one();
-  }
-
-  // Moves up to n values into out (cleared first); false once closed and empty.
-  bool pop_batch(std::vector<T>& out, std::size_t n) {
-    out.clear();
-    std::unique_lock lock(m_);
-    not_empty_.wait(lock, [&] { return !q_.empty() || closed_; });
-    if (q_.empty()) return false;
-    while (!q_.empty() && out.size() < n) {
-      out.push_back(std::move(q_.front()));
-      q_.pop_front();
-    }
-    lock.unlock();
-    not_full_.notify_all();
-    return true;
-  }
-
-  void close() {
-    {
-      std::lock_guard lock(m_);
-      closed_ = true;
-    }
-    not_empty_.notify_all();
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable not_empty_, not_full_;
-  std::deque<T> q_;
-  std::size_t capacity_;
-  bool closed_ = false;
-};
-
 }  // namespace detail
 
 template <class J>
@@ -206,14 +164,39 @@ run_sample run_loop(const options& o, const J& j) {
   return s;
 }
 
+namespace detail {
+
+// The CPUs a run on `cores` cores may use: the first `cores` CPUs of the
+// process's affinity mask (all of them when oversubscribed), which are the
+// CPUs a thread_pool of `cores` pinned workers pins its workers to.
+inline std::vector<int> first_cpus(std::size_t cores) {
+  std::vector<int> cpus = runnel::detail::affinity_cpus();
+  cpus.resize(std::min(cpus.size(), std::max<std::size_t>(cores, 1)));
+  return cpus;
+}
+
+// A std::thread that confines itself to `cpus` before running f.
+template <class F>
+std::thread confined_thread(const std::vector<int>& cpus, F f) {
+  return std::thread([cpus, f = std::move(f)]() mutable {
+    runnel::detail::confine_current_thread(cpus);
+    f();
+  });
+}
+
+}  // namespace detail
+
+// cores + 2 threads (generator, `cores` workers, sink), all confined to the
+// first `cores` allowed CPUs; the calling thread only waits for them.
 template <class J>
 run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
   using M = typename J::message;
   using R = typename J::result;
   auto generate = j.generate;
   auto consume = j.consume;
-  detail::locked_queue<detail::item<M>> in(o.capacity);
-  detail::locked_queue<detail::item<R>> out(o.capacity);
+  const std::vector<int> cpus = detail::first_cpus(cores);
+  locked_queue<detail::item<M>> in(o.capacity);
+  locked_queue<detail::item<R>> out(o.capacity);
   detail::budget b(o);
   run_sample s;
   std::uint64_t produced = 0, delivered = 0;
@@ -229,9 +212,7 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
     if (!error) error = std::current_exception();
     failed.store(true, std::memory_order_relaxed);
   };
-
-  const detail::stopwatch clock;
-  std::thread source([&] {
+  auto source = [&] {
     try {
       for (std::uint64_t seq = 0; !b.done(seq) && !failed.load(std::memory_order_relaxed); ++seq, ++produced) {
         M m = generate(seq);
@@ -241,51 +222,56 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
       fail();
     }
     in.close();
-  });
-  std::vector<std::thread> workers;
-  for (std::size_t w = 0; w < cores; ++w)
-    workers.emplace_back([&] {
-      std::vector<detail::item<M>> batch;
-      while (in.pop_batch(batch, o.batch))
-        for (auto& it : batch) {
-          if (failed.load(std::memory_order_relaxed)) continue;
-          try {
-            out.push(detail::item<R>{it.seq, it.t0, j.process(it.value)});
-          } catch (...) {
-            fail();
-          }
-        }
-      std::lock_guard lock(error_m);
-      if (--running == 0) out.close();
-    });
-  // The sink runs here; ordered output waits for the next sequence number.
-  std::vector<detail::item<R>> batch;
-  std::map<std::uint64_t, detail::item<R>> pending;
-  std::uint64_t next_out = 0;
-  auto deliver = [&](detail::item<R>& it) {
-    if (failed.load(std::memory_order_relaxed)) return;
-    try {
-      consume(it.value);
-    } catch (...) {
-      fail();
-      return;
-    }
-    s.latency.record(static_cast<std::uint64_t>(detail::now_ns() - it.t0));
-    ++delivered;
   };
-  while (out.pop_batch(batch, o.batch)) {
-    for (auto& it : batch) {
-      if (!o.ordered) {
-        deliver(it);
-        continue;
+  auto worker = [&] {
+    std::vector<detail::item<M>> batch;
+    while (in.pop_batch(batch, o.batch))
+      for (auto& it : batch) {
+        if (failed.load(std::memory_order_relaxed)) continue;
+        try {
+          out.push(detail::item<R>{it.seq, it.t0, j.process(it.value)});
+        } catch (...) {
+          fail();
+        }
       }
-      pending.emplace(it.seq, std::move(it));
-      for (auto p = pending.begin(); p != pending.end() && p->first == next_out; p = pending.erase(p), ++next_out)
-        deliver(p->second);
+    std::lock_guard lock(error_m);
+    if (--running == 0) out.close();
+  };
+  // Ordered output waits for the next sequence number.
+  auto sink = [&] {
+    std::vector<detail::item<R>> batch;
+    std::map<std::uint64_t, detail::item<R>> pending;
+    std::uint64_t next_out = 0;
+    auto deliver = [&](detail::item<R>& it) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      try {
+        consume(it.value);
+      } catch (...) {
+        fail();
+        return;
+      }
+      s.latency.record(static_cast<std::uint64_t>(detail::now_ns() - it.t0));
+      ++delivered;
+    };
+    while (out.pop_batch(batch, o.batch)) {
+      for (auto& it : batch) {
+        if (!o.ordered) {
+          deliver(it);
+          continue;
+        }
+        pending.emplace(it.seq, std::move(it));
+        for (auto p = pending.begin(); p != pending.end() && p->first == next_out; p = pending.erase(p), ++next_out)
+          deliver(p->second);
+      }
     }
-  }
-  source.join();
-  for (auto& t : workers) t.join();
+  };
+
+  const detail::stopwatch clock;
+  std::vector<std::thread> threads;
+  threads.push_back(detail::confined_thread(cpus, source));
+  for (std::size_t w = 0; w < cores; ++w) threads.push_back(detail::confined_thread(cpus, worker));
+  threads.push_back(detail::confined_thread(cpus, sink));
+  for (auto& t : threads) t.join();
   clock.stop(s);
   if (error) std::rethrow_exception(error);
   detail::check_count("mutex+threads", produced, delivered);
@@ -296,6 +282,13 @@ run_sample run_mutex_threads(const options& o, std::size_t cores, const J& j) {
 #ifdef RUNNEL_SCALING_HAVE_TBB
 inline constexpr bool have_tbb = true;
 
+// g++ 12 at -O3 reports the item inside the std::optional that oneTBB hands
+// from filter to filter as maybe uninitialized (with a std::string message);
+// every token the parallel filter sees was filled by the source filter.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <class J>
 run_sample run_tbb(const options& o, std::size_t cores, const J& j) {
   using M = typename J::message;
@@ -342,6 +335,9 @@ run_sample run_tbb(const options& o, std::size_t cores, const J& j) {
   s.messages = delivered;
   return s;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #else
 inline constexpr bool have_tbb = false;
 #endif

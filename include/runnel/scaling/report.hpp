@@ -176,7 +176,9 @@ inline void write_table(const report& rep, std::ostream& out) {
     out << o.messages << " messages a run";
   out << ", " << o.repetitions << (o.repetitions == 1 ? " repetition" : " repetitions") << ", "
       << (o.ordered ? "ordered" : "unordered") << ", batch " << o.batch << ", capacity " << o.capacity << ", "
-      << rep.cpus << " allowed CPUs\n";
+      << rep.cpus << " allowed CPUs";
+  if (!o.amqp_url.empty()) out << ", runnel fed from RabbitMQ queue " << o.queue;
+  out << '\n';
   using detail::pad;
   out << pad("implementation", 16, true) << pad("cores", 6) << pad("msg/s", 10) << pad("[min - max]", 20)
       << pad("speed-up", 10) << pad("vs loop", 9) << pad("effic.", 8) << pad("p50 us", 10) << pad("p99 us", 10)
@@ -190,6 +192,9 @@ inline void write_table(const report& rep, std::ostream& out) {
   }
   out << "speed-up: over the same implementation on 1 core; vs loop: over the single-thread loop (--peers); "
          "latency: generate to consume, under full load\n";
+  if (!o.amqp_url.empty())
+    out << "runnel+amqp: the queue preloaded (untimed), then consume -> stage -> sink -> ack timed; latency: "
+           "stage start to sink return (ack queued); the peers ran in-process\n";
 }
 
 // Ratios that could not be computed (no 1-core row, no loop) are null.
@@ -203,6 +208,8 @@ inline nlohmann::json to_json(const report& rep) {
   j["options"] = {{"cores", o.cores},           {"messages", o.messages},   {"seconds", o.seconds},
                   {"ordered", o.ordered},       {"batch", o.batch},         {"capacity", o.capacity},
                   {"repetitions", o.repetitions}, {"peers", o.peers},       {"oversubscribe", o.oversubscribe}};
+  // The queue, never the URL (it may hold a password).
+  if (!o.amqp_url.empty()) j["options"]["amqp_queue"] = o.queue;
   j["results"] = json::array();
   for (const auto& r : rep.rows) {
     j["results"].push_back({{"implementation", r.implementation},
