@@ -20,9 +20,7 @@
 // is shared and noisy.
 #include <benchmark/benchmark.h>
 
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -34,6 +32,7 @@
 #include "runnel/pipeline.hpp"
 #include "runnel/thread_pool.hpp"
 #include "bench_support.hpp"
+#include "mutex_queue.hpp"
 
 #ifdef RUNNEL_HAVE_TBB
 #include <tbb/parallel_pipeline.h>
@@ -41,6 +40,8 @@
 #endif
 
 namespace {
+
+using runnel_bench::mutex_queue;
 
 constexpr std::size_t tokens = 1024;  // channel capacities / TBB ntokens
 
@@ -118,44 +119,6 @@ void BM_pipeline_tbb(benchmark::State& state) {
 #endif
 
 // ---- mutex baseline -----------------------------------------------------------
-
-template <class T>
-class mutex_queue {
- public:
-  explicit mutex_queue(std::size_t cap) : cap_(cap) {}
-  void push(T v) {
-    std::unique_lock lock(m_);
-    not_full_.wait(lock, [&] { return q_.size() < cap_; });
-    q_.push_back(std::move(v));
-    lock.unlock();
-    not_empty_.notify_one();
-  }
-  // nullopt once closed and empty.
-  std::optional<T> pop() {
-    std::unique_lock lock(m_);
-    not_empty_.wait(lock, [&] { return !q_.empty() || closed_; });
-    if (q_.empty()) return std::nullopt;
-    T v = std::move(q_.front());
-    q_.pop_front();
-    lock.unlock();
-    not_full_.notify_one();
-    return v;
-  }
-  void close() {
-    {
-      std::lock_guard lock(m_);
-      closed_ = true;
-    }
-    not_empty_.notify_all();
-  }
-
- private:
-  std::mutex m_;
-  std::condition_variable not_empty_, not_full_;
-  std::deque<T> q_;
-  std::size_t cap_;
-  bool closed_ = false;
-};
 
 void BM_pipeline_mutex(benchmark::State& state) {
   const std::int64_t w = state.range(0);
