@@ -10,6 +10,8 @@
 //               on a t-worker thread_pool:
 //                 source(generate) -> stage(parse, {.workers = pool.size()})
 //                 -> stage(keep ERROR) -> sink(count);
+//       runnel_unpinned  the same on a pool with .pin = false (only where the
+//               default pins: a pool as large as the CPU set);
 //       tbb     tbb::parallel_pipeline, the same shape (serial_in_order
 //               source, parallel parse, serial filter, serial sink) in a
 //               task_arena of t threads, 1024 tokens (what runnel's default
@@ -19,6 +21,9 @@
 //   log/generate:source_only   the generator alone (the serial source is the
 //               ceiling of any pipeline of this shape); a reference row.
 //
+// Each row also reports cpu_ns/line: the CPU time of the whole process per
+// line (every thread, idle spinning included), a figure that moves much less
+// than wall time when other jobs share the cores.
 // Every implementation checks the per-user counts against the loop's (an
 // exact count; a mismatch aborts the run with an error).
 // Report ratios between rows of the same run, never bare times.
@@ -27,11 +32,11 @@
 #include <array>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <time.h>
 #include <vector>
 
 #include "runnel/pipeline.hpp"
@@ -76,39 +81,28 @@ class line_generator {
     return x_ >> 16;
   }
 
-  static char* put_digits(char* p, std::uint64_t v, int width) {
-    for (int i = width - 1; i >= 0; --i) {
-      p[i] = static_cast<char>('0' + v % 10);
-      v /= 10;
-    }
-    return p + width;
-  }
-
+  // "<date>T<time>.<us>Z <LEVEL> u<id> <words>", formatted as a logger
+  // would (snprintf), about 70 bytes and on the order of 200 ns a line.
   std::string make() {
-    char buf[128];
-    char* p = buf;
-    ts_ += 1 + next() % 997;  // microseconds
-    p = put_digits(p, 1'700'000'000 + ts_ / 1'000'000, 10);
-    *p++ = '.';
-    p = put_digits(p, ts_ % 1'000'000, 6);
-    *p++ = ' ';
+    char buf[160];
+    ts_ += 1 + next() % 997;  // microseconds since the start of the day
+    const std::uint64_t sec = ts_ / 1'000'000;
     const std::uint64_t r = next();
     const std::string_view lv = levels[(r & 7) == 0 ? 3 : (r >> 3) % 3];  // 1 in 8 is ERROR
-    std::memcpy(p, lv.data(), lv.size());
-    p += lv.size();
-    *p++ = ' ';
-    *p++ = 'u';
-    p = put_digits(p, (r >> 8) % users, 6);
-    // A message of words up to about 70 bytes in all.
     std::uint64_t w = next();
-    while (p - buf < 64) {
-      *p++ = ' ';
-      const std::string_view word = words[w & 7];
-      w = w >> 3 != 0 ? w >> 3 : next();
-      std::memcpy(p, word.data(), word.size());
-      p += word.size();
+    std::string_view msg[4];
+    for (auto& m : msg) {
+      m = words[w & 7];
+      w >>= 3;
     }
-    return std::string(buf, static_cast<std::size_t>(p - buf));
+    const int len = std::snprintf(buf, sizeof buf, "2026-11-25T%02u:%02u:%02u.%06uZ %.*s u%06u %.*s %.*s %.*s %.*s",
+                                  static_cast<unsigned>(sec / 3600 % 24), static_cast<unsigned>(sec / 60 % 60),
+                                  static_cast<unsigned>(sec % 60), static_cast<unsigned>(ts_ % 1'000'000),
+                                  static_cast<int>(lv.size()), lv.data(), static_cast<unsigned>((r >> 8) % users),
+                                  static_cast<int>(msg[0].size()), msg[0].data(), static_cast<int>(msg[1].size()),
+                                  msg[1].data(), static_cast<int>(msg[2].size()), msg[2].data(),
+                                  static_cast<int>(msg[3].size()), msg[3].data());
+    return std::string(buf, static_cast<std::size_t>(len));
   }
 
   std::uint64_t left_;
@@ -163,7 +157,23 @@ const tally& expected() {
   return t;
 }
 
-void finish(benchmark::State& state, const tally& got) {
+// CPU time of the whole process (every thread), in ns.
+double process_cpu_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec);
+}
+
+// Counts the process's CPU time from construction: the cpu_ns/line counter
+// says what a line costs in work (on every thread, idle spinning included),
+// which moves far less than wall time when other jobs share the cores.
+struct cpu_meter {
+  double start = process_cpu_ns();
+};
+
+void finish(benchmark::State& state, const tally& got, const cpu_meter& cpu) {
+  const double lines = static_cast<double>(state.iterations() * lines_per_run());
+  state.counters["cpu_ns/line"] = (process_cpu_ns() - cpu.start) / lines;
   if (got.per_user != expected().per_user || got.hashes != expected().hashes)
     state.SkipWithError("per-user counts differ from the plain loop's");
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * lines_per_run()));
@@ -173,6 +183,7 @@ void finish(benchmark::State& state, const tally& got) {
 
 void BM_log_loop(benchmark::State& state) {
   tally t;
+  const cpu_meter cpu;
   for (auto _ : state) {
     t = tally{};
     line_generator gen(lines_per_run());
@@ -181,7 +192,7 @@ void BM_log_loop(benchmark::State& state) {
       if (p.error) t.add(p);
     }
   }
-  finish(state, t);
+  finish(state, t, cpu);
 }
 
 void BM_log_source_only(benchmark::State& state) {
@@ -194,9 +205,15 @@ void BM_log_source_only(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * lines_per_run()));
 }
 
+// range(1) != 0: the pool's workers are not pinned (runnel_unpinned; a
+// 2-worker pool on 2 CPUs is pinned by default).
 void BM_log_runnel(benchmark::State& state) {
-  runnel::thread_pool pool({.threads = static_cast<std::size_t>(state.range(0))});
+  runnel::pool_options po;
+  po.threads = static_cast<std::size_t>(state.range(0));
+  if (state.range(1) != 0) po.pin = false;
+  runnel::thread_pool pool(po);
   tally t;
+  const cpu_meter cpu;
   for (auto _ : state) {
     t = tally{};
     auto run = runnel::pipeline{pool}
@@ -210,7 +227,7 @@ void BM_log_runnel(benchmark::State& state) {
                    .run();
     run.wait();
   }
-  finish(state, t);
+  finish(state, t, cpu);
 }
 
 #ifdef RUNNEL_HAVE_TBB
@@ -220,6 +237,7 @@ void BM_log_tbb(benchmark::State& state) {
   tbb::global_control gc(tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(threads));
   tbb::task_arena arena(threads);
   tally t;
+  const cpu_meter cpu;
   for (auto _ : state) {
     t = tally{};
     line_generator gen(lines_per_run());
@@ -249,13 +267,14 @@ void BM_log_tbb(benchmark::State& state) {
                                                             }));
     });
   }
-  finish(state, t);
+  finish(state, t, cpu);
 }
 #endif
 
 void BM_log_mutex(benchmark::State& state) {
   const auto threads = static_cast<std::size_t>(state.range(0));
   tally t;
+  const cpu_meter cpu;
   for (auto _ : state) {
     t = tally{};
     mutex_queue<std::string> lines(tokens);
@@ -277,7 +296,7 @@ void BM_log_mutex(benchmark::State& state) {
     results.close();
     sink.join();
   }
-  finish(state, t);
+  finish(state, t, cpu);
 }
 
 void register_all() {
@@ -292,7 +311,9 @@ void register_all() {
     const std::string group = "log/" + std::to_string(t) + "T:";
     // The loop in every group, measured next to the rows it is compared with.
     timed(benchmark::RegisterBenchmark((group + "loop").c_str(), BM_log_loop));
-    timed(benchmark::RegisterBenchmark((group + "runnel").c_str(), BM_log_runnel)->Arg(t));
+    timed(benchmark::RegisterBenchmark((group + "runnel").c_str(), BM_log_runnel)->Args({t, 0}));
+    if (t == n && n > 1)
+      timed(benchmark::RegisterBenchmark((group + "runnel_unpinned").c_str(), BM_log_runnel)->Args({t, 1}));
 #ifdef RUNNEL_HAVE_TBB
     timed(benchmark::RegisterBenchmark((group + "tbb").c_str(), BM_log_tbb)->Arg(t));
 #endif
