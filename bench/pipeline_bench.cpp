@@ -12,6 +12,8 @@
 //                 std::threads, a second queue into a sink thread that
 //                 reorders by sequence number (the source runs on the
 //                 benchmark thread).
+//   cacheline/pingpong:atomic  the physical floor of a hop between two
+//       cores: one cache line bounced between two threads (ns/transfer).
 //   pingpong:<impl>   one message to another outside thread and back:
 //       runnel channels (blocking send/recv) vs a mutex + condition-variable
 //       slot pair.
@@ -20,6 +22,7 @@
 // is shared and noisy.
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -39,6 +42,7 @@
 #endif
 
 namespace {
+
 
 constexpr std::size_t tokens = 1024;  // channel capacities / TBB ntokens
 
@@ -194,6 +198,39 @@ void BM_pingpong_mutex(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 
+// The physical floor of a hop between two cores: one cache line bounced
+// between two threads through a single atomic word. Each iteration is a
+// round trip (two transfers); the `ns/transfer` counter is half of it.
+void BM_cacheline_pingpong(benchmark::State& state) {
+  struct alignas(runnel::detail::cache_line_size) line {
+    std::atomic<std::uint64_t> v{0};
+  };
+  line l;
+  std::atomic<bool> stop{false};
+  std::thread echo([&] {
+    std::uint64_t seen = 0;
+    while (!stop.load(std::memory_order_relaxed)) {  // Relaxed: a flag polled in a spin.
+      // Acquire/release: the word itself is the message; no other data.
+      const std::uint64_t x = l.v.load(std::memory_order_acquire);
+      if (x != seen && (x & 1) != 0) {
+        seen = x + 1;
+        l.v.store(seen, std::memory_order_release);
+      }
+    }
+  });
+  std::uint64_t v = 0;
+  for (auto _ : state) {
+    l.v.store(++v, std::memory_order_release);  // odd: the echo's turn
+    while (l.v.load(std::memory_order_acquire) != v + 1) {
+    }
+    ++v;
+  }
+  stop.store(true, std::memory_order_relaxed);  // Relaxed: see above.
+  echo.join();
+  state.counters["ns/transfer"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * 2, benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 // Names follow bench_support.hpp ("<group>:<impl>"): the closing table
 // compares runnel with each peer for the same W and thread count.
 void register_all() {
@@ -222,6 +259,7 @@ void register_all() {
   };
   pingpong(benchmark::RegisterBenchmark("pingpong:runnel", BM_pingpong_runnel));
   pingpong(benchmark::RegisterBenchmark("pingpong:mutex", BM_pingpong_mutex));
+  pingpong(benchmark::RegisterBenchmark("cacheline/pingpong:atomic", BM_cacheline_pingpong));
 }
 
 }  // namespace

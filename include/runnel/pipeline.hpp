@@ -37,10 +37,11 @@
 // full. Memory is bounded by capacities, batches and the reorder windows.
 //
 // Stage functions. T -> U, or T -> std::optional<U> (an empty optional drops
-// the message: "filtered"). The message is passed as an lvalue when the
-// function accepts one, so that after an exception the handler still sees it
-// (take `const T&` to avoid a copy); a function taking only T&& gets an
-// rvalue and the handler sees what it left behind.
+// the message: "filtered"). A message the pipeline owns is never copied:
+// a function taking it by value (`T m`, `auto m`) or by T&& gets it moved in,
+// and after an exception the handler sees what the function left behind; a
+// function taking `const T&` or `T&` gets the pipeline's own message, which
+// the handler then sees whole.
 //
 // Errors. With .on_error(handler) an exception thrown by a stage or sink
 // function is given to the handler (stage_failure: node index and name, the

@@ -288,16 +288,56 @@ struct input_port {
   bool is_external = false;
 };
 
-// Calls fn with the message as an lvalue when it accepts one (so the message
-// survives an exception and can reach the error handler), else as an rvalue.
+// The parameter a callable declares for a message of type T, when it can be
+// named: the lone parameter of a function (pointer) or of a non-template
+// operator(), or of operator()<T> of a generic lambda (`auto m` gives T,
+// `auto& m` T&, `const auto& m` const T&); void when it cannot be named
+// (overload sets, several parameters).
+template <class Sig> struct message_param { using type = void; };
+template <class R, class A> struct message_param<R (*)(A)> { using type = A; };
+template <class R, class A> struct message_param<R (*)(A) noexcept> { using type = A; };
+template <class R, class C, class A> struct message_param<R (C::*)(A)> { using type = A; };
+template <class R, class C, class A> struct message_param<R (C::*)(A) const> { using type = A; };
+template <class R, class C, class A> struct message_param<R (C::*)(A) noexcept> { using type = A; };
+template <class R, class C, class A> struct message_param<R (C::*)(A) const noexcept> { using type = A; };
+
+template <class F, class T>
+struct declared_param { using type = void; };
+template <class F, class T>
+  requires std::is_pointer_v<F> || std::is_member_function_pointer_v<F>
+struct declared_param<F, T> { using type = typename message_param<F>::type; };
+template <class F, class T>
+  requires requires { &F::operator(); }
+struct declared_param<F, T> { using type = typename message_param<decltype(&F::operator())>::type; };
+template <class F, class T>
+  requires(!requires { &F::operator(); }) && requires { &F::template operator()<T>; }
+struct declared_param<F, T> {
+  using type = typename message_param<decltype(&F::template operator()<T>)>::type;
+};
+
+// True when fn takes the message by value (a parameter of object type): the
+// pipeline then moves its message in, since an lvalue would be copied into
+// the parameter and the copy is all the function ever sees.
+template <class F, class T>
+inline constexpr bool takes_by_value = std::is_object_v<typename declared_param<F, T>::type> &&
+                                       std::is_invocable_v<F&, T&&>;
+
+// Whether fn is called with the message as an lvalue: when it accepts one
+// by reference (so that the message survives an exception and reaches the
+// error handler whole); by value or T&& it gets an rvalue (moved, never
+// copied), and the handler sees what the function left behind.
+template <class F, class T>
+inline constexpr bool passes_lvalue = std::is_invocable_v<F&, T&> && !takes_by_value<F, T>;
+
+// Calls fn with the message as passes_lvalue says.
 template <class F, class T>
 decltype(auto) call_with(F& fn, T& msg) {
-  if constexpr (std::is_invocable_v<F&, T&>) return fn(msg);
+  if constexpr (passes_lvalue<F, T>) return fn(msg);
   else return fn(std::move(msg));
 }
 
 template <class F, class T>
-using call_result_t = typename std::conditional_t<std::is_invocable_v<F&, T&>,
+using call_result_t = typename std::conditional_t<passes_lvalue<F, T>,
                                                   std::invoke_result<F&, T&>,
                                                   std::invoke_result<F&, T&&>>::type;
 
