@@ -82,7 +82,7 @@ TEST_CASE("connection_options::from_url parses what it documents and rejects the
   CHECK(amqp::connection_options::from_url("amqp://[::1]:7/").endpoints[0].port == 7);
   CHECK(amqp::connection_options::from_url("amqp://h").endpoints[0].port == 5672);
 
-  const char* bad[] = {"http://h/", "amqps://h/", "amqp://h:0/", "amqp://h:99999/", "amqp://h:x/",
+  const char* bad[] = {"http://h/", "amqps://h/?certfile=/only-cert.pem", "amqp://h:0/", "amqp://h:99999/", "amqp://h:x/",
                        "amqp://h:/", "amqp:///", "amqp://@h/", "amqp://h/%zz", "amqp://h/%2",
                        "amqp://h/?heartbeat=-1", "amqp://h/?heartbeat=abc", "amqp://h/?bogus=1",
                        "amqp://h/?heartbeat", "amqp://[::1/", "amqp://h/?connect_timeout=0"};
