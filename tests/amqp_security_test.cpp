@@ -443,6 +443,46 @@ TEST_CASE("a result the broker refuses (403) acks no input: all come back", "[am
   CHECK(eventually([&] { return r.ready("acl.work") == n; }));
 }
 
+TEST_CASE("a 403 that arrives while close() cancels the consumer is reported and not lost", "[amqp][acl][broker]") {
+  // close() cancels the consumer with an RPC; when the broker's channel.close
+  // for a refused publish is the reply to it, it must still end the client
+  // with the 403 (it used to be dropped: close() waited 30 s for confirms
+  // and returned without an error). The delays sweep close() across the
+  // moment the stage's first result is published.
+  broker* b = tls_broker();
+  if (b == nullptr) return;
+  raw r(b->port());
+  int refused = 0;
+  const int rounds = 20;
+  for (int round = 0; round < rounds; ++round) {
+    r.fresh_queue("acl.work");
+    r.publish_n("acl.work", 4, id_body);
+    runnel::thread_pool pool({.threads = 2, .pin = false});
+    amqp::client c{amqp::connection_options::from_url(plain_url(*b, "worker", worker_pw))};
+    std::atomic<int> processed{0};
+    auto run = runnel::pipeline{pool}
+                   .from(c.consume({.queue = "acl.work", .prefetch = 1}))
+                   .stage([&](amqp::delivery d) {
+                     processed.fetch_add(1);
+                     std::this_thread::sleep_for(100ms);
+                     return d;
+                   }, {.workers = 1})
+                   .to(c.publish({.exchange = "acl.forbidden", .routing_key = "x"}))
+                   .run();
+    // Polled finely: the sweep needs to know when the stage began.
+    const auto limit = std::chrono::steady_clock::now() + 60s;
+    while (processed.load() == 0 && std::chrono::steady_clock::now() < limit)
+      std::this_thread::sleep_for(100us);
+    REQUIRE(processed.load() > 0);
+    std::this_thread::sleep_for(std::chrono::microseconds(99000 + round * 100));
+    const auto e = expect_error([&] { c.close(); });
+    run.wait();
+    refused += e.reply_code() == 403 && contains(e.what(), "exchange 'acl.forbidden'");
+    CHECK(c.stats().acked == 0);
+  }
+  CHECK(refused == rounds);
+}
+
 TEST_CASE("no error message shows a password or key material", "[amqp][tls][acl]") {
   broker* b = tls_broker();
   // The messages of every error the tests above saw (when they ran), and a

@@ -482,7 +482,6 @@ class core : public std::enable_shared_from_this<core> {
       rs.swap(requests_);
       start_close = closing_requested_ && !closing_;
     }
-    if (start_close) begin_close();
     for (request* r : rs) {
       try {
         if (r->kind == request::consume) add_consumer(*r);
@@ -499,6 +498,8 @@ class core : public std::enable_shared_from_this<core> {
         }
       }
     }
+    // After the requests: every one is answered even if this throws.
+    if (start_close) begin_close();
     return !rs.empty();
   }
 
@@ -1035,9 +1036,15 @@ class core : public std::enable_shared_from_this<core> {
     for (auto& c : consumers_) {
       if (c->cancelled) continue;
       c->cancelled = true;
-      if (connected_ && channel_open_) {
-        amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c->tag.c_str()));
-        // A failure here is noticed by the next read.
+      if (connected_ && channel_open_ &&
+          amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c->tag.c_str())) == nullptr) {
+        // The reply may be the broker closing the channel over an earlier
+        // frame (a refused publish): rabbitmq-c has consumed that close, so
+        // no later read sees it; report it here.
+        error e = reply_error("runnel::amqp: cancelling the consumer of queue '" + c->opts.queue + "'",
+                              amqp_get_rpc_reply(conn_));
+        if (e.reply_code() == AMQP_ACCESS_REFUSED) throw_fatal(std::move(e));
+        throw e;
       }
     }
   }
