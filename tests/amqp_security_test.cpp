@@ -200,7 +200,7 @@ TEST_CASE("amqps URLs: TLS keys, defaults, and what is rejected", "[amqp][tls]")
   // A malformed scheme: the message must not echo the password after it.
   const auto e = expect_error([] { amqp::connection_options::from_url("amqpx://bob:pw-9f8e-secret@h/"); });
   CHECK(contains(e.what(), "amqpx://"));
-  CHECK_FALSE(contains(e.what(), "pw-9f8e"));
+  CHECK_FALSE(contains(e.what(), "pw-9"));
 
   // The environment supplies file names the URL leaves out.
   ::setenv("RUNNEL_TLS_TEST_URL", "amqps://h/?cacertfile=/from-url.pem", 1);
@@ -494,7 +494,7 @@ TEST_CASE("no error message shows a password or key material", "[amqp][tls][acl]
       CHECK(contains(e.what(), std::string("'") + u + "'"));
     }
   }
-  std::vector<std::string> secrets = {reader_pw, writer_pw, worker_pw, "wrong-pw-4411", "pw-9f8e",
+  std::vector<std::string> secrets = {reader_pw, writer_pw, worker_pw, "wrong-pw-4411", "pw-9",
                                       "PRIVATE KEY"};
   if (b != nullptr) {
     for (const char* k : {"client.key", "server.key", "expired.key", "ca.key"}) {
