@@ -134,7 +134,7 @@ TEST_CASE("connection_options::from_url parses what it documents and rejects the
   CHECK(several.vhost == "v");
   CHECK(several.heartbeat_s == 4);
 
-  const char* bad[] = {"http://h/", "amqps://h/", "amqp://h:0/", "amqp://h:99999/", "amqp://h:x/",
+  const char* bad[] = {"http://h/", "amqps://h/?certfile=/only-cert.pem", "amqp://h:0/", "amqp://h:99999/", "amqp://h:x/",
                        "amqp://h:/", "amqp:///", "amqp://@h/", "amqp://h/%zz", "amqp://h/%2",
                        "amqp://h/?heartbeat=-1", "amqp://h/?heartbeat=abc", "amqp://h/?bogus=1",
                        "amqp://h/?heartbeat", "amqp://[::1/", "amqp://h/?connect_timeout=0",

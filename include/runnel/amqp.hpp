@@ -58,7 +58,10 @@
 // from the constructor within connect_timeout; queue not found (404) or
 // access refused (403) from consume(); a consumer cancelled by the broker
 // (queue deleted) ends the client: its pipelines' input closes and close()
-// rethrows the error.
+// rethrows the error; so does a publish the broker refuses (403, no write
+// permission on the exchange), whose inputs are not acked. TLS failures
+// (amqps://, see amqp/tls.hpp) say which check failed. No message repeats a
+// password or key material.
 #pragma once
 
 #include <exception>

@@ -32,6 +32,17 @@ class broker {
   std::string url(const std::string& query = "") const {
     return "amqp://guest:guest@127.0.0.1:" + std::to_string(port_) + "/%2f" + (query.empty() ? "" : "?" + query);
   }
+  // The node's state directory (certificates in dir()/tls when started with
+  // RUNNEL_BROKER_TLS=1).
+  const std::string& dir() const { return dir_; }
+  // A value broker.sh wrote to dir()/env (TLS_PORT, ...); "" when absent.
+  std::string env_value(const std::string& key) const {
+    std::string v = run("grep ^" + key + "= " + dir_ + "/env");
+    if (v.empty()) return v;
+    v = v.substr(v.find('=') + 1);
+    while (!v.empty() && (v.back() == '\n' || v.back() == '\r')) v.pop_back();
+    return v;
+  }
   // rabbitmqctl against this node; returns its output.
   std::string ctl(const std::string& args) const {
     return run(std::string("bash ") + RUNNEL_BROKER_SCRIPT + " ctl " + dir_ + " " + args);

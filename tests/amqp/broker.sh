@@ -9,6 +9,13 @@
 #                         pid; then removes DIR.
 #   broker.sh ctl DIR ARGS...   rabbitmqctl against that node.
 #
+# RUNNEL_BROKER_TLS=1 also makes a throwaway CA and certificates in DIR/tls
+# (make_certs below) and opens a TLS listener (DIR/env: TLS_PORT) that wants
+# a client certificate from that CA, with EXTERNAL login enabled (plugin
+# rabbitmq_auth_mechanism_ssl, user name = the certificate's CN).
+# RUNNEL_BROKER_DEFINITIONS=FILE loads users, permissions, queues and
+# exchanges from a definitions file at boot (no rabbitmqctl round trips).
+#
 # Runs as root: rabbitmq-server switches to user rabbitmq, so DIR is chowned
 # to it. Nothing listens beyond loopback except the Erlang distribution port,
 # which the node binds on all interfaces; tests never send to it from outside.
@@ -31,6 +38,29 @@ node_env() {
 
 ctl() { node_env; rabbitmqctl -q -n "$NODE" "$@"; }
 
+# DIR/tls: ca.pem (+key), server.pem for DNS:localhost only (so 127.0.0.1 is
+# a host name mismatch), client.pem (CN runnel-client), expired.pem (a client
+# certificate of that CA whose validity ended yesterday), other-ca.pem (a CA
+# that signed nothing here). EC keys: fast to make.
+make_certs() {
+  local t=$1
+  mkdir -p "$t"
+  local newkey=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${newkey[@]}" -keyout "$t/ca.key" -out "$t/ca.pem" -days 2 -subj /CN=runnel-test-ca 2>/dev/null
+  openssl req -x509 "${newkey[@]}" -keyout "$t/other-ca.key" -out "$t/other-ca.pem" -days 2 \
+    -subj /CN=runnel-other-ca 2>/dev/null
+  sign() {  # name CN days extensions
+    openssl req "${newkey[@]}" -keyout "$t/$1.key" -out "$t/$1.csr" -subj "/CN=$2" 2>/dev/null
+    printf '%s\n' "$4" >"$t/$1.ext"
+    openssl x509 -req -in "$t/$1.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial -days "$3" \
+      -extfile "$t/$1.ext" -out "$t/$1.pem" 2>/dev/null
+  }
+  sign server localhost 2 "subjectAltName=DNS:localhost
+extendedKeyUsage=serverAuth"
+  sign client runnel-client 2 "extendedKeyUsage=clientAuth"
+  sign expired runnel-client -1 "extendedKeyUsage=clientAuth"
+}
+
 case "$cmd" in
   start)
     command -v rabbitmq-server >/dev/null || { echo "broker.sh: rabbitmq-server is not installed" >&2; exit 3; }
@@ -47,6 +77,30 @@ case "$cmd" in
 loopback_users = none
 log.console = false
 CONF
+    if [ "${RUNNEL_BROKER_TLS:-0}" = 1 ]; then
+      make_certs "$dir/tls"
+      tls_port=$(free_port)
+      echo "TLS_PORT=$tls_port" >>"$dir/env"
+      echo '[rabbitmq_auth_mechanism_ssl].' >"$dir/enabled_plugins"
+      cat >>"$dir/rabbitmq.conf" <<CONF
+listeners.ssl.default = 127.0.0.1:$tls_port
+ssl_options.cacertfile = $dir/tls/ca.pem
+ssl_options.certfile = $dir/tls/server.pem
+ssl_options.keyfile = $dir/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+ssl_options.versions.1 = tlsv1.3
+ssl_options.versions.2 = tlsv1.2
+auth_mechanisms.1 = PLAIN
+auth_mechanisms.2 = AMQPLAIN
+auth_mechanisms.3 = EXTERNAL
+ssl_cert_login_from = common_name
+CONF
+    fi
+    if [ -n "${RUNNEL_BROKER_DEFINITIONS:-}" ]; then
+      cp "$RUNNEL_BROKER_DEFINITIONS" "$dir/definitions.json"
+      echo "load_definitions = $dir/definitions.json" >>"$dir/rabbitmq.conf"
+    fi
     node_env
     epmd -address 127.0.0.1 -port "$EPMD_PORT" >/dev/null 2>&1 &
     echo "EPMD_PID=$!" >>"$dir/env"

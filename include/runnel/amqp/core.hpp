@@ -55,6 +55,7 @@
 #include "delivery.hpp"
 #include "error.hpp"
 #include "options.hpp"
+#include "tls_socket.hpp"
 
 namespace runnel::amqp {
 
@@ -352,12 +353,12 @@ class core : public std::enable_shared_from_this<core> {
     if (conn_ != nullptr) amqp_destroy_connection(conn_);
     conn_ = amqp_new_connection();
     connected_ = false;
-    amqp_socket_t* sock = amqp_tcp_socket_new(conn_);
-    if (sock == nullptr) throw error("runnel::amqp: cannot create a socket");
+    amqp_socket_t* sock = new_socket(conn_, opts_.tls);
     timeval tv{opts_.connect_timeout_s, 0};
     const int st = amqp_socket_open_noblock(sock, ep.host.c_str(), ep.port, &tv);
     if (st != AMQP_STATUS_OK)
-      throw error("runnel::amqp: cannot connect to " + where(ep) + ": " + amqp_error_string2(st));
+      throw error("runnel::amqp: cannot connect to " + where(ep) + ": " +
+                  (opts_.tls.enabled ? tls_connect_failure(st, ep.host) : amqp_error_string2(st)));
     amqp_set_handshake_timeout(conn_, &tv);
     amqp_set_rpc_timeout(conn_, &tv);
     // Advertise consumer_cancel_notify so a deleted queue cancels our
@@ -379,13 +380,26 @@ class core : public std::enable_shared_from_this<core> {
     props[0].value.value.table.num_entries = 3;
     props[0].value.value.table.entries = cap;
     amqp_table_t client_props{1, props};
+    const bool external = opts_.tls.enabled && opts_.tls.external_login;
     const amqp_rpc_reply_t r =
-        amqp_login_with_properties(conn_, opts_.vhost.c_str(), 0, opts_.frame_max, opts_.heartbeat_s,
-                                   &client_props, AMQP_SASL_METHOD_PLAIN, opts_.user.c_str(),
-                                   opts_.password.c_str());
+        external ? amqp_login_with_properties(conn_, opts_.vhost.c_str(), 0, opts_.frame_max, opts_.heartbeat_s,
+                                              &client_props, AMQP_SASL_METHOD_EXTERNAL,
+                                              // RabbitMQ takes the name from the certificate and
+                                              // ignores this identity (rabbitmq-c wants it non-empty).
+                                              opts_.user.empty() ? "runnel" : opts_.user.c_str())
+                 : amqp_login_with_properties(conn_, opts_.vhost.c_str(), 0, opts_.frame_max, opts_.heartbeat_s,
+                                              &client_props, AMQP_SASL_METHOD_PLAIN, opts_.user.c_str(),
+                                              opts_.password.c_str());
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-      const std::string what = "runnel::amqp: login to " + where(ep) + " as user '" + opts_.user +
-                               "' on vhost '" + opts_.vhost + "' failed";
+      const std::string what = "runnel::amqp: login to " + where(ep) +
+                               (external ? std::string(" with the client certificate (EXTERNAL)")
+                                         : " as user '" + opts_.user + "'") +
+                               " on vhost '" + opts_.vhost + "' failed";
+      // The peer hung up before connection.start: not a wrong password but
+      // the wrong protocol, or (TLS 1.3) the broker refusing our certificate
+      // after the handshake.
+      if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && amqp_get_server_properties(conn_)->num_entries == 0)
+        throw error(what + ": " + login_hangup_reason(opts_.tls));
       if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
           (r.library_error == AMQP_STATUS_CONNECTION_CLOSED || r.library_error == AMQP_STATUS_SOCKET_CLOSED ||
            r.library_error == AMQP_STATUS_SOCKET_ERROR))
@@ -479,7 +493,6 @@ class core : public std::enable_shared_from_this<core> {
       rs.swap(requests_);
       start_close = closing_requested_ && !closing_;
     }
-    if (start_close) begin_close();
     for (request* r : rs) {
       try {
         if (r->kind == request::consume) add_consumer(*r);
@@ -496,6 +509,8 @@ class core : public std::enable_shared_from_this<core> {
         }
       }
     }
+    // After the requests: every one is answered even if this throws.
+    if (start_close) begin_close();
     return !rs.empty();
   }
 
@@ -858,7 +873,11 @@ class core : public std::enable_shared_from_this<core> {
         amqp_channel_close_ok_t ok{};
         amqp_send_method(conn_, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
         channel_open_ = false;
-        throw error("runnel::amqp: the broker closed the channel: " + std::to_string(code) + " " + text, code);
+        error e("runnel::amqp: the broker closed the channel: " + std::to_string(code) + " " + text, code);
+        // Access refused (a publish to an exchange we may not write to): a
+        // reconnect would only repeat it, redelivering the inputs forever.
+        if (code == AMQP_ACCESS_REFUSED) throw_fatal(std::move(e));
+        throw e;
       }
       case AMQP_CONNECTION_CLOSE_METHOD: {
         const auto* c = static_cast<const amqp_connection_close_t*>(m.decoded);
@@ -1061,9 +1080,15 @@ class core : public std::enable_shared_from_this<core> {
   // their way still arrive and are requeued or processed as usual.
   void cancel_consumer(consumer& c) {
     c.cancelled = true;
-    if (connected_ && channel_open_) {
-      amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c.tag.c_str()));
-      // A failure here is noticed by the next read.
+    if (connected_ && channel_open_ &&
+        amqp_basic_cancel(conn_, chan_, amqp_cstring_bytes(c.tag.c_str())) == nullptr) {
+      // The reply may be the broker closing the channel over an earlier
+      // frame (a refused publish): rabbitmq-c has consumed that close, so
+      // no later read sees it; report it here.
+      error e = reply_error("runnel::amqp: cancelling the consumer of queue '" + c.opts.queue + "'",
+                            amqp_get_rpc_reply(conn_));
+      if (e.reply_code() == AMQP_ACCESS_REFUSED) throw_fatal(std::move(e));
+      throw e;
     }
   }
 

@@ -16,7 +16,11 @@
 //     connect_timeout  seconds, 1..3600; bounds TCP connect, login and every
 //                      RPC (so each connect error comes within it); default 5
 //     frame_max        bytes, 4096..2147483647; default 131072
-// - amqps:// (TLS) is rejected for now, with a clear error.
+//   and, for amqps://, the TLS keys of tls.hpp (cacertfile, certfile, keyfile,
+//   auth_mechanism, insecure_skip_*_verification).
+// - amqps:// is TLS (port 5671 by default) with the broker's certificate and
+//   host name verified; see tls.hpp.
+// - Error messages never repeat the password (nor, for TLS, key material).
 #pragma once
 
 #include <charconv>
@@ -27,6 +31,7 @@
 #include <vector>
 
 #include "error.hpp"
+#include "tls.hpp"
 
 namespace runnel::amqp {
 
@@ -74,8 +79,10 @@ inline long long parse_int(std::string_view v, long long lo, long long hi, std::
 }
 
 // One "host[:port]" (or "[v6]:port") of the URL's host list.
-inline endpoint parse_endpoint(std::string_view authority) {
+// default_port: 5672 for amqp://, 5671 for amqps://.
+inline endpoint parse_endpoint(std::string_view authority, int default_port) {
   endpoint ep;
+  ep.port = default_port;
   std::string_view port;
   bool has_port = false;
   if (!authority.empty() && authority.front() == '[') {
@@ -116,14 +123,39 @@ struct connection_options {
   // Consecutive failed reconnect attempts after which the client gives up
   // and reports the last error (0 = never give up).
   int reconnect_attempts = 0;
+  // TLS (amqps://): CA file, client certificate, checks; see tls.hpp.
+  tls_options tls{};
 
   static connection_options from_url(std::string_view url) {
+    connection_options o = parse_url(url);
+    detail::check_tls(o.tls);
+    return o;
+  }
+
+  // Reads RUNNEL_AMQP_URL, and for amqps:// RUNNEL_AMQP_CACERTFILE,
+  // RUNNEL_AMQP_CERTFILE, RUNNEL_AMQP_KEYFILE where the URL sets none;
+  // throws when the URL is unset or malformed.
+  static connection_options from_env(const char* var = "RUNNEL_AMQP_URL") {
+    const char* v = std::getenv(var);
+    if (v == nullptr || *v == '\0') throw error(std::string("runnel::amqp: ") + var + " is not set");
+    connection_options o = parse_url(v);
+    detail::apply_tls_env(o.tls);
+    detail::check_tls(o.tls);
+    return o;
+  }
+
+ private:
+  static connection_options parse_url(std::string_view url) {
     connection_options o;
-    const std::string_view scheme = "amqp://";
-    if (url.rfind("amqps://", 0) == 0)
-      throw error("runnel::amqp: amqps:// (TLS) is not supported yet");
-    if (url.rfind(scheme, 0) != 0)
-      throw error("runnel::amqp: the URL must start with amqp:// (got '" + std::string(url.substr(0, 16)) + "')");
+    o.tls.enabled = url.rfind("amqps://", 0) == 0;
+    const std::string_view scheme = o.tls.enabled ? "amqps://" : "amqp://";
+    if (url.rfind(scheme, 0) != 0) {
+      // Name only the scheme: what follows may hold a password.
+      const auto end = url.find("://");
+      throw error("runnel::amqp: the URL must start with amqp:// or amqps:// (got '" +
+                  (end == std::string_view::npos || end > 16 ? std::string("?") : std::string(url.substr(0, end))) +
+                  "://')");
+    }
     std::string_view rest = url.substr(scheme.size());
     std::string_view query;
     if (const auto q = rest.find('?'); q != std::string_view::npos) {
@@ -147,7 +179,7 @@ struct connection_options {
     o.endpoints.clear();
     for (;;) {
       const auto comma = authority.find(',');
-      o.endpoints.push_back(detail::parse_endpoint(authority.substr(0, comma)));
+      o.endpoints.push_back(detail::parse_endpoint(authority.substr(0, comma), o.tls.enabled ? 5671 : 5672));
       if (comma == std::string_view::npos) break;
       authority = authority.substr(comma + 1);
     }
@@ -163,18 +195,14 @@ struct connection_options {
       if (k == "heartbeat") o.heartbeat_s = static_cast<int>(detail::parse_int(v, 0, 65535, k));
       else if (k == "connect_timeout") o.connect_timeout_s = static_cast<int>(detail::parse_int(v, 1, 3600, k));
       else if (k == "frame_max") o.frame_max = static_cast<int>(detail::parse_int(v, 4096, 2147483647, k));
+      else if (detail::parse_tls_key(o.tls, k, v)) continue;
       else
         throw error("runnel::amqp: unknown URL query key '" + std::string(k) +
-                    "' (known: heartbeat, connect_timeout, frame_max)");
+                    "' (known: heartbeat, connect_timeout, frame_max, and for amqps:// cacertfile, certfile, "
+                    "keyfile, auth_mechanism, insecure_skip_peer_verification, "
+                    "insecure_skip_hostname_verification)");
     }
     return o;
-  }
-
-  // Reads RUNNEL_AMQP_URL; throws when it is unset or malformed.
-  static connection_options from_env(const char* var = "RUNNEL_AMQP_URL") {
-    const char* v = std::getenv(var);
-    if (v == nullptr || *v == '\0') throw error(std::string("runnel::amqp: ") + var + " is not set");
-    return from_url(v);
   }
 };
 
