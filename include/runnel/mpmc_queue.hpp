@@ -25,8 +25,9 @@
 //   they wait (spin, then yield) for the push or pop in progress, so they
 //   are not lock-free; the wait is for a value or cell already on its way.
 //   Use them where a thread acts on "empty"/"full" (e.g. "I pushed, so a pop
-//   must succeed"). Blocking push()/pop() use the same rule before they
-//   sleep, so a consumer never sleeps while completed values are queued.
+//   must succeed"). Blocking push()/pop() spin with the lock-free tries and
+//   use the linearizable rule for the last check before they sleep, so a
+//   consumer never sleeps while completed values are queued.
 // - push()/pop() spin briefly, then sleep on a futex; a thread that never
 //   sleeps pays no syscall, and a push or pop with nobody asleep pays no
 //   atomic read-modify-write for waking (see detail/event_count.hpp).
@@ -142,8 +143,12 @@ class mpmc_queue {
   // ---- blocking (for threads that may wait) ---------------------------
 
   void push(T&& v) noexcept {
-    detail::spin_then_park(not_full_,
-                           [&] { return ring_.template try_push<detail::claimed_cell::wait>(std::move(v)); });
+    // Lock-free tries while spinning; the linearizable one before sleeping,
+    // so a producer never sleeps on a queue whose only "full" cell is being
+    // emptied (whose pop's notify may already have woken someone else).
+    detail::spin_then_park(
+        not_full_, [&] { return ring_.try_push(std::move(v)); },
+        [&] { return ring_.template try_push<detail::claimed_cell::wait>(std::move(v)); });
     not_empty_.notify_one();
   }
 
@@ -154,9 +159,10 @@ class mpmc_queue {
 
   template <class... Args>
   void emplace(Args&&... args) noexcept {
-    detail::spin_then_park(not_full_, [&] {
-      return ring_.template try_emplace<detail::claimed_cell::wait>(std::forward<Args>(args)...);
-    });
+    // Forwarding twice is safe: an attempt that fails constructs nothing.
+    detail::spin_then_park(
+        not_full_, [&] { return ring_.try_emplace(std::forward<Args>(args)...); },
+        [&] { return ring_.template try_emplace<detail::claimed_cell::wait>(std::forward<Args>(args)...); });
     not_empty_.notify_one();
   }
 
@@ -165,9 +171,12 @@ class mpmc_queue {
     // into the return object: no intermediate optional on the hot path.
     std::size_t pos;
     decltype(ring_.claim_pop(pos)) cell = nullptr;
-    detail::spin_then_park(not_empty_, [&] {
-      return (cell = ring_.template claim_pop<detail::claimed_cell::wait>(pos)) != nullptr;
-    });
+    // Lock-free claims while spinning; the linearizable one before sleeping,
+    // so a consumer never sleeps while completed pushes are queued behind a
+    // push still in progress (that push's notify wakes only one sleeper).
+    detail::spin_then_park(
+        not_empty_, [&] { return (cell = ring_.claim_pop(pos)) != nullptr; },
+        [&] { return (cell = ring_.template claim_pop<detail::claimed_cell::wait>(pos)) != nullptr; });
     T* v = cell->value();
     T out(std::move(*v));
     v->~T();

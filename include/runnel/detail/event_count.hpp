@@ -104,21 +104,28 @@ class event_count {
 };
 
 // The waiting part of spin_then_park(), kept apart so that the caller's
-// fast path (one successful attempt) stays small.
-template <class Attempt>
-void spin_then_park_slow(event_count& ec, Attempt& attempt) noexcept {
+// fast path (one successful attempt) stays small. `attempt` is what the
+// spinning retries; `last_attempt` is the check made after prepare_wait(),
+// the one that decides whether to sleep.
+template <class Attempt, class LastAttempt>
+void spin_then_park_slow(event_count& ec, Attempt& attempt, LastAttempt& last_attempt) noexcept {
   backoff bo;
   for (;;) {
     if (attempt()) return;
     if (bo.spin()) continue;
     const auto key = ec.prepare_wait();
-    if (attempt()) {
+    if (last_attempt()) {
       ec.cancel_wait();
       return;
     }
     ec.wait(key);
     bo.reset();
   }
+}
+
+template <class Attempt>
+void spin_then_park_slow(event_count& ec, Attempt& attempt) noexcept {
+  spin_then_park_slow(ec, attempt, attempt);
 }
 
 // Retries `attempt` (a noexcept callable returning bool) with backoff, then
@@ -128,6 +135,17 @@ template <class Attempt>
 inline void spin_then_park(event_count& ec, Attempt&& attempt) noexcept {
   if (attempt()) return;
   spin_then_park_slow(ec, attempt);
+}
+
+// As above, with a cheaper `attempt` for the spinning (one that may fail
+// spuriously, e.g. a lock-free try that gives up on a cell another thread
+// holds) and an exact `last_attempt` made only when about to sleep (one that
+// fails only when sleeping is right). Sleeping is then as correct as with
+// `last_attempt` alone, and the hot loop never waits on another thread.
+template <class Attempt, class LastAttempt>
+inline void spin_then_park(event_count& ec, Attempt&& attempt, LastAttempt&& last_attempt) noexcept {
+  if (attempt()) return;
+  spin_then_park_slow(ec, attempt, last_attempt);
 }
 
 }  // namespace runnel::detail
