@@ -628,6 +628,41 @@ TEST_CASE("channel: a receiver stalled in its move constructor does not make a c
   CHECK(g_thread_errors == 0);
 }
 
+TEST_CASE("channel: blocking recv does not sleep while completed sends are queued",
+          "[channel][linearizable]") {
+  // recv() spins with a lock-free try that cannot see past the stalled
+  // cell; the check it makes before sleeping must. Each send wakes one
+  // sleeper, so a receiver that slept again after a wake-up that found only
+  // the stalled cell would wait for ever once the sends stop.
+  using runnel_test::stalling;
+  const int receivers = 4;
+  for (int round = 0; round < static_cast<int>(runnel_test::scaled(20)); ++round) {
+    runnel_test::stall_gate gate;
+    auto [tx, rx] = make_channel<stalling>(16);
+    gate.armed = true;
+    std::jthread slow([&gate, tx = tx]() mutable {
+      if (!tx.send(stalling(0, &gate)).ok()) ++g_thread_errors;
+    });
+    gate.wait_entered();
+    std::atomic<int> sum{0};
+    std::vector<std::jthread> ts;
+    for (int c = 0; c < receivers; ++c)
+      ts.emplace_back([&sum, rx = rx]() mutable {
+        auto r = rx.recv();
+        if (r) sum += r->value; else ++g_thread_errors;
+      });
+    // Let the receivers park on the stalled cell (not required for the test
+    // to pass, only for it to mean something).
+    std::this_thread::sleep_for(2ms);
+    for (int i = 1; i < receivers; ++i) REQUIRE(tx.send(stalling(i, nullptr)).ok());
+    std::this_thread::sleep_for(2ms);
+    gate.release();
+    for (auto& t : ts) t.join();  // hangs if a receiver sleeps on a non-empty channel
+    CHECK(sum == receivers * (receivers - 1) / 2);
+  }
+  CHECK(g_thread_errors == 0);
+}
+
 // ---- try_recv_n and the close race ------------------------------------------
 
 TEST_CASE("channel: try_recv_n reports closed only when nothing more will arrive",

@@ -84,10 +84,13 @@ class channel_state {
 
   // ---- non-blocking core ------------------------------------------------
 
-  // Moves v in (ok), or leaves v intact (full / closed).
+  // Moves v in (ok), or leaves v intact (full / closed). With give_up (used
+  // only while a blocking send spins) "full" may also mean a cell being
+  // emptied; see the header comment.
+  template <claimed_cell Policy = claimed_cell::wait>
   channel_status try_send(T& v) noexcept {
     if (!enter_send()) return channel_status::closed;
-    const bool ok = ring_.template try_push<claimed_cell::wait>(std::move(v));
+    const bool ok = ring_.template try_push<Policy>(std::move(v));
     leave_send();
     if (!ok) return channel_status::full;
     not_empty_.notify_one();
@@ -112,14 +115,18 @@ class channel_state {
   // Hands up to n values to sink(T&&) (which must not throw); returns how
   // many, or nullopt when the channel is closed and drained (nothing more
   // will ever arrive). 0 means empty in the linearizable sense above.
-  template <class Sink>
+  // With give_up (used only while a blocking recv spins) 0 may also mean
+  // the head cell is still being filled. "Closed and drained" is exact under
+  // either policy: it is only reported with no send in flight, and then
+  // every claimed cell has been published.
+  template <claimed_cell Policy = claimed_cell::wait, class Sink>
   std::optional<std::size_t> try_recv_n(Sink&& sink, std::size_t n) noexcept {
-    std::size_t k = ring_.template try_consume_n<claimed_cell::wait>(sink, n);
+    std::size_t k = ring_.template try_consume_n<Policy>(sink, n);
     if (k == 0) {
       if (!drained_if_closed()) return std::size_t{0};
       // Closed with no send in flight: whatever is in the ring now is all
       // there will ever be. Look once more (see the header comment).
-      k = ring_.template try_consume_n<claimed_cell::wait>(sink, n);
+      k = ring_.template try_consume_n<Policy>(sink, n);
       if (k == 0) {
         // Relaxed: see drained_if_closed().
         ended_.store(true, std::memory_order_relaxed);
@@ -131,21 +138,31 @@ class channel_state {
     return k;
   }
 
+  template <claimed_cell Policy = claimed_cell::wait>
   channel_status try_recv(std::optional<T>& out) noexcept {
-    const auto r = try_recv_n([&out](T&& v) noexcept { out.emplace(std::move(v)); }, 1);
+    const auto r = try_recv_n<Policy>([&out](T&& v) noexcept { out.emplace(std::move(v)); }, 1);
     if (!r) return channel_status::closed;
     return *r == 0 ? channel_status::empty : channel_status::ok;
   }
 
   // ---- blocking (threads) -------------------------------------------------
 
-  // Waits while full; ok or closed (v intact when closed).
+  // Waits while full; ok or closed (v intact when closed). Spins with the
+  // lock-free try and makes the check before sleeping the linearizable one:
+  // a sender never sleeps while the only "full" cell is being emptied, and
+  // the spinning never waits on another thread's move.
   channel_status send(T& v) noexcept {
     channel_status st = channel_status::full;
-    spin_then_park(not_full_, [&]() noexcept {
-      st = try_send(v);
-      return st != channel_status::full;
-    });
+    spin_then_park(
+        not_full_,
+        [&]() noexcept {
+          st = try_send<claimed_cell::give_up>(v);
+          return st != channel_status::full;
+        },
+        [&]() noexcept {
+          st = try_send(v);
+          return st != channel_status::full;
+        });
     return st;
   }
 
@@ -154,12 +171,20 @@ class channel_state {
                       channel_status::full);
   }
 
+  // As send(): a receiver never sleeps while completed sends are queued
+  // behind one still moving its value in.
   channel_status recv(std::optional<T>& out) noexcept {
     channel_status st = channel_status::empty;
-    spin_then_park(not_empty_, [&]() noexcept {
-      st = try_recv(out);
-      return st != channel_status::empty;
-    });
+    spin_then_park(
+        not_empty_,
+        [&]() noexcept {
+          st = try_recv<claimed_cell::give_up>(out);
+          return st != channel_status::empty;
+        },
+        [&]() noexcept {
+          st = try_recv(out);
+          return st != channel_status::empty;
+        });
     return st;
   }
 

@@ -81,12 +81,26 @@ class task_waiters {
   }
 
   // Wakes up to n registered wakers, oldest first. With nobody registered it
-  // costs a compiler barrier and one read of a mostly-shared line.
+  // costs a compiler barrier and one read of a mostly-shared line; that test
+  // is kept inline (it is on every channel send and receive) and the taking
+  // out of line, so the compiler's inlining budget does not decide it.
   void notify_n(std::size_t n) noexcept {
     if (symmetric_) full_fence();
     else light_fence();
     // Relaxed: ordered after the caller's publish by the fence above.
     if (n == 0 || count_.load(std::memory_order_relaxed) == 0) return;
+    take_and_wake(n);
+  }
+
+  void notify_all() noexcept { notify_n(SIZE_MAX); }
+
+  bool empty_approx() const noexcept {
+    // Relaxed: a monitoring hint.
+    return count_.load(std::memory_order_relaxed) == 0;
+  }
+
+ private:
+  [[gnu::noinline]] void take_and_wake(std::size_t n) noexcept {
     waker* taken = nullptr;
     {
       std::lock_guard lock(m_);
@@ -106,14 +120,6 @@ class task_waiters {
     }
   }
 
-  void notify_all() noexcept { notify_n(SIZE_MAX); }
-
-  bool empty_approx() const noexcept {
-    // Relaxed: a monitoring hint.
-    return count_.load(std::memory_order_relaxed) == 0;
-  }
-
- private:
   void unlink(waker& w) noexcept {
     if (w.prev_ != nullptr) w.prev_->next_ = w.next_; else head_ = w.next_;
     if (w.next_ != nullptr) w.next_->prev_ = w.prev_; else tail_ = w.prev_;
