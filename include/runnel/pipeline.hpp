@@ -206,23 +206,16 @@ namespace detail {
 // (which would add a screen of invoke_result errors).
 
 // What a callable takes, to name it in a diagnostic: the parameter of a
-// function (pointer) or of a lone non-template operator(); for anything
-// else (generic lambda, overloads) the callable's own type.
-template <class Sig> struct param_of_call { using type = void; };
-template <class R, class A> struct param_of_call<R (*)(A)> { using type = A; };
-template <class R, class A> struct param_of_call<R (*)(A) noexcept> { using type = A; };
-template <class R, class C, class A> struct param_of_call<R (C::*)(A)> { using type = A; };
-template <class R, class C, class A> struct param_of_call<R (C::*)(A) const> { using type = A; };
-template <class R, class C, class A> struct param_of_call<R (C::*)(A) noexcept> { using type = A; };
-template <class R, class C, class A> struct param_of_call<R (C::*)(A) const noexcept> { using type = A; };
-
+// function (pointer) or of a lone non-template operator() (message_param,
+// detail/pipeline_nodes.hpp); for anything else (generic lambda, overloads)
+// the callable's own type.
 template <class F> struct param_of { using type = F; };
 template <class F>
-  requires requires { &F::operator(); } && (!std::is_void_v<typename param_of_call<decltype(&F::operator())>::type>)
-struct param_of<F> { using type = typename param_of_call<decltype(&F::operator())>::type; };
+  requires requires { &F::operator(); } && (!std::is_void_v<typename message_param<decltype(&F::operator())>::type>)
+struct param_of<F> { using type = typename message_param<decltype(&F::operator())>::type; };
 template <class F>
-  requires(!std::is_void_v<typename param_of_call<F>::type>)
-struct param_of<F> { using type = typename param_of_call<F>::type; };
+  requires(!std::is_void_v<typename message_param<F>::type>)
+struct param_of<F> { using type = typename message_param<F>::type; };
 template <class F> using param_of_t = typename param_of<F>::type;
 
 // Always false; asserted only on the failing path, for its name.
