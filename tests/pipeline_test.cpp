@@ -510,6 +510,25 @@ TEST_CASE("pipeline: cancel reaches nodes parked on the user's channels", "[pipe
   }
 }
 
+// Runs `rounds` pipelines from in_rx through an identity stage to out_tx and
+// drops each run's handle on a pool worker (which only cancels it), calling
+// before_drop(round) in between; returns how many drops ran.
+template <class Msg, class BeforeDrop>
+int drop_runs_on_worker(thread_pool& pool, runnel::receiver<Msg>& in_rx, runnel::sender<Msg>& out_tx, int rounds,
+                        BeforeDrop before_drop) {
+  std::atomic<int> dropped{0};
+  for (int r = 0; r < rounds; ++r) {
+    auto run = pipeline{pool}.from(in_rx).stage([](Msg m) { return m; }).to(out_tx).run();
+    before_drop(r);
+    pool.post([h = std::move(run), &dropped]() mutable {
+      h = runnel::pipeline_handle{};  // drops the run on a worker: cancels only
+      dropped.fetch_add(1);
+    });
+    while (dropped.load() != r + 1) std::this_thread::yield();
+  }
+  return dropped.load();
+}
+
 TEST_CASE("pipeline: a handle dropped on a worker while outside threads send into .from() and read .to()",
           "[pipeline]") {
   // A lane parked on a user's channel is unlinked by the outside thread's
@@ -528,20 +547,12 @@ TEST_CASE("pipeline: a handle dropped on a worker while outside threads send int
   std::thread reader([&done, rx = out_rx]() mutable {
     while (!done.load(std::memory_order_relaxed)) (void)rx.try_recv();
   });
-  std::atomic<int> dropped{0};
-  for (int r = 0; r < rounds; ++r) {
-    auto run = pipeline{pool}.from(in_rx).stage([](int x) { return x; }).to(out_tx).run();
-    pool.post([h = std::move(run), &dropped]() mutable {
-      h = runnel::pipeline_handle{};  // drops the run on a worker: cancels only
-      dropped.fetch_add(1);
-    });
-    while (dropped.load() != r + 1) std::this_thread::yield();
-  }
+  const int dropped = drop_runs_on_worker(pool, in_rx, out_tx, rounds, [](int) {});
   done = true;
   sender.join();
   reader.join();
   pool.wait_idle();  // the cancelled runs finish in pool tasks
-  CHECK(dropped.load() == rounds);
+  CHECK(dropped == rounds);
 }
 
 TEST_CASE("pipeline: wait_for / wait_until time out, finish, rethrow, and saturate huge values", "[pipeline]") {
@@ -708,17 +719,10 @@ TEST_CASE("pipeline: a handle dropped on a worker accounts for every message it 
       if (rx.try_recv().ok()) ++read;
     }
   });
-  std::atomic<int> dropped{0};
-  for (int r = 0; r < rounds; ++r) {
-    auto run = pipeline{pool}.from(in_rx).stage([](fated m) { return m; }).to(out_tx).run();
-    // Let some messages through before the drop, on most rounds.
+  // Let some messages through before the drop, on most rounds.
+  (void)drop_runs_on_worker(pool, in_rx, out_tx, rounds, [](int r) {
     if (r % 4 != 0) std::this_thread::yield();
-    pool.post([h = std::move(run), &dropped]() mutable {
-      h = runnel::pipeline_handle{};  // drops the run on a worker: cancels only
-      dropped.fetch_add(1);
-    });
-    while (dropped.load() != r + 1) std::this_thread::yield();
-  }
+  });
   done = true;
   sender.join();
   reader.join();
