@@ -21,6 +21,7 @@
 #include <runnel/thread_pool.hpp>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -132,17 +133,47 @@ bool check_out(benchmark::State& state, const std::string& out, std::size_t n) {
   return true;
 }
 
-void report(benchmark::State& state, std::size_t n, double seconds, double broker_cpu0) {
+// CPU seconds (user + system) of this process (RUSAGE_SELF) or of its
+// waited-for children (RUSAGE_CHILDREN: the pika peers).
+double own_cpu(int who) {
+  rusage r{};
+  ::getrusage(who, &r);
+  auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6; };
+  return sec(r.ru_utime) + sec(r.ru_stime);
+}
+
+// CPU already spent by the broker and by the client side when a timed run
+// starts. The client is this process, or (pika) the children it waits for;
+// not both, since this process also runs rabbitmqctl now and then.
+struct cpu_mark {
+  explicit cpu_mark(int who = RUSAGE_SELF) : who(who) {}
+  int who;
+  double broker = broker_cpu();
+  double client = own_cpu(who);
+};
+
+// Besides the rate: the broker's and the client's CPU time a message, and
+// the rate the two would allow if together they had every core of the
+// machine and nothing else ran (cores / (broker + client CPU a message)).
+// Where broker and client share the cores, no client of that CPU cost can
+// pass that bound; the ratio rate / bound says how close a run came.
+void report(benchmark::State& state, std::size_t n, double seconds, const cpu_mark& m) {
   state.SetIterationTime(seconds);
-  state.counters["items_per_second"] = static_cast<double>(n) / seconds;
-  state.counters["broker_us_per_msg"] = 1e6 * (broker_cpu() - broker_cpu0) / static_cast<double>(n);
+  const double msgs = static_cast<double>(n);
+  const double broker_us = 1e6 * (broker_cpu() - m.broker) / msgs;
+  const double client_us = 1e6 * (own_cpu(m.who) - m.client) / msgs;
+  const double cores = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
+  state.counters["items_per_second"] = msgs / seconds;
+  state.counters["broker_us_per_msg"] = broker_us;
+  state.counters["client_us_per_msg"] = client_us;
+  if (broker_us + client_us > 0) state.counters["cpu_bound_msg_s"] = cores * 1e6 / (broker_us + client_us);
 }
 
 void bm_runnel(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
-    const double b0 = broker_cpu();
+    const cpu_mark m0;
     runnel::thread_pool pool({.threads = 2, .pin = false});
     runnel::amqp::client c{runnel::amqp::connection_options::from_url(
         "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
@@ -162,7 +193,7 @@ void bm_runnel(benchmark::State& state, std::uint64_t w) {
     const auto last = clock_type::now();
     c.close();
     run.wait();
-    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
+    report(state, n, std::chrono::duration<double>(last - first).count(), m0);
     state.counters["unacked_peak"] = static_cast<double>(c.stats().unacked_peak);
     check_out(state, out, n);
   }
@@ -172,7 +203,7 @@ void bm_c_loop(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
-    const double b0 = broker_cpu();
+    const cpu_mark m0;
     amqp_connection_state_t conn = amqp_new_connection();
     amqp_socket_t* sock = amqp_tcp_socket_new(conn);
     amqp_socket_open(sock, "127.0.0.1", the_broker().port());
@@ -205,7 +236,7 @@ void bm_c_loop(benchmark::State& state, std::uint64_t w) {
     amqp_channel_close(conn, 1, AMQP_REPLY_SUCCESS);
     amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(conn);
-    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
+    report(state, n, std::chrono::duration<double>(last - first).count(), m0);
     check_out(state, out, n);
   }
 }
@@ -215,7 +246,7 @@ void bm_pika(benchmark::State& state, const char* mode, int procs) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
-    const double b0 = broker_cpu();
+    const cpu_mark m0(RUSAGE_CHILDREN);
     std::vector<FILE*> ps;
     for (int i = 0; i < procs; ++i) {
       const std::string cmd = std::string("/usr/bin/python3 ") + RUNNEL_BENCH_DIR + "/amqp/pika_peer.py " + mode + " " +
@@ -239,7 +270,7 @@ void bm_pika(benchmark::State& state, const char* mode, int procs) {
       state.SkipWithError(("pika peer handled " + std::to_string(done) + " of " + std::to_string(n)).c_str());
       continue;
     }
-    report(state, n, last - first, b0);
+    report(state, n, last - first, m0);
     check_out(state, out, n);
   }
 }
