@@ -23,6 +23,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -65,6 +66,7 @@ struct consumer_args {
   std::string url, queue, db, report;
   int throttle_us = 0;         // per message in the compute stage (keeps batches in flight)
   int crash_after_commit = 0;  // > 0: _exit inside the k-th on_commit (committed, not acked)
+  int kill_in_txn = 0;         // > 0: SIGKILL itself inside the k-th bind (mid-transaction)
 };
 
 volatile std::sig_atomic_t g_stop = 0;
@@ -83,7 +85,16 @@ extern "C" void on_term(int) { g_stop = 1; }
     o.batch = 50;
     o.max_wait = 50ms;
     sq::store_handlers<result> h;
-    h.bind = [](sq::statement& s, const result& r) { s.bind(1, r.id).bind(2, r.value); };
+    int binds = 0;
+    h.bind = [&](sq::statement& s, const result& r) {
+      if (a.kill_in_txn > 0 && ++binds == a.kill_in_txn) {
+        // Earlier rows of this transaction are written, not committed. The
+        // pause gives an ack sent too early the time to reach the broker.
+        std::this_thread::sleep_for(300ms);
+        ::kill(::getpid(), SIGKILL);
+      }
+      s.bind(1, r.id).bind(2, r.value);
+    };
     h.key = [](const result& r) { return r.in.body; };
     h.on_commit = [&](std::span<result> b) {
       if (a.crash_after_commit > 0 && ++commits == a.crash_after_commit) {
@@ -172,11 +183,13 @@ void check_table(const std::string& db, std::size_t n) {
 }
 
 // Runs a last consumer until the table holds n rows, stops it with SIGTERM.
-std::string finish(consumer_args a, std::size_t n) {
+std::string finish(consumer_args a, std::size_t n, std::chrono::seconds limit = std::chrono::seconds(120)) {
   a.throttle_us = 0;
   a.crash_after_commit = 0;
+  a.kill_in_txn = 0;
   const pid_t p = spawn(a);
-  const bool all = eventually([&] { return query(a.db, "SELECT count(*) FROM results") >= static_cast<std::int64_t>(n); });
+  const bool all =
+      eventually([&] { return query(a.db, "SELECT count(*) FROM results") >= static_cast<std::int64_t>(n); }, limit);
   ::kill(p, SIGTERM);
   CHECK(wait_exit(p) == 0);
   REQUIRE(all);
@@ -266,4 +279,156 @@ TEST_CASE("a crash between commit and ack: the redelivered messages are deduplic
   check_table(a.db, n);
   // No consumer is left, so anything unacked would be ready again.
   CHECK(raw(b->port()).ready(a.queue) == 0);
+}
+
+TEST_CASE("a consumer killed with SIGKILL inside a transaction: none of that batch was acked, every id stored once",
+          "[amqp][broker][sqlite]") {
+  broker* b = broker::get();
+  if (b == nullptr) return;
+  const std::size_t n = 1000;
+  const int kill_at = 120;  // the 120th row written: inside the third batch at the latest
+  scratch_dir d;
+  consumer_args a{b->url(), runnel_test::unique_name("sqtxn"), (d.dir / "out.db").string(),
+                  (d.dir / "report").string(), 0, 0, kill_at};
+  {
+    raw r(b->port());
+    r.fresh_queue(a.queue);
+    r.publish_n(a.queue, n, [](std::size_t i) { return std::to_string(i); });
+  }
+  const pid_t p = spawn(a);
+  CHECK(wait_exit(p) == 128 + SIGKILL);
+  // The transaction holding the 120th row never committed.
+  const std::int64_t committed = query(a.db, "SELECT count(*) FROM results");
+  REQUIRE(committed >= 0);
+  REQUIRE(committed < kill_at);
+  const std::string report = finish(a, n, std::chrono::seconds(30));
+  INFO(report);
+  check_table(a.db, n);
+  // No consumer is left, so anything unacked would be ready again.
+  CHECK(raw(b->port()).ready(a.queue) == 0);
+}
+
+// Runs in the test process (after the forking cases: its threads are joined
+// before it returns).
+TEST_CASE("a write that fails (constraint violation, full disk) sends its inputs to the failure policy: "
+          "each input ends stored or dead-lettered, never both, never acked unstored",
+          "[amqp][broker][sqlite]") {
+  broker* b = broker::get();
+  if (b == nullptr) return;
+  const bool full_disk = GENERATE(false, true);
+  INFO((full_disk ? "full disk (max_page_count)" : "CHECK constraint violation"));
+  const std::size_t n = 400;
+  scratch_dir d;
+  const std::string db = (d.dir / "out.db").string();
+  const std::string in = runnel_test::unique_name("sqbad"), dead = runnel_test::unique_name("sqdead");
+  {
+    raw r(b->port());
+    r.fresh_queue(in);
+    r.fresh_queue(dead);
+    r.publish_n(in, n, [](std::size_t i) { return std::to_string(i); });
+  }
+  // Constraint case: every id with id % 50 == 7 computes a negative value,
+  // which the table's CHECK refuses. Full-disk case: 2 KiB a row into 64
+  // pages of 4 KiB, so the table fills part of the way through.
+  auto bad = [full_disk](std::int64_t id) { return !full_disk && id % 50 == 7; };
+  sq::store_options o;
+  o.path = db;
+  if (full_disk) {
+    o.schema = {"PRAGMA page_size = 4096", "CREATE TABLE IF NOT EXISTS results(id INTEGER, value INTEGER, pad BLOB)",
+                "PRAGMA max_page_count = 64"};
+  } else {
+    o.schema = {"CREATE TABLE IF NOT EXISTS results(id INTEGER, value INTEGER CHECK(value >= 0), pad BLOB)"};
+  }
+  o.insert = "INSERT INTO results(id, value, pad) VALUES(?1, ?2, ?3)";
+  o.batch = 50;
+  o.max_wait = 50ms;
+  sq::store_handlers<result> h;
+  h.bind = [full_disk](sq::statement& s, const result& r) {
+    const std::string pad(full_disk ? 2048 : 0, 'p');
+    s.bind(1, r.id).bind(2, r.value).bind_blob(3, pad.data(), pad.size());
+  };
+  h.key = [](const result& r) { return r.in.body; };
+  // Full disk: on_failure puts the SQLite error into x-runnel-error.
+  // Constraint: no on_failure; the store destroys the messages as failed,
+  // which alone must send them to the failure policy.
+  if (full_disk) {
+    h.on_failure = [](std::span<result> rs, const sq::write_failure& f) {
+      for (result& r : rs) r.in.fail(f.what);
+    };
+  }
+  sq::store<result> st(o, std::move(h));
+  {
+    runnel::thread_pool pool({.threads = 2, .pin = false});
+    amqp::client c{amqp::connection_options::from_url(b->url())};
+    amqp::consume_options co{.queue = in, .prefetch = 200};
+    co.on_failure.max_attempts = 2;
+    co.on_failure.dead_letter_routing_key = dead;
+    auto run = runnel::pipeline{pool}
+                   .from(c.consume(co))
+                   .stage([&bad](amqp::delivery dl) {
+                     result r;
+                     r.id = std::stoll(dl.body);
+                     r.value = bad(r.id) ? -1 : value_of(r.id);
+                     r.in = std::move(dl);
+                     return r;
+                   }, {.workers = 2})
+                   .to(st.input())
+                   .run();
+    // Every input either has its row or sits in the dead-letter queue.
+    raw watch(b->port());
+    const bool settled = eventually(
+        [&] { return query(db, "SELECT count(*) FROM results") + watch.ready(dead) >= static_cast<std::int64_t>(n); },
+        30s);
+    c.close();
+    run.wait();
+    CHECK(settled);
+    CHECK(c.stats().dead_lettered == watch.ready(dead));
+  }
+  st.close();
+  std::set<std::int64_t> stored, dead_ids;
+  {
+    sqlite3* h2 = nullptr;
+    REQUIRE(sqlite3_open_v2(db.c_str(), &h2, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+    sqlite3_stmt* q = nullptr;
+    REQUIRE(sqlite3_prepare_v2(h2, "SELECT id, value FROM results", -1, &q, nullptr) == SQLITE_OK);
+    std::size_t rows = 0, wrong = 0;
+    while (sqlite3_step(q) == SQLITE_ROW) {
+      ++rows;
+      const std::int64_t id = sqlite3_column_int64(q, 0);
+      if (sqlite3_column_int64(q, 1) != value_of(id)) ++wrong;
+      stored.insert(id);
+    }
+    sqlite3_finalize(q);
+    sqlite3_close(h2);
+    CHECK(rows == stored.size());  // no id twice
+    CHECK(wrong == 0);
+  }
+  const auto dl = raw(b->port()).take(dead, n, 1000);
+  std::size_t without_reason = 0;
+  for (const auto& m : dl) {
+    dead_ids.insert(std::stoll(m.body));
+    const auto e = m.headers.find("x-runnel-error");
+    if (e == m.headers.end() || (full_disk && e->second.find("full") == std::string::npos)) ++without_reason;
+  }
+  CHECK(dl.size() == dead_ids.size());  // no id dead-lettered twice
+  CHECK(without_reason == 0);
+  for (const std::int64_t id : stored) CHECK(dead_ids.count(id) == 0);
+  CHECK(stored.size() + dead_ids.size() == n);
+  CHECK(!stored.empty());
+  CHECK(!dead_ids.empty());
+  if (!full_disk) {
+    for (const std::int64_t id : dead_ids) CHECK(bad(id));
+    CHECK(dead_ids.size() == n / 50);
+  }
+  // Both attempts of every dead-lettered input failed; with a full disk a
+  // retried input may also fit the second time (a lone row after a batch).
+  if (full_disk) {
+    CHECK(st.stats().failed >= 2 * dead_ids.size());
+  } else {
+    CHECK(st.stats().failed == 2 * dead_ids.size());
+  }
+  CHECK(st.stats().stored == stored.size());
+  CHECK(query(db, "SELECT count(*) FROM runnel_applied") == static_cast<std::int64_t>(stored.size()));
+  // No consumer is left, so anything unacked would be ready again.
+  CHECK(raw(b->port()).ready(in) == 0);
 }
