@@ -160,6 +160,13 @@ struct producer {
   std::uint64_t reconnects = 0, nacked = 0;
   long long blocked_ms = 0;
 
+  // Publishes until `n` messages are confirmed (no faults expected).
+  void run_until(std::uint64_t n) {
+    limit = n;
+    run();
+  }
+  std::uint64_t limit = 0;  // run_until: stop once this many are confirmed
+
   void run() {
     std::size_t next_ep = static_cast<std::size_t>(id);
     const auto start = clock_type::now();
@@ -179,6 +186,7 @@ struct producer {
       if (ok) ok = amqp_confirm_select(conn, 1) != nullptr && amqp_get_rpc_reply(conn).reply_type == AMQP_RESPONSE_NORMAL;
       std::uint64_t next_tag = 1;
       while (ok && !stop->load()) {
+        if (limit > 0 && confirmed.load() >= limit) return (void)amqp_destroy_connection(conn);
         // Pace to the rate.
         const double due_s = static_cast<double>(sent) / rate;
         const double el_s = std::chrono::duration<double>(clock_type::now() - start).count();
@@ -359,6 +367,40 @@ struct harness {
     }
   }
 
+  // Resource samples of one consumer process: the first and the latest.
+  struct usage {
+    long long rss_kb = 0, threads = 0, fds = 0, t = 0;
+  };
+  struct usage_span {
+    int index = 0;
+    usage first, last;
+  };
+  std::map<pid_t, usage_span> usage_by_pid;
+
+  static usage sample(pid_t pid) {
+    usage u;
+    u.t = now_ms();
+    std::ifstream st("/proc/" + std::to_string(pid) + "/status");
+    std::string key;
+    while (st >> key) {
+      if (key == "VmRSS:") st >> u.rss_kb;
+      else if (key == "Threads:") st >> u.threads;
+    }
+    std::error_code ec;
+    for (auto it = std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec);
+         !ec && it != std::filesystem::directory_iterator(); it.increment(ec))
+      ++u.fds;
+    return u;
+  }
+  void sample_all() {
+    for (const auto& c : consumers) {
+      const usage u = sample(c.pid);
+      if (u.threads == 0) continue;  // gone
+      auto [it, fresh] = usage_by_pid.try_emplace(c.pid, usage_span{c.index, u, u});
+      if (!fresh) it->second.last = u;
+    }
+  }
+
   long long queue_depth(int node, const std::string& name) {
     std::string out;
     if (ctl(node, {"list_queues", "name", "messages"}, &out) != 0) return -1;
@@ -371,6 +413,105 @@ struct harness {
     return -1;
   }
 };
+
+// Lines (newlines) in a file, counted from *offset on; *offset advances.
+std::uint64_t count_new_lines(const std::string& path, std::uint64_t* offset) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return 0;
+  in.seekg(static_cast<std::streamoff>(*offset));
+  std::uint64_t n = 0;
+  char buf[65536];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+    const auto got = static_cast<std::size_t>(in.gcount());
+    n += static_cast<std::uint64_t>(std::count(buf, buf + got, '\n'));
+    *offset += got;
+  }
+  return n;
+}
+
+// --throughput: no faults. For each queue type and consumer count K, a fresh
+// queue is filled with `n` confirmed messages, then K consumer processes
+// drain it; msg/s = n over the time from the first message processed to the
+// last (process start-up excluded), and each process's share.
+nlohmann::json run_throughput(harness& h, const std::vector<int>& counts, std::uint64_t n) {
+  nlohmann::json rows = nlohmann::json::array();
+  std::printf("\n%-8s %9s %10s %8s  %s\n", "queue", "consumers", "msg/s", "vs 1", "shares");
+  int case_no = 0;
+  for (const std::string type : {"quorum", "classic"}) {
+    double one = 0;
+    for (const int k : counts) {
+      ++case_no;
+      h.queue = "tp." + type + "." + std::to_string(k);
+      if (cluster({"declare", cluster_dir, h.queue, type, "50"}) != 0) throw std::runtime_error("declare failed");
+      std::atomic<bool> stop{false};
+      std::vector<std::unique_ptr<producer>> ps;
+      std::vector<std::thread> ts;
+      for (int i = 0; i < 2; ++i) {
+        auto p = std::make_unique<producer>();
+        p->id = i;
+        p->endpoints = h.endpoints;
+        p->queue = h.queue;
+        p->rate = 1e9;
+        p->batch = 200;
+        p->stop = &stop;
+        ps.push_back(std::move(p));
+      }
+      for (auto& p : ps) ts.emplace_back([&p, n] { p->run_until(n / 2); });
+      for (auto& t : ts) t.join();
+      std::uint64_t total = 0;
+      for (auto& p : ps) total += p->confirmed.load();
+      h.consumers.clear();
+      h.consumers.resize(static_cast<std::size_t>(k));
+      for (int i = 0; i < k; ++i) {
+        h.consumers[static_cast<std::size_t>(i)].index = 300 * case_no + i;  // its own log files; starts at node i % 3 + 1
+        h.spawn(h.consumers[static_cast<std::size_t>(i)]);
+      }
+      std::vector<std::uint64_t> offs(static_cast<std::size_t>(k), 0), lines(static_cast<std::size_t>(k), 0);
+      std::uint64_t done = 0;
+      const auto deadline = clock_type::now() + std::chrono::seconds(300);
+      while (done < total && clock_type::now() < deadline) {
+        sleep_ms(100);
+        done = 0;
+        for (int i = 0; i < k; ++i) {
+          const auto j = static_cast<std::size_t>(i);
+          lines[j] += count_new_lines(h.consumers[j].log, &offs[j]);
+          done += lines[j];
+        }
+      }
+      for (auto& c : h.consumers) ::kill(c.pid, SIGTERM);
+      for (auto& c : h.consumers) ::waitpid(c.pid, nullptr, 0);
+      long long t_first = -1, t_last = -1;
+      for (auto& c : h.consumers) {
+        std::ifstream in(c.log);
+        std::string line;
+        while (std::getline(in, line)) {
+          const long long t = std::stoll(line.substr(line.rfind(' ') + 1));
+          t_first = t_first < 0 ? t : std::min(t_first, t);
+          t_last = std::max(t_last, t);
+        }
+      }
+      const double secs = std::max(1e-3, static_cast<double>(t_last - t_first) / 1000.0);
+      const double rate = static_cast<double>(done) / secs;
+      if (k == counts.front()) one = rate;
+      std::string shares;
+      nlohmann::json share_json = nlohmann::json::array();
+      for (auto l : lines) {
+        const double sh = done ? 100.0 * static_cast<double>(l) / static_cast<double>(done) : 0.0;
+        char b[16];
+        std::snprintf(b, sizeof b, "%.0f%% ", sh);
+        shares += b;
+        share_json.push_back(sh);
+      }
+      std::printf("%-8s %9d %10.0f %7.2fx  %s%s\n", type.c_str(), k, rate, one > 0 ? rate / one : 0.0,
+                  shares.c_str(), done < total ? " (TIMED OUT)" : "");
+      std::fflush(stdout);
+      rows.push_back({{"queue_type", type}, {"consumers", k}, {"messages", done}, {"msg_per_s", rate},
+                      {"vs_first", one > 0 ? rate / one : 0.0}, {"shares_percent", share_json}});
+      ctl(1, {"delete_queue", h.queue});
+    }
+  }
+  return rows;
+}
 
 }  // namespace
 
@@ -409,6 +550,12 @@ int main(int argc, char** argv) {
   app.add_option("--queue-type", queue_type, "quorum or classic")->check(CLI::IsMember({"quorum", "classic"}));
   app.add_option("--cluster-script", script, "examples/cluster/cluster.sh")->capture_default_str();
   app.add_option("--keep", keep_dir, "keep the logs in this directory (default: a temp dir, removed)");
+  std::vector<int> throughput;
+  std::uint64_t tp_messages = 30000;
+  app.add_option("--throughput", throughput,
+                 "no faults: drain a filled queue with each of these consumer counts, quorum and classic")
+      ->delimiter(',');
+  app.add_option("--throughput-messages", tp_messages, "messages per --throughput case")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (consume->parsed()) return run_consumer(ca);
 
@@ -448,6 +595,23 @@ int main(int argc, char** argv) {
   const double startup_s = std::chrono::duration<double>(clock_type::now() - t_begin).count();
   std::printf("amqp_faults: cluster up in %.1f s: %s\n", startup_s, cluster_url.c_str());
   std::fflush(stdout);
+
+  if (!throughput.empty()) {
+    int rc = 0;
+    try {
+      nlohmann::json j{{"throughput", run_throughput(h, throughput, tp_messages)}};
+      std::ofstream(json_path) << j.dump(2) << "\n";
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "amqp_faults: %s\n", e.what());
+      rc = 1;
+    }
+    cluster({"stop", cluster_dir});
+    if (keep_dir.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(top, ec);
+    }
+    return rc;
+  }
 
   h.consumers.resize(static_cast<std::size_t>(consumers_n));
   for (int i = 0; i < consumers_n; ++i) {
@@ -528,6 +692,7 @@ int main(int argc, char** argv) {
       }
       ++done[static_cast<std::size_t>(k)];
       progress(kind_name[k]);
+      h.sample_all();
     }
   }
   const double fault_phase_s = std::chrono::duration<double>(clock_type::now() - t_faults).count();
@@ -557,6 +722,13 @@ int main(int argc, char** argv) {
   const double drain_s_taken = std::chrono::duration<double>(clock_type::now() - t_drain).count();
   progress("drained");
 
+  h.sample_all();
+  // The longest-lived consumer process: its threads, descriptors and memory
+  // from its first sample to its last (after the drain).
+  harness::usage_span longest{};
+  for (const auto& [pid, u] : h.usage_by_pid)
+    if (u.last.t - u.first.t > longest.last.t - longest.first.t) longest = u;
+  const double longest_s = static_cast<double>(longest.last.t - longest.first.t) / 1000.0;
   // ---- stop consumers: each must exit by itself within 40 s
   int hung = 0;
   for (auto& c : h.consumers) ::kill(c.pid, SIGTERM);
@@ -677,7 +849,8 @@ int main(int argc, char** argv) {
   for (auto& p : producers) producer_reconnects += p->reconnects, nacked += p->nacked;
 
   int min_faults = *std::min_element(done.begin(), done.end());
-  const bool pass = lost == 0 && phantom == 0 && depth == 0 && dead_depth == 0 && hung == 0 && fault_failures == 0;
+  const bool pass = lost == 0 && phantom == 0 && depth == 0 && dead_depth == 0 && hung == 0 &&
+                    fault_failures == 0 && h.unexpected_exits == 0 && dup_unflagged == 0;
   const double total_s = std::chrono::duration<double>(clock_type::now() - t_begin).count();
 
   std::printf("\n== amqp_faults: %s queue on a 3-node cluster, %d consumer processes, %d producers, seed %u%s\n",
@@ -701,10 +874,15 @@ int main(int argc, char** argv) {
   std::printf("recovery   node loss -> its consumers consuming again: median %lld ms, worst %lld ms (%zu of %zu "
               "kills cut a consumer); longest pause of all consumption after a kill: median %lld ms, worst %lld ms\n",
               rec_median, rec_worst, recovery.size(), node_kill_times.size(), pause_median, pause_worst);
-  std::printf("end        queue depth %lld, dead-letter depth %lld, hung consumers %d, failed fault commands %d\n",
-              depth, dead_depth, hung, fault_failures);
+  std::printf("end        queue depth %lld, dead-letter depth %lld, hung consumers %d, consumers that exited on "
+              "their own %d, failed fault commands %d\n",
+              depth, dead_depth, hung, h.unexpected_exits, fault_failures);
   std::printf("time       %.0f s in all: cluster start %.0f s, faults %.0f s, drain %.0f s\n", total_s, startup_s,
               fault_phase_s, drain_s_taken);
+  std::printf("resources  longest-lived of %d consumer processes (%.0f s): threads %lld -> %lld, fds %lld -> %lld, "
+              "RSS %lld -> %lld KiB\n",
+              static_cast<int>(h.usage_by_pid.size()), longest_s, longest.first.threads, longest.last.threads,
+              longest.first.fds, longest.last.fds, longest.first.rss_kb, longest.last.rss_kb);
   for (const auto& n : h.exit_notes) std::printf("note       %s\n", n.c_str());
   std::printf("result     %s\n", pass ? "PASS" : "FAIL");
 
@@ -740,6 +918,11 @@ int main(int argc, char** argv) {
                    {"hung_consumers", hung},
                    {"failed_fault_commands", fault_failures},
                    {"min_faults_of_a_kind", min_faults},
+                   {"longest_lived_consumer",
+                    {{"seconds", longest_s},
+                     {"threads", {longest.first.threads, longest.last.threads}},
+                     {"fds", {longest.first.fds, longest.last.fds}},
+                     {"rss_kib", {longest.first.rss_kb, longest.last.rss_kb}}}},
                    {"seconds", {{"total", total_s}, {"cluster_start", startup_s}, {"faults", fault_phase_s}, {"drain", drain_s_taken}}},
                    {"pass", pass}};
   for (int k = 0; k < kinds; ++k) j["faults"][kind_name[k]] = done[static_cast<std::size_t>(k)];
