@@ -13,8 +13,9 @@
 #                              declares QUEUE (durable; quorum by default, with
 #                              x-delivery-limit, default 20, and dead-letter
 #                              exchange QUEUE.dlx, a fanout bound to QUEUE.dead)
-#   cluster.sh kill DIR N      SIGKILL of node N's whole process group (its
-#                              Erlang VM included): a crash, no clean shutdown
+#   cluster.sh kill DIR N      SIGKILL of node N's Erlang VM (by the pid the
+#                              node writes to DIR/nN/beam.pid) and its process
+#                              group: a crash, no clean shutdown
 #   cluster.sh start-node DIR N  starts node N again (same name, data and
 #                              ports) and waits until it is up; it rejoins the
 #                              cluster by itself
@@ -81,6 +82,25 @@ launch() {
   )
 }
 
+# SIGKILL of node $1: its Erlang VM's process group (the rabbitmq-server
+# wrapper switches user with su, which starts a new session, so the VM is not
+# in the wrapper's group) and the wrapper's; waits until the VM is gone.
+kill_node() {
+  local i=$1 beam pg
+  beam=$(cat "$dir/n$i/beam.pid" 2>/dev/null || echo)
+  if [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null; then
+    pg=$(ps -o pgid= -p "$beam" | tr -d ' ')
+    [ -n "$pg" ] && kill -9 -- "-$pg" 2>/dev/null
+    kill -9 "$beam" 2>/dev/null
+  fi
+  kill -9 -- "-$(cat "$dir/n$i/server.pid")" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  return 0
+}
+
 # Waits (up to 120 s) until node $1 is up; fails early if its process died.
 await_node() {
   local i=$1 pid
@@ -124,10 +144,13 @@ CONF
     for p in "${pids[@]}"; do wait "$p"; done
     load_env
     # One join at a time: concurrent joins race on the schema.
+    # (start_app logs harmless "tracked connection table" errors: kept out of
+    # the output, which is the URL alone.)
     for i in 2 3; do
-      ctl "$i" stop_app >/dev/null
-      ctl "$i" join_cluster "$NAME-1@localhost" >/dev/null
-      ctl "$i" start_app >/dev/null
+      for step in stop_app "join_cluster $NAME-1@localhost" start_app; do
+        # shellcheck disable=SC2086
+        ctl "$i" $step >"$dir/n$i/join.out" 2>&1 || { cat "$dir/n$i/join.out" >&2; exit 1; }
+      done
     done
     url
     ;;
@@ -153,7 +176,7 @@ PY
     ;;
   kill)
     i=${3:?usage: cluster.sh kill DIR N}
-    kill -9 -- "-$(cat "$dir/n$i/server.pid")" 2>/dev/null || true
+    kill_node "$i"
     ;;
   start-node)
     i=${3:?usage: cluster.sh start-node DIR N}
@@ -173,16 +196,23 @@ PY
     load_env
     for i in 1 2 3; do
       (
-        pid=$(cat "$dir/n$i/server.pid" 2>/dev/null || echo)
-        [ -n "$pid" ] || exit 0
-        kill -0 "$pid" 2>/dev/null || exit 0
-        ctl "$i" shutdown >/dev/null 2>&1 || kill -9 -- "-$pid" 2>/dev/null || true
-        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-        kill -9 -- "-$pid" 2>/dev/null || true
+        beam=$(cat "$dir/n$i/beam.pid" 2>/dev/null || echo)
+        if [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null; then
+          ctl "$i" shutdown >/dev/null 2>&1 || true
+          for _ in $(seq 1 40); do kill -0 "$beam" 2>/dev/null || break; sleep 0.25; done
+        fi
+        kill_node "$i"  # whatever is left, by pid
       ) &
     done
     wait
     kill "$EPMD_PID" 2>/dev/null || true
+    # A node (re)started while our epmd was briefly unreachable may have
+    # spawned its own `epmd -daemon` on this cluster's private port: end
+    # whatever listens there, by pid.
+    sleep 0.5
+    for pid in $(ss -ltnpH "sport = :$EPMD_PORT" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+      kill "$pid" 2>/dev/null || true
+    done
     rm -rf "$dir"
     ;;
   *)
