@@ -15,9 +15,10 @@
 // Faults, in rounds (each round injects every kind once, in random order, at
 // random moments): SIGKILL of a consumer process (restarted at once);
 // rabbitmqctl close_all_connections on a random node; SIGKILL of a random
-// node's broker processes (restarted after 1-3 s); a memory alarm
-// (set_vm_memory_high_watermark 0 on a random node for 1-3 s, then 0.4),
-// which blocks every publisher in the cluster.
+// node's Erlang VM (restarted 1-2 s later, in the background; the next node
+// kill waits for it); a memory alarm (set_vm_memory_high_watermark 0 on a
+// random node for 1-2 s, then 0.4), which blocks every publisher in the
+// cluster.
 //
 // Then: producers stop, the queue is drained, consumers are stopped with
 // SIGTERM (each must exit within 40 s: else it "hung"), and the logs are
@@ -26,6 +27,9 @@
 // repeat was marked redelivered; the queue and its dead-letter queue empty.
 // Exit status 0 only when all of that holds. A one-screen summary goes to
 // stdout and the figures to --json.
+//
+// --throughput 1,2,4 measures instead (no faults): a filled queue drained by
+// that many consumer processes, quorum and classic.
 //
 // --mutant buffered-log makes the consumers log through a stdio buffer that
 // a SIGKILL throws away (acked, never logged): lost > 0, exit status 1.
