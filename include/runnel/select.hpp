@@ -35,10 +35,12 @@
 // ready operation at random). No arm starves another.
 //
 // Exactly one arm fires: a value is received from one arm only, and sent on
-// one arm only. The readiness of different arms is not checked atomically:
-// try_select answers empty when each arm, at the moment it was polled, had
-// nothing (a value that lands in arm 0 while arm 1 is polled is for the next
-// call), just as Go and crossbeam do.
+// one arm only. The arms are polled one after the other, not as one atomic
+// snapshot (Go's select locks every channel; crossbeam's does not):
+// try_select answers empty after two passes over the arms found each one
+// empty (or full) when it was polled. The second pass catches a hand-over
+// (arm 1 becomes ready, then arm 0 stops being ready) that one pass in the
+// wrong order would miss.
 //
 // Sleeping (no busy wait): after a short spin, the thread registers one
 // waker with every enabled arm's channel (the list pipeline tasks park in),
@@ -247,9 +249,13 @@ struct select_core {
     return false;
   }
 
+  // Two passes before answering empty: one arm commonly becomes ready just
+  // before another stops being ready (a hand-over), and a single pass in the
+  // wrong order would see neither. crossbeam's select! with a default case
+  // polls twice the same way (try, then register); Go locks every channel.
   template <class... Arms>
   static void try_select(select_result<Arms...>& r) noexcept {
-    if (!poll(r)) r.status_ = channel_status::empty;
+    if (!poll(r) && !poll(r)) r.status_ = channel_status::empty;
   }
 
   // Blocking and timed forms (deadline max() for ever).
@@ -272,7 +278,9 @@ struct select_core {
       // another thread took before our poll; there is nothing to hand on.
       woken.fill(false);
       if (!forever && std::chrono::steady_clock::now() >= deadline) {
-        r.status_ = channel_status::timeout;
+        // A second pass before giving up, as try_select does.
+        if (poll(r)) pass_on(r, woken, r.index_);
+        else r.status_ = channel_status::timeout;
         return;
       }
       if (bo.spin()) continue;
