@@ -534,7 +534,7 @@ TEST_CASE("select consumers under contention: exact counts, per-producer order",
 TEST_CASE("select producers under contention: every value sent once, per-producer order", "[select]") {
   // Producers send each value on whichever of two channels has room;
   // consumers receive plainly. Exercises send arms parking on full channels.
-  const std::size_t per_producer = runnel_test::scaled(20000);
+  constexpr std::size_t per_producer = runnel_test::scaled(20000);
   constexpr std::size_t producers = 4, consumers_per_channel = 2;
   auto ta_ra = make_channel<std::uint64_t>(2);
   auto& ta = ta_ra.first;
@@ -546,7 +546,7 @@ TEST_CASE("select producers under contention: every value sent once, per-produce
   std::atomic<std::size_t> received{0}, order_errors{0};
   std::vector<std::thread> ts;
   for (std::size_t p = 0; p < producers; ++p) {
-    ts.emplace_back([ta = ta, tb = tb, p, per_producer] {
+    ts.emplace_back([ta = ta, tb = tb, p] {
       for (std::size_t i = 0; i < per_producer; ++i) {
         const std::uint64_t v = (std::uint64_t{p} << 32) | i;
         auto r = runnel::select(send_arm(ta, v), send_arm(tb, v));
@@ -560,7 +560,7 @@ TEST_CASE("select producers under contention: every value sent once, per-produce
   ta.reset();
   tb.reset();
   for (std::size_t c = 0; c < 2 * consumers_per_channel; ++c) {
-    ts.emplace_back([r = c % 2 ? ra : rb, &seen, &received, &order_errors, per_producer]() mutable {
+    ts.emplace_back([r = c % 2 ? ra : rb, &seen, &received, &order_errors]() mutable {
       std::vector<std::int64_t> last(producers, -1);
       for (std::uint64_t v : r) {
         const std::size_t p = v >> 32, i = v & 0xffffffffu;
