@@ -131,6 +131,8 @@ class recv_n_result {
 
 namespace detail {
 
+struct select_access;  // runnel::select's way to the shared state (select.hpp)
+
 // Shared code of the two handle kinds: counting, emptiness checks, close.
 template <class T, std::atomic<std::size_t> channel_state<T>::*Count>
 class channel_handle {
@@ -178,6 +180,7 @@ class channel_handle {
           : "runnel::receiver: used while empty (default-constructed or moved-from)";
 
   friend struct runnel::pipeline_access<T>;
+  friend struct select_access;
 };
 
 }  // namespace detail
@@ -270,6 +273,10 @@ class receiver : public detail::channel_handle<T, &detail::channel_state<T>::rec
     if (!k) return {channel_status::closed, 0};
     return {*k == 0 ? channel_status::empty : channel_status::ok, *k};
   }
+
+  // Waiting on several channels at once (a value from whichever is ready
+  // first, or room in whichever has room): runnel::select, try_select and
+  // select_for with recv_arm(rx) / send_arm(tx, v), in select.hpp.
 
   // Input iteration with blocking recv(): `for (T& v : rx)` ends when the
   // channel is closed and drained.

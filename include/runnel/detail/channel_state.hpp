@@ -217,6 +217,18 @@ class channel_state {
   // is in neither (already woken, or never parked here).
   bool unpark(waker& w) noexcept { return recv_tasks_.remove(w) || send_tasks_.remove(w); }
 
+  // A thread in runnel::select that was woken through a waker registered by
+  // park_receiver (resp. park_sender) but fired another arm hands that wake
+  // on to the next parked waiter, if the condition it announced still holds:
+  // a notify_n(1) woke only it, and a value (or cell) nobody is awake for
+  // would otherwise wait for the next send (see select.hpp).
+  void pass_on_receiver_wake() noexcept {
+    if (readable_or_ended()) recv_tasks_.notify_n(1);
+  }
+  void pass_on_sender_wake() noexcept {
+    if (writable_or_closed()) send_tasks_.notify_n(1);
+  }
+
   // Senders and receivers alive (handles, pipeline ends). The last of either
   // kind to go closes the channel, so nobody waits for a peer that is gone.
   std::atomic<std::size_t> senders{0};
