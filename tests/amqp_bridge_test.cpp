@@ -159,6 +159,21 @@ TEST_CASE("connection_options::from_url parses what it documents and rejects the
   CHECK(amqp::connection_options::from_env("RUNNEL_AMQP_URL_TEST_SET").endpoints[0].port == 1);
 }
 
+TEST_CASE("a password with an unescaped '/' or a URL without '@host' is not echoed as a bad port", "[amqp]") {
+  // Found by fuzz/fuzz_url: the text after the first ':' read as the port.
+  for (const char* url : {"amqp://u:pa55/word@host", "amqps://u:pa55?word@host", "amqp://u:pa55word"}) {
+    INFO(url);
+    std::string what;
+    try {
+      (void)amqp::connection_options::from_url(url);
+    } catch (const amqp::error& e) {
+      what = e.what();
+    }
+    CHECK(what.find("port must be an integer") != std::string::npos);
+    CHECK(what.find("pa55") == std::string::npos);
+  }
+}
+
 TEST_CASE("bad connections and bad consumes give a clear amqp::error", "[amqp][broker]") {
   broker* b = broker::get();
   if (b == nullptr) return;

@@ -104,7 +104,17 @@ inline endpoint parse_endpoint(std::string_view authority, int default_port) {
   }
   if (ep.host.empty()) throw error("runnel::amqp: empty host in the URL");
   if (has_port && port.empty()) throw error("runnel::amqp: empty port in the URL");
-  if (!port.empty()) ep.port = static_cast<int>(parse_int(port, 1, 65535, "port"));
+  // The port's text is not echoed: in a URL whose password holds an
+  // unescaped '/', '?' or '#' (or that lacks its '@host'), what reads as the
+  // port is part of the password.
+  if (!port.empty()) {
+    try {
+      ep.port = static_cast<int>(parse_int(port, 1, 65535, "port"));
+    } catch (const error&) {
+      throw error("runnel::amqp: the URL's port must be an integer in [1, 65535] (a password with '/', '?' or "
+                  "'#' must be percent-encoded)");
+    }
+  }
   return ep;
 }
 
