@@ -7,6 +7,13 @@
 // first delivery to the last ack. Groups:
 //   amqp/W=0        broker-bound: runnel vs every peer
 //   amqp/W=heavy    W calibrated to ~20 us a message: runnel vs the C loop
+//   amqp/W=0,1KiB   1 KiB bodies passed through unchanged: runnel_sealed
+//                   (consume_options::open + publish_options::seal) vs
+//                   unsealed (the same pipeline, plain), preloaded through
+//                   the bridge so the sealed inputs carry their header
+//   seal/1KiB       sealer::seal and sealer::open of a 1 KiB body alone
+//                   (us_per_KiB: µs of CPU a seal + open; shown with the
+//                   unit "s" of an inverted rate)
 // Peers: rabbitmq_c_loop, the obvious hand-written single-thread program
 // (consume, compute, publish, ack multiple every 64; no publisher confirms);
 // pika_threadpool, pika with a ThreadPoolExecutor(2) and acks via
@@ -28,6 +35,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -199,6 +207,81 @@ void bm_runnel(benchmark::State& state, std::uint64_t w) {
   }
 }
 
+// Fresh in/out queues with N preloaded 1 KiB inputs, published through the
+// bridge (sealed for `in` when s is set).
+std::pair<std::string, std::string> preload_kib(std::size_t n, const std::shared_ptr<const runnel::amqp::sealer>& s) {
+  static int k = 0;
+  const std::string in = "bench-kin-" + std::to_string(++k), out = "bench-kout-" + std::to_string(k);
+  {
+    runnel_test::raw r(the_broker().port());
+    r.fresh_queue(in);
+    r.fresh_queue(out);
+  }
+  runnel::amqp::client c{runnel::amqp::connection_options::from_url(
+      "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
+  {
+    auto tx = c.publish({.routing_key = in, .persistent = false, .seal = s});
+    for (std::size_t i = 0; i < n; ++i) {
+      runnel::amqp::outgoing o;
+      o.body.assign(1024, static_cast<char>('a' + i % 26));
+      (void)tx.send(std::move(o));
+    }
+  }
+  while (c.stats().confirmed < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  c.close();
+  return {in, out};
+}
+
+// 1 KiB bodies through consume -> stage (unchanged) -> publish, sealed or not.
+void bm_kib(benchmark::State& state, bool sealed) {
+  const std::size_t n = n_messages();
+  static const auto key = std::make_shared<const runnel::amqp::sealer>(runnel::amqp::sealer::parse(
+      "bench:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"));
+  const auto s = sealed ? key : nullptr;
+  for (auto _ : state) {
+    const auto [in, out] = preload_kib(n, s);
+    const double b0 = broker_cpu();
+    runnel::thread_pool pool({.threads = 2, .pin = false});
+    runnel::amqp::client c{runnel::amqp::connection_options::from_url(
+        "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
+    std::atomic<bool> started{false};
+    clock_type::time_point first{};
+    runnel::amqp::consume_options co{.queue = in, .prefetch = bench_prefetch()};
+    co.open = s;
+    auto run = runnel::pipeline{pool}
+                   .from(c.consume(co))
+                   .stage([&](runnel::amqp::delivery d) {
+                     if (!started.load(std::memory_order_relaxed) && !started.exchange(true)) first = clock_type::now();
+                     return d;
+                   }, {.workers = 2})
+                   .to(c.publish({.routing_key = out, .persistent = false, .seal = s}))
+                   .run();
+    while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const auto last = clock_type::now();
+    c.close();
+    run.wait();
+    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
+    state.counters["unopened"] = static_cast<double>(c.stats().unopened);
+    check_out(state, out, n);
+  }
+}
+
+// The cost of sealing alone: seal + open of one 1 KiB message.
+void bm_seal_kib(benchmark::State& state) {
+  const runnel::amqp::sealer s = runnel::amqp::sealer::parse(
+      "bench:0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0");
+  runnel::amqp::message m;
+  m.routing_key = "bench-out";
+  for (auto _ : state) {
+    m.body.assign(1024, 'x');
+    s.seal(m);
+    s.open(m);
+    benchmark::DoNotOptimize(m.body.data());
+  }
+  state.counters["us_per_KiB"] = benchmark::Counter(static_cast<double>(state.iterations()) * 1e-6,
+                                                    benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 void bm_c_loop(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
@@ -315,6 +398,9 @@ void register_all() {
   }
   reg("amqp/W=heavy:runnel", [](benchmark::State& s) { bm_runnel(s, heavy_w()); });
   reg("amqp/W=heavy:rabbitmq_c_loop", [](benchmark::State& s) { bm_c_loop(s, heavy_w()); });
+  reg("amqp/W=0,1KiB:runnel_sealed", [](benchmark::State& s) { bm_kib(s, true); });
+  reg("amqp/W=0,1KiB:unsealed", [](benchmark::State& s) { bm_kib(s, false); });
+  benchmark::RegisterBenchmark("seal/1KiB:runnel_seal_open", bm_seal_kib);
   reg("amqp/idle:runnel", bm_idle);
 }
 

@@ -37,6 +37,11 @@
 // (basic.cancel) and requeues what it still holds; client.close() is the
 // graceful stop (it drains instead).
 //
+// Sealed messages (amqp/seal.hpp): publish_options::seal seals every body
+// (AES-256-GCM, routing key and message id bound), consume_options::open
+// opens every delivery before the pipeline sees it; one that does not open is
+// dead-lettered at once with the reason and counted in stats().unopened.
+//
 // Resource alarms: while the broker has blocked the connection
 // (connection.blocked; stats().blocked) nothing is published, so the I/O
 // thread never stalls in a write the broker does not read; results wait in
@@ -73,6 +78,7 @@
 #include "amqp/delivery.hpp"
 #include "amqp/error.hpp"
 #include "amqp/options.hpp"
+#include "amqp/seal.hpp"
 #include "channel.hpp"
 
 namespace runnel::amqp {

@@ -96,6 +96,7 @@ class broker {
 struct got_message {
   std::string body;
   std::map<std::string, std::string> headers;
+  std::string message_id;
   bool redelivered = false;
 };
 
@@ -180,6 +181,9 @@ class raw {
       got_message m;
       m.body.assign(static_cast<char*>(env.message.body.bytes), env.message.body.len);
       m.redelivered = env.redelivered != 0;
+      if (env.message.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG)
+        m.message_id.assign(static_cast<char*>(env.message.properties.message_id.bytes),
+                            env.message.properties.message_id.len);
       if (env.message.properties._flags & AMQP_BASIC_HEADERS_FLAG) {
         const amqp_table_t& t = env.message.properties.headers;
         for (int i = 0; i < t.num_entries; ++i) {

@@ -55,6 +55,7 @@
 #include "delivery.hpp"
 #include "error.hpp"
 #include "options.hpp"
+#include "seal.hpp"
 #include "tls_socket.hpp"
 
 namespace runnel::amqp {
@@ -66,7 +67,8 @@ struct client_stats {
   std::uint64_t acked = 0;          // inputs acked
   std::uint64_t nacked = 0;         // inputs nacked (requeued)
   std::uint64_t retried = 0;        // failures republished for another attempt
-  std::uint64_t dead_lettered = 0;  // failures past max_attempts
+  std::uint64_t dead_lettered = 0;  // failures past max_attempts, and sealed messages that did not open
+  std::uint64_t unopened = 0;       // sealed messages that did not open (consume_options::open), dead-lettered
   std::uint64_t published = 0;      // publishes sent (results, retries, dead letters)
   std::uint64_t confirmed = 0;      // publishes confirmed by the broker
   std::uint64_t stale = 0;          // acks/results of an older connection epoch, dropped
@@ -96,6 +98,7 @@ struct op {
   std::uint64_t tag = 0;
   message msg{};       // fail: the message to retry or dead-letter
   std::string reason;  // fail: the error text
+  bool final = false;  // fail: dead-letter now, no retry (a sealed message that did not open)
 };
 
 // A parked I/O thread registered on a channel; the channel's wake-up writes
@@ -195,6 +198,7 @@ class core : public std::enable_shared_from_this<core> {
     s.nacked = c_nacked_.load(std::memory_order_relaxed);
     s.retried = c_retried_.load(std::memory_order_relaxed);
     s.dead_lettered = c_dead_.load(std::memory_order_relaxed);
+    s.unopened = c_unopened_.load(std::memory_order_relaxed);
     s.published = c_published_.load(std::memory_order_relaxed);
     s.confirmed = c_confirmed_.load(std::memory_order_relaxed);
     s.stale = c_stale_.load(std::memory_order_relaxed);
@@ -645,8 +649,12 @@ class core : public std::enable_shared_from_this<core> {
     u.consumer = o.consumer;
     u.epoch = o.epoch;
     u.tag = o.tag;
-    if (o.msg.attempt < fp.max_attempts) {
+    // A message this consumer opened goes back to the broker sealed again
+    // (one that did not open is still as it came).
+    const bool reseal = c.opts.open && !o.final;
+    if (!o.final && o.msg.attempt < fp.max_attempts) {
       set_header(o.msg, attempt_header, std::to_string(o.msg.attempt + 1));
+      if (reseal) c.opts.open->seal(o.msg, c.opts.queue);
       u.kind = unconfirmed::retry;
       send_publish("", c.opts.queue, o.msg, true, std::move(u));
       return;
@@ -657,10 +665,10 @@ class core : public std::enable_shared_from_this<core> {
       return;
     }
     set_header(o.msg, error_header, o.reason);
+    const std::string& rk = fp.dead_letter_routing_key.empty() ? o.msg.routing_key : fp.dead_letter_routing_key;
+    if (reseal) c.opts.open->seal(o.msg, rk);
     u.kind = unconfirmed::dead_letter;
-    send_publish(fp.dead_letter_exchange,
-                 fp.dead_letter_routing_key.empty() ? o.msg.routing_key : fp.dead_letter_routing_key, o.msg,
-                 true, std::move(u));
+    send_publish(fp.dead_letter_exchange, rk, o.msg, true, std::move(u));
   }
 
   // Publishes m and records it as unconfirmed (with its input, if any).
@@ -737,6 +745,7 @@ class core : public std::enable_shared_from_this<core> {
         const std::string& rk = p->opts.routing_key.empty() ? d.routing_key : p->opts.routing_key;
         // The attempt header belongs to the input, not to the result.
         std::erase_if(d.headers, [](const auto& h) { return h.first == attempt_header; });
+        if (p->opts.seal) p->opts.seal->seal(d, rk);
         send_publish(p->opts.exchange, rk, d, p->opts.persistent, std::move(u));
       }
     }
@@ -848,8 +857,33 @@ class core : public std::enable_shared_from_this<core> {
     if (partial_.d.redelivered) c_redelivered_.fetch_add(1, std::memory_order_relaxed);
     window_.delivered(partial_.d.tag_);
     set_unacked();
+    if (c.opts.open) {
+      try {
+        c.opts.open->open(partial_.d);
+      } catch (const seal_error& e) {
+        unopenable(e.what());
+        return;
+      }
+    }
     c.pending.push_back(std::move(partial_.d));
     partial_.reset();
+  }
+
+  // The delivery in partial_ did not open: dead-letter it now (no stage sees
+  // it); its input is acked once that publish is confirmed.
+  void unopenable(std::string reason) {
+    op o;
+    o.kind = op::fail;
+    o.final = true;
+    o.consumer = partial_.consumer;
+    o.epoch = partial_.d.epoch_;
+    o.tag = partial_.d.tag_;
+    o.reason = std::move(reason);
+    o.msg = std::move(static_cast<message&>(partial_.d));
+    partial_.reset();  // settled by the dead-letter publish from now on
+    c_unopened_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    if (blocked_) deferred_fails_.push_back(std::move(o));
+    else apply_policy(o);
   }
 
   void handle_method(amqp_channel_t ch, const amqp_method_t& m) {
@@ -1264,7 +1298,7 @@ class core : public std::enable_shared_from_this<core> {
   // Counters (relaxed: each independent, for stats()).
   std::atomic<std::uint64_t> c_delivered_{0}, c_redelivered_{0}, c_acked_{0}, c_nacked_{0}, c_retried_{0},
       c_dead_{0}, c_published_{0}, c_confirmed_{0}, c_stale_{0}, c_reconnects_{0}, c_unacked_{0},
-      c_unacked_peak_{0}, c_blocks_{0};
+      c_unacked_peak_{0}, c_blocks_{0}, c_unopened_{0};
   std::atomic<bool> c_blocked_{false};  // relaxed: a gauge for display
 
   friend class runnel::amqp::delivery;

@@ -26,6 +26,7 @@
 #include <charconv>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,6 +35,8 @@
 #include "tls.hpp"
 
 namespace runnel::amqp {
+
+class sealer;  // seal.hpp (OpenSSL); only pointed to here
 
 struct endpoint {
   std::string host = "127.0.0.1";
@@ -101,7 +104,17 @@ inline endpoint parse_endpoint(std::string_view authority, int default_port) {
   }
   if (ep.host.empty()) throw error("runnel::amqp: empty host in the URL");
   if (has_port && port.empty()) throw error("runnel::amqp: empty port in the URL");
-  if (!port.empty()) ep.port = static_cast<int>(parse_int(port, 1, 65535, "port"));
+  // The port's text is not echoed: in a URL whose password holds an
+  // unescaped '/', '?' or '#' (or that lacks its '@host'), what reads as the
+  // port is part of the password.
+  if (!port.empty()) {
+    try {
+      ep.port = static_cast<int>(parse_int(port, 1, 65535, "port"));
+    } catch (const error&) {
+      throw error("runnel::amqp: the URL's port must be an integer in [1, 65535] (a password with '/', '?' or "
+                  "'#' must be percent-encoded)");
+    }
+  }
   return ep;
 }
 
@@ -231,6 +244,12 @@ struct consume_options {
   failure_policy on_failure{};
   // Capacity of the channel into the pipeline (0: the prefetch).
   std::size_t capacity = 0;
+  // Sealed messages (seal.hpp): each delivery is opened by the I/O thread
+  // before it enters the channel; one that does not open is dead-lettered at
+  // once (no retry) with the reason, counted in client_stats::unopened, and
+  // never reaches a stage. A retried or dead-lettered failure is sealed again
+  // with the sealing key, so no plaintext goes back to the broker.
+  std::shared_ptr<const sealer> open{};
 };
 
 struct publish_options {
@@ -240,6 +259,9 @@ struct publish_options {
   bool persistent = true;
   // Capacity of the channel from the pipeline (results waiting to be sent).
   std::size_t capacity = 1024;
+  // Sealed messages (seal.hpp): each body is sealed by the I/O thread with
+  // the sealer's first key, binding the routing key it is published with.
+  std::shared_ptr<const sealer> seal{};
 };
 
 }  // namespace runnel::amqp
