@@ -240,7 +240,7 @@ void bm_kib(benchmark::State& state, bool sealed) {
   const auto s = sealed ? key : nullptr;
   for (auto _ : state) {
     const auto [in, out] = preload_kib(n, s);
-    const double b0 = broker_cpu();
+    const cpu_mark m0;
     runnel::thread_pool pool({.threads = 2, .pin = false});
     runnel::amqp::client c{runnel::amqp::connection_options::from_url(
         "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
@@ -260,7 +260,7 @@ void bm_kib(benchmark::State& state, bool sealed) {
     const auto last = clock_type::now();
     c.close();
     run.wait();
-    report(state, n, std::chrono::duration<double>(last - first).count(), b0);
+    report(state, n, std::chrono::duration<double>(last - first).count(), m0);
     state.counters["unopened"] = static_cast<double>(c.stats().unopened);
     check_out(state, out, n);
   }
