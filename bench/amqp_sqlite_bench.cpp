@@ -48,7 +48,7 @@
 #include <utility>
 #include <vector>
 
-#include "../tests/amqp/broker.hpp"
+#include "amqp/bridge_bench.hpp"
 #include "bench_support.hpp"
 
 namespace {
@@ -69,34 +69,9 @@ std::size_t n_messages() {
   return v != nullptr ? static_cast<std::size_t>(std::atol(v)) : 50000;
 }
 
-// W rounds of a 64-bit LCG seeded from the body (FNV-1a of its first 8 bytes).
-std::uint64_t work(const char* body, std::size_t len, std::uint64_t w) {
-  std::uint64_t x = 1469598103934665603ULL;
-  for (std::size_t i = 0; i < len && i < 8; ++i) x = (x ^ static_cast<unsigned char>(body[i])) * 1099511628211ULL;
-  for (std::uint64_t i = 0; i < w; ++i) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-  return x;
-}
-
-std::uint64_t heavy_w() {
-  static const std::uint64_t w = [] {
-    const std::uint64_t probe = 2000000;
-    const auto t0 = clock_type::now();
-    volatile std::uint64_t sink = work("calibrate", 9, probe);
-    (void)sink;
-    const double ns = std::chrono::duration<double, std::nano>(clock_type::now() - t0).count();
-    return static_cast<std::uint64_t>(20000.0 * static_cast<double>(probe) / ns);  // ~20 us
-  }();
-  return w;
-}
-
-runnel_test::broker& the_broker() {
-  runnel_test::broker* b = runnel_test::broker::get();
-  if (b == nullptr) {
-    std::fprintf(stderr, "amqp_sqlite_bench: rabbitmq-server is not installed\n");
-    std::exit(1);
-  }
-  return *b;
-}
+using runnel_bench::heavy_w;
+using runnel_bench::work;
+runnel_test::broker& the_broker() { return runnel_bench::the_broker("amqp_sqlite_bench"); }
 
 // A fresh queue with N preloaded inputs "%08zu" + 56 bytes of padding.
 std::string preload(std::size_t n) {
