@@ -309,8 +309,8 @@ TEST_CASE("select is fair: each of two ready arms fires 50% +- 2.2% of 10,000 ti
   }
   SECTION("a receive and a send arm") {
     auto tx5_rx5 = make_channel<int>(2);
-  auto& tx5 = tx5_rx5.first;
-  auto& rx5 = tx5_rx5.second;
+    auto& tx5 = tx5_rx5.first;
+    auto& rx5 = tx5_rx5.second;
     auto w = fire_counts<2>(trials, [&] {
       auto r = runnel::select(recv_arm(rx1), send_arm(tx5, 5));
       if (r.index() == 0) refill(0);
@@ -366,8 +366,8 @@ TEST_CASE("a blocked select is woken by a send on any arm, by room on a send arm
     }
     if (which == 3) {
       auto a_b = make_channel<int>(2);
-  auto& a = a_b.first;
-  auto& b = a_b.second;
+      auto& a = a_b.first;
+      auto& b = a_b.second;
       tx1 = std::move(a);
       rx1 = std::move(b);
     }
@@ -452,8 +452,8 @@ void contention(std::size_t per_channel, std::size_t consumers, std::size_t plai
   std::vector<runnel::receiver<std::uint64_t>> rx;
   for (std::size_t c = 0; c < Channels; ++c) {
     auto t_r = make_channel<std::uint64_t>(capacity);
-  auto& t = t_r.first;
-  auto& r = t_r.second;
+    auto& t = t_r.first;
+    auto& r = t_r.second;
     tx.push_back(std::move(t));
     rx.push_back(std::move(r));
   }
