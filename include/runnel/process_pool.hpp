@@ -7,7 +7,7 @@
 //     runnel::process_pool<Request, Reply> pool(parse, {.workers = 4});
 //     runnel::thread_pool threads;
 //     ...
-//     std::future<Reply> r = pool.call(req);          // or submit(req, callback)
+//     runnel::process_future<Reply> r = pool.call(req);  // or submit(req, callback)
 //     runnel::pipeline{threads}.source(gen)
 //         .stage(runnel::process_stage(pool), {.workers = 8})
 //         .sink(use).on_error(report).run().wait();
@@ -22,8 +22,8 @@
 // reported as a process_error for that message.
 //
 // Results. Every submitted message gets exactly one result: the reply, or
-// an error as an exception in the future (call) or in process_result::error
-// (submit):
+// an error: thrown by process_future::get() (call; the exception is built on
+// the thread that calls get()) or in process_result::error (submit):
 //   process_error   the function threw in the worker (its what()); not retried
 //   process_crash   the worker died (signal, exit) or hung on each of
 //                   options.max_attempts tries; carries the signal number
@@ -37,7 +37,8 @@
 // the launcher forks every worker, now and at each restart (see
 // process/launcher.hpp for why). So the pool must be constructed while the
 // program has exactly one thread: the constructor counts /proc/self/task and
-// throws std::logic_error otherwise. Several pools may be constructed one
+// throws std::logic_error otherwise (under ThreadSanitizer, whose runtime
+// keeps a thread of its own, one more is allowed). Several pools may be constructed one
 // after another (a pool starts its own supervisor thread only at the first
 // submit). The function is copied into the launcher at construction; workers
 // run that copy, with the program's memory as it was then. Workers reset the
@@ -121,6 +122,63 @@ struct process_result {
   std::exception_ptr error;
 };
 
+namespace process {
+// Why a message has no reply, as plain data: the supervisor thread passes it
+// on, and the exception is built where it is thrown (so an exception object
+// is never shared between threads by call()).
+struct failure {
+  enum class kind { error, crash } what = kind::error;
+  int signal = 0, exit_code = 0;
+  unsigned attempts = 0;
+  bool hung = false;
+  std::string message;          // kind::error: the text
+  std::exception_ptr other{};   // a reply that did not decode: its exception
+
+  [[noreturn]] void raise() const {
+    if (other) std::rethrow_exception(other);
+    if (what == kind::crash) throw process_crash(signal, exit_code, attempts, hung);
+    throw process_error(message);
+  }
+  std::exception_ptr as_exception_ptr() const {
+    try {
+      raise();
+    } catch (...) {
+      return std::current_exception();
+    }
+  }
+};
+
+template <class Out>
+struct outcome {
+  std::optional<Out> value;
+  std::optional<failure> error;
+};
+}  // namespace process
+
+// The result of call(): get() returns the reply or throws process_error /
+// process_crash (built on the calling thread).
+template <class Out>
+class process_future {
+ public:
+  process_future() noexcept = default;
+  explicit process_future(std::future<process::outcome<Out>> f) noexcept : f_(std::move(f)) {}
+
+  Out get() {
+    process::outcome<Out> o = f_.get();
+    if (o.error) o.error->raise();
+    return std::move(*o.value);
+  }
+  bool valid() const noexcept { return f_.valid(); }
+  void wait() const { f_.wait(); }
+  template <class Rep, class Period>
+  std::future_status wait_for(std::chrono::duration<Rep, Period> d) const {
+    return f_.wait_for(d);
+  }
+
+ private:
+  std::future<process::outcome<Out>> f_;
+};
+
 struct process_pool_stats {
   std::uint64_t submitted = 0;
   std::uint64_t completed = 0;   // replies delivered
@@ -150,8 +208,9 @@ class process_pool {
     requires std::is_invocable_r_v<Out, F&, In&&>
   explicit process_pool(F fn, process_pool_options opts = {}) : opts_(opts), fn_(std::move(fn)) {
     check(opts_);
-    if (const std::size_t n = process::thread_count(); n > 1)
-      throw std::logic_error("runnel::process_pool: constructed while the process runs " + std::to_string(n) +
+    if (const std::size_t n = process::thread_count(); n > 1 + process::runtime_threads)
+      throw std::logic_error("runnel::process_pool: constructed while the process runs " +
+                             std::to_string(n - process::runtime_threads) +
                              " threads; it forks, which is only safe before any thread starts: construct "
                              "process pools first thing in main(), before thread pools and other threads");
     region_ = std::make_unique<process::shared_region>(opts_.workers, opts_.depth, opts_.slot_size);
@@ -201,34 +260,29 @@ class process_pool {
   // when the encoded request exceeds slot_size, std::runtime_error when the
   // launcher has died (the pool cannot run anything any more).
   void submit(const In& in, callback done) {
-    std::string bytes;
-    InCodec::encode(in, bytes);
-    if (bytes.size() > opts_.slot_size)
-      throw process_message_too_large("runnel::process_pool::submit: the encoded request takes " +
-                                      std::to_string(bytes.size()) + " bytes, more than slot_size " +
-                                      std::to_string(opts_.slot_size));
-    std::call_once(started_, [this] { supervisor_ = std::thread([this] { supervise(); }); });
-    {
-      std::unique_lock lk(m_);
-      space_.wait(lk, [&] { return pending_.size() < opts_.queue_capacity || broken_; });
-      if (broken_) throw std::runtime_error("runnel::process_pool::submit: the launcher process died");
-      pending_.push_back(record{std::move(bytes), 0, std::move(done)});
-    }
-    submitted_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
-    process::notify_parent(region_->header());
+    enqueue(in, [d = std::move(done)](process::outcome<Out>&& o) {
+      process_result<Out> r;
+      r.value = std::move(o.value);
+      if (o.error) r.error = o.error->as_exception_ptr();
+      d(std::move(r));
+    });
   }
 
-  // As submit(), with the result in a future: the reply, or the exception.
-  std::future<Out> call(const In& in) {
-    auto p = std::make_shared<std::promise<Out>>();
-    std::future<Out> f = p->get_future();
-    submit(in, [p](process_result<Out>&& r) {
-      if (r.error)
-        p->set_exception(r.error);
-      else
-        p->set_value(std::move(*r.value));
-    });
+  // As submit(), with the result in a future: get() returns the reply or
+  // throws the error.
+  process_future<Out> call(const In& in) {
+    auto p = std::make_shared<std::promise<process::outcome<Out>>>();
+    process_future<Out> f(p->get_future());
+    enqueue(in, [p](process::outcome<Out>&& o) { p->set_value(std::move(o)); });
     return f;
+  }
+
+  // Blocks until every message submitted so far has had its result
+  // delivered (its callback returned). Not from a callback (it would wait
+  // for itself).
+  void drain() {
+    std::unique_lock lk(m_);
+    idle_.wait(lk, [&] { return unfinished_ == 0; });
   }
 
   std::size_t size() const noexcept { return opts_.workers; }
@@ -258,7 +312,7 @@ class process_pool {
   struct record {
     std::string bytes;  // encoded request, kept for a retry
     unsigned attempts;  // crashes of workers holding it so far
-    callback done;
+    std::function<void(process::outcome<Out>&&)> done;
   };
   // What the supervisor knows of one worker (supervisor thread only).
   struct worker_view {
@@ -283,6 +337,27 @@ class process_pool {
   void ring_launcher() noexcept {
     const std::uint64_t one = 1;
     [[maybe_unused]] const auto n = ::write(event_fd_, &one, sizeof one);
+  }
+
+  using completion = std::function<void(process::outcome<Out>&&)>;
+
+  void enqueue(const In& in, completion done) {
+    std::string bytes;
+    InCodec::encode(in, bytes);
+    if (bytes.size() > opts_.slot_size)
+      throw process_message_too_large("runnel::process_pool::submit: the encoded request takes " +
+                                      std::to_string(bytes.size()) + " bytes, more than slot_size " +
+                                      std::to_string(opts_.slot_size));
+    std::call_once(started_, [this] { supervisor_ = std::thread([this] { supervise(); }); });
+    {
+      std::unique_lock lk(m_);
+      space_.wait(lk, [&] { return pending_.size() < opts_.queue_capacity || broken_; });
+      if (broken_) throw std::runtime_error("runnel::process_pool::submit: the launcher process died");
+      pending_.push_back(record{std::move(bytes), 0, std::move(done)});
+      ++unfinished_;
+    }
+    submitted_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
+    process::notify_parent(region_->header());
   }
 
   // ---- worker process -----------------------------------------------------
@@ -429,11 +504,17 @@ class process_pool {
     return true;
   }
 
-  process_result<Out> read_reply(process::slot_header* s) {
-    process_result<Out> r;
+  static process::failure error_text(std::string text) {
+    process::failure f;
+    f.message = std::move(text);
+    return f;
+  }
+
+  process::outcome<Out> read_reply(process::slot_header* s) {
+    process::outcome<Out> r;
     const std::uint32_t n = s->bytes;
     if (n > opts_.slot_size) {  // a worker that scribbled over its slot
-      r.error = std::make_exception_ptr(process_error("runnel::process_pool: a reply slot held a corrupt length"));
+      r.error = error_text("runnel::process_pool: a reply slot held a corrupt length");
       return r;
     }
     const std::string_view bytes(reinterpret_cast<const char*>(process::shared_region::payload(s)), n);
@@ -444,24 +525,44 @@ class process_pool {
           break;
         case process::reply_kind::exception:
         case process::reply_kind::encode_fail:
-          r.error = std::make_exception_ptr(process_error(std::string(bytes)));
+          r.error = error_text(std::string(bytes));
           break;
         default:
-          r.error = std::make_exception_ptr(process_error("runnel::process_pool: a reply slot held a corrupt kind"));
+          r.error = error_text("runnel::process_pool: a reply slot held a corrupt kind");
       }
     } catch (...) {
-      r.error = std::current_exception();  // the reply did not decode
+      r.error.emplace();  // the reply did not decode
+      r.error->other = std::current_exception();
     }
     return r;
   }
 
-  void deliver(record& rec, process_result<Out>&& r) noexcept {
+  void deliver(record& rec, process::outcome<Out>&& r) noexcept {
     // relaxed: statistics.
     if (!r.error)
       completed_.fetch_add(1, std::memory_order_relaxed);
     else
       failed_.fetch_add(1, std::memory_order_relaxed);
+    finish(rec, std::move(r));
+  }
+
+  // Every result leaves through here: the callback, then the count drain()
+  // waits on.
+  void finish(record& rec, process::outcome<Out>&& r) noexcept {
     rec.done(std::move(r));  // noexcept: a throwing callback terminates
+    std::lock_guard lk(m_);
+    if (--unfinished_ == 0) idle_.notify_all();
+  }
+
+  static process::outcome<Out> crash(int sig, int code, unsigned attempts, bool hung) {
+    process::outcome<Out> o;
+    o.error.emplace();
+    o.error->what = process::failure::kind::crash;
+    o.error->signal = sig;
+    o.error->exit_code = code;
+    o.error->attempts = attempts;
+    o.error->hung = hung;
+    return o;
   }
 
   // Worker w was reaped by the launcher: settle what it held, restart it.
@@ -481,9 +582,7 @@ class process_pool {
       if (i + 1 == taken) {  // the message it held when it died
         if (++rec.attempts >= opts_.max_attempts) {
           crashed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
-          process_result<Out> r;
-          r.error = std::make_exception_ptr(process_crash(sig, code, rec.attempts, v.kill_sent));
-          rec.done(std::move(r));
+          finish(rec, crash(sig, code, rec.attempts, v.kill_sent));
           continue;
         }
         retried_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
@@ -599,11 +698,8 @@ class process_pool {
     space_.notify_all();
     for (auto& rec : lost) {
       crashed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
-      process_result<Out> r;
-      r.error = std::make_exception_ptr(process_crash(WIFSIGNALED(status) ? WTERMSIG(status) : 0,
-                                                      WIFEXITED(status) ? WEXITSTATUS(status) : 0,
-                                                      rec.attempts + 1, false));
-      rec.done(std::move(r));
+      finish(rec, crash(WIFSIGNALED(status) ? WTERMSIG(status) : 0, WIFEXITED(status) ? WEXITSTATUS(status) : 0,
+                     rec.attempts + 1, false));
     }
   }
 
@@ -623,8 +719,10 @@ class process_pool {
 
   std::mutex m_;
   std::condition_variable space_;
+  std::condition_variable idle_;  // unfinished_ reached 0
   std::deque<record> pending_;  // guarded by m_
   bool stopping_ = false;       // guarded by m_
+  std::uint64_t unfinished_ = 0;  // guarded by m_: submitted, result not yet delivered
   bool broken_ = false;         // guarded by m_ (written by the supervisor)
   std::once_flag started_;
   std::thread supervisor_;

@@ -42,10 +42,26 @@
 
 namespace runnel::process {
 
-// Threads of the calling process, from /proc/self/task. A thread that was
-// just joined may linger there for a moment, so a count above one is
-// re-read a few times before it is believed.
-inline std::size_t thread_count() noexcept {
+// Threads a sanitizer runtime may run in the background. ThreadSanitizer
+// starts one at the program's first pthread_create and never ends it; it takes
+// its own locks around fork(), so it does not make forking unsafe.
+#if defined(__SANITIZE_THREAD__)
+inline constexpr std::size_t runtime_threads = 1;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+inline constexpr std::size_t runtime_threads = 1;
+#else
+inline constexpr std::size_t runtime_threads = 0;
+#endif
+#else
+inline constexpr std::size_t runtime_threads = 0;
+#endif
+
+// Threads of the calling process, from /proc/self/task (0 when /proc is not
+// mounted: cannot tell). A thread that was just joined may linger there for a
+// moment, so a count above `limit` is re-read a few times before it is
+// believed.
+inline std::size_t thread_count(std::size_t limit = 1 + runtime_threads) noexcept {
   std::size_t n = 0;
   for (int tries = 0; tries < 50; ++tries) {
     n = 0;
@@ -54,9 +70,9 @@ inline std::size_t thread_count() noexcept {
         if (e->d_name[0] != '.') ++n;
       ::closedir(d);
     } else {
-      return 0;  // no /proc: cannot tell
+      return 0;
     }
-    if (n <= 1) return n;
+    if (n <= limit) return n;
     ::usleep(2000);
   }
   return n;
