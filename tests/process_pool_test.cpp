@@ -104,7 +104,7 @@ TEST_CASE("process_pool: every message gets its exact result through 1, 2, 3 and
 }
 
 TEST_CASE("process_pool: many threads calling at once (more threads than cores) each get their own replies", "[process]") {
-  runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = 3, .depth = 2, .queue_capacity = 16});
+  runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = 3, .depth = 2, .queue_capacity = 2});
   constexpr int threads = 6;
   constexpr u64 per_thread = 3'000;
   std::atomic<u64> wrong{0}, right{0};
