@@ -11,7 +11,7 @@
 //                                (the adapter blocks a lane a message)
 //         thread_stage           pipeline source -> stage(work) -> sink on a
 //                                2-thread pool, 2 stage lanes
-//         python_mp_imap         python3: multiprocessing.Pool(2).imap(f,
+//         python_mp_imap         /usr/bin/python3: multiprocessing.Pool(2).imap(f,
 //                                range(items)) (chunksize 1, the default),
 //                                timed inside Python after the pool started
 //   process/restart:<impl>   one worker process:
@@ -31,6 +31,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+
+#include <unistd.h>
 
 #include "runnel/pipeline.hpp"
 #include "runnel/process_pool.hpp"
@@ -133,9 +135,12 @@ if __name__ == '__main__':
         print(time.perf_counter() - t)
 )";
 
+// Debian's interpreter when present (a python3 earlier on PATH may be another build).
+std::string python() { return ::access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3"; }
+
 void python_imap(benchmark::State& state) {
   const u64 w = static_cast<u64>(state.range(0)), n = items_for(w, true);
-  const std::string cmd = "python3 -c \"$RUNNEL_PY\" " + std::to_string(n) + " " + std::to_string(w * 1000) + " " +
+  const std::string cmd = python() + " -c \"$RUNNEL_PY\" " + std::to_string(n) + " " + std::to_string(w * 1000) + " " +
                           std::to_string(workers);
   ::setenv("RUNNEL_PY", python_script, 1);
   for (auto _ : state) {
