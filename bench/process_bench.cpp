@@ -142,7 +142,6 @@ void python_imap(benchmark::State& state) {
   const u64 w = static_cast<u64>(state.range(0)), n = items_for(w, true);
   const std::string cmd = python() + " -c \"$RUNNEL_PY\" " + std::to_string(n) + " " + std::to_string(w * 1000) + " " +
                           std::to_string(workers);
-  ::setenv("RUNNEL_PY", python_script, 1);
   for (auto _ : state) {
     FILE* p = ::popen(cmd.c_str(), "r");
     double secs = -1;
@@ -174,6 +173,7 @@ void plain_call(benchmark::State& state) {
 }
 
 void register_all() {
+  ::setenv("RUNNEL_PY", python_script, 1);  // here: no thread runs yet
   g_procs = std::make_unique<pool_t>(work, runnel::process_pool_options{.workers = workers, .depth = 8});
   g_restart = std::make_unique<pool_t>(work, runnel::process_pool_options{.workers = 1, .max_attempts = 1});
   const int reps = runnel_bench::smoke ? 1 : 5;
