@@ -223,7 +223,7 @@ TEST_CASE("process_pool: a hung worker is killed after hang_timeout and its mess
             for (;;) ::pause();
           return square_plus_one(x);
         },
-        {.workers = 2, .max_attempts = 2, .hang_timeout = std::chrono::milliseconds(200)});
+        {.workers = 2, .max_attempts = 2, .hang_timeout = std::chrono::milliseconds(400)});
     submit_all(pool, n, out);
     pool.drain();
     st = pool.stats();
