@@ -1,0 +1,751 @@
+// runnel::process_pool: a function Out(In) run in N worker processes, so
+// that a crash in it (a native parser, a codec, a third-party library) kills
+// a worker, not the program, and loses no message.
+//
+//   int main() {
+//     // First thing in main, before any thread exists (see Fork-safety).
+//     runnel::process_pool<Request, Reply> pool(parse, {.workers = 4});
+//     runnel::thread_pool threads;
+//     ...
+//     runnel::process_future<Reply> r = pool.call(req);  // or submit(req, callback)
+//     runnel::pipeline{threads}.source(gen)
+//         .stage(runnel::process_stage(pool), {.workers = 8})
+//         .sink(use).on_error(report).run().wait();
+//   }
+//
+// Messages cross as bytes through a shared-memory region (a memfd mapped
+// MAP_SHARED; no name in /dev/shm): trivially copyable In / Out directly,
+// std::string as its characters, any other type through a codec
+// (process/codec.hpp); a type with neither is a compile-time error. An
+// encoded message may take at most options.slot_size bytes: a larger request
+// makes submit()/call() throw process_message_too_large; a larger reply is
+// reported as a process_error for that message.
+//
+// Results. Every submitted message gets exactly one result: the reply, or
+// an error: thrown by process_future::get() (call; the exception is built on
+// the thread that calls get()) or in process_result::error (submit):
+//   process_error   the function threw in the worker (its what()); not retried
+//   process_crash   the worker died (signal, exit) or hung on each of
+//                   options.max_attempts tries; carries the signal number
+// A worker that dies is restarted; the message it held is retried on another
+// worker (the one restarted, if it is the only one) until max_attempts;
+// messages queued behind it that it had not started are re-dispatched
+// without counting an attempt. A worker holding one message longer than
+// options.hang_timeout (0: never) is SIGKILLed and handled the same way.
+//
+// Fork-safety. The constructor forks a single-threaded launcher process, and
+// the launcher forks every worker, now and at each restart (see
+// process/launcher.hpp for why). So the pool must be constructed while the
+// program has exactly one thread: the constructor counts /proc/self/task and
+// throws std::logic_error otherwise (under ThreadSanitizer, whose runtime
+// keeps a thread of its own, one more is allowed). Several pools may be constructed one
+// after another (a pool starts its own supervisor thread only at the first
+// submit). The function is copied into the launcher at construction; workers
+// run that copy, with the program's memory as it was then. Workers reset the
+// crash signals (SEGV, BUS, FPE, ILL, ABRT) and TERM, INT, PIPE, CHLD to
+// their default action, so a crash is seen as its signal.
+//
+// Threads. submit() and call() may be called from any thread; they block
+// only while options.queue_capacity messages already wait for a worker.
+// One supervisor thread per pool (started at the first submit) dispatches,
+// collects replies and runs the callbacks, which must be short and must not
+// throw. It sleeps on a futex in the shared region when there is nothing to
+// do; idle workers sleep on their own futex. process_stage(pool) blocks the
+// calling pipeline lane until the reply arrives (see its comment).
+//
+// Lifetime. The destructor finishes every submitted message, then tells the
+// workers to exit, and reaps the launcher, which has reaped the workers: no
+// zombies, and the shared region is gone with the last process. If the
+// parent dies (even by SIGKILL), the launcher gets SIGKILL
+// (PR_SET_PDEATHSIG), and so do the workers when the launcher dies. Note
+// that the death signal follows the *thread* that constructed the pool: keep
+// that thread (normally main) alive as long as the pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <sys/eventfd.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "process/codec.hpp"
+#include "process/errors.hpp"
+#include "process/launcher.hpp"
+#include "process/shared_futex.hpp"
+#include "process/shared_region.hpp"
+
+namespace runnel {
+
+struct process_pool_options {
+  // Worker processes.
+  std::size_t workers = 2;
+  // Messages handed to one worker ahead of its replies (its ring's slots).
+  std::size_t depth = 4;
+  // Largest encoded request or reply, in bytes.
+  std::size_t slot_size = 4096;
+  // Submitted messages waiting in the parent for a worker; submit() blocks
+  // beyond this.
+  std::size_t queue_capacity = 1024;
+  // Workers a message may crash before it is reported as a process_crash.
+  unsigned max_attempts = 2;
+  // A worker holding one message this long is killed (0: never).
+  std::chrono::milliseconds hang_timeout{0};
+};
+
+// A message's result, as submit() delivers it: value, or error.
+template <class Out>
+struct process_result {
+  std::optional<Out> value;
+  std::exception_ptr error;
+};
+
+namespace process {
+// Why a message has no reply, as plain data: the supervisor thread passes it
+// on, and the exception is built where it is thrown (so an exception object
+// is never shared between threads by call()).
+struct failure {
+  enum class kind { error, crash } what = kind::error;
+  int signal = 0, exit_code = 0;
+  unsigned attempts = 0;
+  bool hung = false;
+  std::string message;          // kind::error: the text
+  std::exception_ptr other{};   // a reply that did not decode: its exception
+
+  [[noreturn]] void raise() const {
+    if (other) std::rethrow_exception(other);
+    if (what == kind::crash) throw process_crash(signal, exit_code, attempts, hung);
+    throw process_error(message);
+  }
+  std::exception_ptr as_exception_ptr() const {
+    try {
+      raise();
+    } catch (...) {
+      return std::current_exception();
+    }
+  }
+};
+
+template <class Out>
+struct outcome {
+  std::optional<Out> value;
+  std::optional<failure> error;
+};
+}  // namespace process
+
+// The result of call(): get() returns the reply or throws process_error /
+// process_crash (built on the calling thread).
+template <class Out>
+class process_future {
+ public:
+  process_future() noexcept = default;
+  explicit process_future(std::future<process::outcome<Out>> f) noexcept : f_(std::move(f)) {}
+
+  Out get() {
+    process::outcome<Out> o = f_.get();
+    if (o.error) o.error->raise();
+    return std::move(*o.value);
+  }
+  bool valid() const noexcept { return f_.valid(); }
+  void wait() const { f_.wait(); }
+  template <class Rep, class Period>
+  std::future_status wait_for(std::chrono::duration<Rep, Period> d) const {
+    return f_.wait_for(d);
+  }
+
+ private:
+  std::future<process::outcome<Out>> f_;
+};
+
+struct process_pool_stats {
+  std::uint64_t submitted = 0;
+  std::uint64_t completed = 0;   // replies delivered
+  std::uint64_t failed = 0;      // process_error delivered (function threw)
+  std::uint64_t crashed = 0;     // process_crash delivered
+  std::uint64_t retried = 0;     // re-dispatches after a crash of the holder
+  std::uint64_t restarts = 0;    // worker processes that died and were replaced
+  std::uint64_t hung_kills = 0;  // workers killed for making no progress
+};
+
+template <class In, class Out, class InCodec = process_codec<In>, class OutCodec = process_codec<Out>>
+class process_pool {
+  static_assert(process_codec_for<InCodec, In>,
+                "runnel::process_pool: the request type In is not trivially copyable and has no codec: "
+                "specialise runnel::process_codec<In> with static void encode(const In&, std::string&) "
+                "and static In decode(std::string_view), or pass such a codec as the third template argument");
+  static_assert(process_codec_for<OutCodec, Out>,
+                "runnel::process_pool: the reply type Out is not trivially copyable and has no codec: "
+                "specialise runnel::process_codec<Out> with static void encode(const Out&, std::string&) "
+                "and static Out decode(std::string_view), or pass such a codec as the fourth template argument");
+  static_assert(std::is_move_constructible_v<Out>, "runnel::process_pool: Out must be move-constructible");
+
+ public:
+  using callback = std::function<void(process_result<Out>&&)>;
+
+  template <class F>
+    requires std::is_invocable_r_v<Out, F&, In&&>
+  explicit process_pool(F fn, process_pool_options opts = {}) : opts_(opts), fn_(std::move(fn)) {
+    check(opts_);
+    if (const std::size_t n = process::thread_count(); n > 1 + process::runtime_threads)
+      throw std::logic_error("runnel::process_pool: constructed while the process runs " +
+                             std::to_string(n - process::runtime_threads) +
+                             " threads; it forks, which is only safe before any thread starts: construct "
+                             "process pools first thing in main(), before thread pools and other threads");
+    region_ = std::make_unique<process::shared_region>(opts_.workers, opts_.depth, opts_.slot_size);
+    views_.resize(opts_.workers);
+    for (auto& v : views_) v.inflight.resize(opts_.depth);
+    event_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (event_fd_ < 0) throw std::system_error(errno, std::generic_category(), "runnel::process_pool: eventfd");
+    const pid_t parent = ::getpid();
+    launcher_ = ::fork();
+    if (launcher_ < 0) {
+      const int e = errno;
+      ::close(event_fd_);
+      throw std::system_error(e, std::generic_category(), "runnel::process_pool: fork of the launcher");
+    }
+    if (launcher_ == 0) process::launcher(*region_, event_fd_, &worker_main, this).run(parent);
+  }
+
+  process_pool(const process_pool&) = delete;
+  process_pool& operator=(const process_pool&) = delete;
+
+  // Finishes every submitted message, then stops the workers and the
+  // launcher and reaps the launcher.
+  ~process_pool() {
+    {
+      std::lock_guard lk(m_);
+      stopping_ = true;
+    }
+    process::notify_parent(region_->header());
+    if (supervisor_.joinable()) supervisor_.join();
+    auto& h = region_->header();
+    h.shutdown.store(1, std::memory_order_seq_cst);  // seq_cst: before the wakes below (workers re-check it)
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      auto& c = region_->ctl(w);
+      c.wake.fetch_add(1, std::memory_order_seq_cst);
+      process::shared_futex_wake(c.wake);
+    }
+    ring_launcher();
+    int status = 0;
+    if (!launcher_reaped_)
+      while (::waitpid(launcher_, &status, 0) < 0 && errno == EINTR) {
+      }
+    ::close(event_fd_);
+  }
+
+  // Queues `in` for a worker; `done` is called once, on the supervisor
+  // thread, with the reply or the error. Throws process_message_too_large
+  // when the encoded request exceeds slot_size, std::runtime_error when the
+  // launcher has died (the pool cannot run anything any more).
+  void submit(const In& in, callback done) {
+    enqueue(in, [d = std::move(done)](process::outcome<Out>&& o) {
+      process_result<Out> r;
+      r.value = std::move(o.value);
+      if (o.error) r.error = o.error->as_exception_ptr();
+      d(std::move(r));
+    });
+  }
+
+  // As submit(), with the result in a future: get() returns the reply or
+  // throws the error.
+  process_future<Out> call(const In& in) {
+    auto p = std::make_shared<std::promise<process::outcome<Out>>>();
+    process_future<Out> f(p->get_future());
+    enqueue(in, [p](process::outcome<Out>&& o) { p->set_value(std::move(o)); });
+    return f;
+  }
+
+  // Blocks until every message submitted so far has had its result
+  // delivered (its callback returned). Not from a callback (it would wait
+  // for itself).
+  void drain() {
+    std::unique_lock lk(m_);
+    idle_.wait(lk, [&] { return unfinished_ == 0; });
+  }
+
+  std::size_t size() const noexcept { return opts_.workers; }
+  pid_t launcher_pid() const noexcept { return launcher_; }
+
+  // The worker processes alive now (for diagnostics and tests).
+  std::vector<pid_t> worker_pids() const {
+    std::vector<pid_t> pids;
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      const auto& c = region_->ctl(w);
+      // acquire: pid was published before state = alive.
+      if (c.state.load(std::memory_order_acquire) == static_cast<std::uint32_t>(process::worker_state::alive))
+        pids.push_back(c.pid.load(std::memory_order_relaxed));
+    }
+    return pids;
+  }
+
+  process_pool_stats stats() const noexcept {
+    // relaxed: independent statistics.
+    return {submitted_.load(std::memory_order_relaxed), completed_.load(std::memory_order_relaxed),
+            failed_.load(std::memory_order_relaxed),    crashed_.load(std::memory_order_relaxed),
+            retried_.load(std::memory_order_relaxed),   restarts_.load(std::memory_order_relaxed),
+            hung_kills_.load(std::memory_order_relaxed)};
+  }
+
+ private:
+  struct record {
+    std::string bytes;  // encoded request, kept for a retry
+    unsigned attempts;  // crashes of workers holding it so far
+    std::function<void(process::outcome<Out>&&)> done;
+  };
+  // What the supervisor knows of one worker (supervisor thread only).
+  struct worker_view {
+    std::vector<std::optional<record>> inflight;  // by ring index % depth
+    std::uint64_t tail = 0;                        // requests published
+    std::uint64_t consumed = 0;                    // replies read
+    std::uint64_t last_taken = 0;                  // hang watch: taken when last seen changing
+    std::chrono::steady_clock::time_point since{};
+    bool kill_sent = false;
+  };
+
+  static void check(const process_pool_options& o) {
+    if (o.workers == 0) throw std::invalid_argument("runnel::process_pool: workers must be at least 1");
+    if (o.depth == 0) throw std::invalid_argument("runnel::process_pool: depth must be at least 1");
+    if (o.slot_size == 0 || o.slot_size > (std::size_t{1} << 30))
+      throw std::invalid_argument("runnel::process_pool: slot_size must be between 1 and 2^30 bytes");
+    if (o.queue_capacity == 0) throw std::invalid_argument("runnel::process_pool: queue_capacity must be at least 1");
+    if (o.max_attempts == 0) throw std::invalid_argument("runnel::process_pool: max_attempts must be at least 1");
+    if (o.hang_timeout.count() < 0) throw std::invalid_argument("runnel::process_pool: hang_timeout must not be negative");
+  }
+
+  void ring_launcher() noexcept {
+    const std::uint64_t one = 1;
+    [[maybe_unused]] const auto n = ::write(event_fd_, &one, sizeof one);
+  }
+
+  using completion = std::function<void(process::outcome<Out>&&)>;
+
+  void enqueue(const In& in, completion done) {
+    std::string bytes;
+    InCodec::encode(in, bytes);
+    if (bytes.size() > opts_.slot_size)
+      throw process_message_too_large("runnel::process_pool::submit: the encoded request takes " +
+                                      std::to_string(bytes.size()) + " bytes, more than slot_size " +
+                                      std::to_string(opts_.slot_size));
+    std::call_once(started_, [this] { supervisor_ = std::thread([this] { supervise(); }); });
+    {
+      std::unique_lock lk(m_);
+      space_.wait(lk, [&] { return pending_.size() < opts_.queue_capacity || broken_; });
+      if (broken_) throw std::runtime_error("runnel::process_pool::submit: the launcher process died");
+      pending_.push_back(record{std::move(bytes), 0, std::move(done)});
+      ++unfinished_;
+    }
+    submitted_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
+    process::notify_parent(region_->header());
+  }
+
+  // ---- worker process -----------------------------------------------------
+
+  [[noreturn]] static void worker_main(void* ctx, std::size_t w) {
+    auto& self = *static_cast<process_pool*>(ctx);
+    const process::shared_region& r = *self.region_;
+    process::region_header& h = r.header();
+    process::worker_ctl& c = r.ctl(w);
+    std::uint64_t next = 0;  // the parent reset the indices before asking for this process
+    std::string out;
+    for (;;) {
+      // acquire: the parent's stores before shutdown (none needed yet; cheap).
+      if (h.shutdown.load(std::memory_order_acquire) != 0) ::_exit(0);
+      // acquire: the request slot's bytes were written before tail.
+      if (c.tail.load(std::memory_order_acquire) == next) {
+        idle(h, c, next);
+        continue;
+      }
+      // release: irrelevant to the slot; what matters is that the store
+      // precedes the call, so a crash inside it leaves taken = next + 1.
+      c.taken.store(next + 1, std::memory_order_release);
+      self.serve(r.request_slot(w, next), r.reply_slot(w, next), out);
+      // seq_cst: publishes the reply; the news half of notify_parent's pair.
+      c.done.store(next + 1, std::memory_order_seq_cst);
+      ++next;
+      process::notify_parent(h);
+    }
+  }
+
+  // Spins briefly (replies often come back-to-back), then sleeps on the
+  // worker's futex until the parent publishes a request or shuts down.
+  static void idle(process::region_header& h, process::worker_ctl& c, std::uint64_t next) noexcept {
+    for (int i = 0; i < idle_spins; ++i) {
+      // acquire: as in worker_main.
+      if (c.tail.load(std::memory_order_acquire) != next) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    const std::uint32_t seq = c.wake.load(std::memory_order_seq_cst);
+    // seq_cst: Dekker with the parent's tail store then sleeping load.
+    c.sleeping.store(1, std::memory_order_seq_cst);
+    if (c.tail.load(std::memory_order_seq_cst) == next && h.shutdown.load(std::memory_order_seq_cst) == 0)
+      process::shared_futex_wait(c.wake, seq);
+    c.sleeping.store(0, std::memory_order_relaxed);  // relaxed: only a hint to the parent
+  }
+
+  // Runs the function on one request slot and writes the reply slot.
+  void serve(process::slot_header* rq, process::slot_header* rp, std::string& out) noexcept {
+    auto kind = process::reply_kind::value;
+    out.clear();
+    try {
+      In in = InCodec::decode(std::string_view(reinterpret_cast<const char*>(process::shared_region::payload(rq)),
+                                               rq->bytes));
+      Out o = fn_(std::move(in));
+      OutCodec::encode(o, out);
+      if (out.size() > opts_.slot_size) {
+        kind = process::reply_kind::encode_fail;
+        out = "runnel::process_pool: the encoded reply takes " + std::to_string(out.size()) +
+              " bytes, more than slot_size " + std::to_string(opts_.slot_size);
+      }
+    } catch (const std::exception& e) {
+      kind = process::reply_kind::exception;
+      out = e.what();
+    } catch (...) {
+      kind = process::reply_kind::exception;
+      out = "runnel::process_pool: the function threw an exception not derived from std::exception";
+    }
+    if (out.size() > opts_.slot_size) out.resize(opts_.slot_size);  // a long what(): truncated
+    std::memcpy(process::shared_region::payload(rp), out.data(), out.size());
+    rp->bytes = static_cast<std::uint32_t>(out.size());
+    rp->kind = static_cast<std::uint32_t>(kind);
+  }
+
+  // ---- supervisor (parent) ----------------------------------------------
+
+  void supervise() {
+    auto& h = region_->header();
+    for (;;) {
+      if (step()) continue;
+      if (finished()) return;
+      const std::uint32_t seq = h.parent_wake.load(std::memory_order_seq_cst);
+      // seq_cst: Dekker with every notifier (news store, then sleeping load).
+      h.parent_sleeping.store(1, std::memory_order_seq_cst);
+      const bool busy = step();
+      if (!busy && !finished()) process::shared_futex_wait(h.parent_wake, seq, sleep_limit());
+      h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
+      if (!busy) check_launcher();
+    }
+  }
+
+  // One pass over everything; true if anything moved.
+  bool step() {
+    bool moved = false;
+    for (std::size_t w = 0; w < opts_.workers; ++w) moved |= collect(w);
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      // seq_cst: the other half of the launcher's state store (notify_parent).
+      if (region_->ctl(w).state.load(std::memory_order_seq_cst) ==
+          static_cast<std::uint32_t>(process::worker_state::dead)) {
+        bury(w);
+        moved = true;
+      }
+    }
+    watch_hangs();
+    moved |= dispatch();
+    return moved;
+  }
+
+  bool finished() {
+    std::lock_guard lk(m_);
+    if (!stopping_ || !pending_.empty()) return false;
+    for (const auto& v : views_)
+      if (v.tail != v.consumed) return false;
+    return true;
+  }
+
+  // How long the supervisor may sleep: until a hang could be declared, or a
+  // while to look at the launcher when work is outstanding; else for ever.
+  std::chrono::nanoseconds sleep_limit() const {
+    bool outstanding = false;
+    for (const auto& v : views_) outstanding |= v.tail != v.consumed;
+    if (!outstanding) return std::chrono::nanoseconds(-1);
+    std::chrono::nanoseconds limit = launcher_check_period;
+    if (opts_.hang_timeout.count() > 0) limit = std::min<std::chrono::nanoseconds>(limit, opts_.hang_timeout / 4);
+    return std::max<std::chrono::nanoseconds>(limit, std::chrono::milliseconds(1));
+  }
+
+  // Reads the replies worker w has published.
+  bool collect(std::size_t w) {
+    auto& c = region_->ctl(w);
+    auto& v = views_[w];
+    // seq_cst: the other half of the worker's done store (notify_parent).
+    const std::uint64_t done = c.done.load(std::memory_order_seq_cst);
+    if (done == v.consumed) return false;
+    while (v.consumed < done) {
+      process::slot_header* s = region_->reply_slot(w, v.consumed);
+      auto& slot = v.inflight[v.consumed % opts_.depth];
+      record rec = std::move(*slot);
+      slot.reset();
+      ++v.consumed;
+      deliver(rec, read_reply(s));
+    }
+    return true;
+  }
+
+  static process::failure error_text(std::string text) {
+    process::failure f;
+    f.message = std::move(text);
+    return f;
+  }
+
+  process::outcome<Out> read_reply(process::slot_header* s) {
+    process::outcome<Out> r;
+    const std::uint32_t n = s->bytes;
+    if (n > opts_.slot_size) {  // a worker that scribbled over its slot
+      r.error = error_text("runnel::process_pool: a reply slot held a corrupt length");
+      return r;
+    }
+    const std::string_view bytes(reinterpret_cast<const char*>(process::shared_region::payload(s)), n);
+    try {
+      switch (static_cast<process::reply_kind>(s->kind)) {
+        case process::reply_kind::value:
+          r.value.emplace(OutCodec::decode(bytes));
+          break;
+        case process::reply_kind::exception:
+        case process::reply_kind::encode_fail:
+          r.error = error_text(std::string(bytes));
+          break;
+        default:
+          r.error = error_text("runnel::process_pool: a reply slot held a corrupt kind");
+      }
+    } catch (...) {
+      r.error.emplace();  // the reply did not decode
+      r.error->other = std::current_exception();
+    }
+    return r;
+  }
+
+  void deliver(record& rec, process::outcome<Out>&& r) noexcept {
+    // relaxed: statistics.
+    if (!r.error)
+      completed_.fetch_add(1, std::memory_order_relaxed);
+    else
+      failed_.fetch_add(1, std::memory_order_relaxed);
+    finish(rec, std::move(r));
+  }
+
+  // Every result leaves through here: the callback, then the count drain()
+  // waits on.
+  void finish(record& rec, process::outcome<Out>&& r) noexcept {
+    rec.done(std::move(r));  // noexcept: a throwing callback terminates
+    std::lock_guard lk(m_);
+    if (--unfinished_ == 0) idle_.notify_all();
+  }
+
+  static process::outcome<Out> crash(int sig, int code, unsigned attempts, bool hung) {
+    process::outcome<Out> o;
+    o.error.emplace();
+    o.error->what = process::failure::kind::crash;
+    o.error->signal = sig;
+    o.error->exit_code = code;
+    o.error->attempts = attempts;
+    o.error->hung = hung;
+    return o;
+  }
+
+  // Worker w was reaped by the launcher: settle what it held, restart it.
+  void bury(std::size_t w) {
+    collect(w);  // replies it published before dying
+    auto& c = region_->ctl(w);
+    auto& v = views_[w];
+    const int status = c.wait_status.load(std::memory_order_relaxed);  // published by the state store
+    const int sig = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+    const std::uint64_t taken = c.taken.load(std::memory_order_acquire);
+    std::vector<record> again;
+    for (std::uint64_t i = v.consumed; i < v.tail; ++i) {
+      auto& slot = v.inflight[i % opts_.depth];
+      record rec = std::move(*slot);
+      slot.reset();
+      if (i + 1 == taken) {  // the message it held when it died
+        if (++rec.attempts >= opts_.max_attempts) {
+          crashed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+          finish(rec, crash(sig, code, rec.attempts, v.kill_sent));
+          continue;
+        }
+        retried_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+      }
+      again.push_back(std::move(rec));
+    }
+    restarts_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+    // No process uses w's indices now; the state store below publishes them.
+    c.tail.store(0, std::memory_order_relaxed);
+    c.taken.store(0, std::memory_order_relaxed);
+    c.done.store(0, std::memory_order_relaxed);
+    c.sleeping.store(0, std::memory_order_relaxed);
+    v = worker_view{};
+    v.inflight.resize(opts_.depth);
+    // release: the reset indices before the launcher forks the new process.
+    c.state.store(static_cast<std::uint32_t>(process::worker_state::spawn_wanted), std::memory_order_release);
+    ring_launcher();
+    if (!again.empty()) {
+      std::lock_guard lk(m_);
+      pending_.insert(pending_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
+    }
+  }
+
+  // Asks the launcher to kill a worker that has held one message too long.
+  void watch_hangs() {
+    if (opts_.hang_timeout.count() == 0) return;
+    const auto now = std::chrono::steady_clock::now();
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      auto& c = region_->ctl(w);
+      auto& v = views_[w];
+      // relaxed: progress counters only watched; no data is read through them.
+      const std::uint64_t taken = c.taken.load(std::memory_order_relaxed);
+      if (taken != v.last_taken) {
+        v.last_taken = taken;
+        v.since = now;
+        continue;
+      }
+      if (taken <= c.done.load(std::memory_order_relaxed) || v.kill_sent) continue;  // not holding
+      if (c.state.load(std::memory_order_acquire) != static_cast<std::uint32_t>(process::worker_state::alive)) continue;
+      if (now - v.since < opts_.hang_timeout) continue;
+      v.kill_sent = true;
+      hung_kills_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+      c.kill_wanted.store(1, std::memory_order_release);    // release: read by the launcher's exchange
+      ring_launcher();
+    }
+  }
+
+  // Moves waiting messages into the rings of the least loaded live workers.
+  bool dispatch() {
+    bool moved = false;
+    for (;;) {
+      std::size_t best = opts_.workers;
+      std::uint64_t best_load = opts_.depth;
+      for (std::size_t w = 0; w < opts_.workers; ++w) {
+        // acquire: a worker restarted by the launcher (its indices were reset before).
+        if (region_->ctl(w).state.load(std::memory_order_acquire) !=
+            static_cast<std::uint32_t>(process::worker_state::alive))
+          continue;
+        const std::uint64_t load = views_[w].tail - views_[w].consumed;
+        if (load < best_load) best_load = load, best = w;
+      }
+      if (best == opts_.workers) return moved;
+      record rec;
+      {
+        std::lock_guard lk(m_);
+        if (pending_.empty()) return moved;
+        rec = std::move(pending_.front());
+        pending_.pop_front();
+      }
+      space_.notify_one();
+      put(best, std::move(rec));
+      moved = true;
+    }
+  }
+
+  void put(std::size_t w, record&& rec) {
+    auto& c = region_->ctl(w);
+    auto& v = views_[w];
+    process::slot_header* s = region_->request_slot(w, v.tail);
+    std::memcpy(process::shared_region::payload(s), rec.bytes.data(), rec.bytes.size());
+    s->bytes = static_cast<std::uint32_t>(rec.bytes.size());
+    s->kind = 0;
+    v.inflight[v.tail % opts_.depth] = std::move(rec);
+    ++v.tail;
+    // seq_cst: publishes the slot (release) and is Dekker with the worker's
+    // sleeping store then tail load.
+    c.tail.store(v.tail, std::memory_order_seq_cst);
+    if (c.sleeping.load(std::memory_order_seq_cst) != 0) {
+      c.wake.fetch_add(1, std::memory_order_seq_cst);
+      process::shared_futex_wake(c.wake, 1);
+    }
+  }
+
+  // If the launcher has died (killed from outside), nothing can run any more:
+  // every message held or waiting is reported, and submit() refuses.
+  void check_launcher() {
+    if (broken_) return;
+    int status = 0;
+    if (::waitpid(launcher_, &status, WNOHANG) != launcher_) return;
+    launcher_reaped_ = true;
+    std::vector<record> lost;
+    for (auto& v : views_) {
+      for (std::uint64_t i = v.consumed; i < v.tail; ++i) lost.push_back(std::move(*v.inflight[i % opts_.depth]));
+      v = worker_view{};
+      v.inflight.resize(opts_.depth);
+    }
+    {
+      std::lock_guard lk(m_);
+      broken_ = true;
+      for (auto& r : pending_) lost.push_back(std::move(r));
+      pending_.clear();
+    }
+    space_.notify_all();
+    for (auto& rec : lost) {
+      crashed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+      finish(rec, crash(WIFSIGNALED(status) ? WTERMSIG(status) : 0, WIFEXITED(status) ? WEXITSTATUS(status) : 0,
+                     rec.attempts + 1, false));
+    }
+  }
+
+  // Pause iterations an idle worker checks its ring before sleeping: about a
+  // microsecond, the gap between back-to-back requests under load.
+  static constexpr int idle_spins = 256;
+  // How often the supervisor, when messages are outstanding, checks whether
+  // the launcher is still alive.
+  static constexpr std::chrono::milliseconds launcher_check_period{100};
+
+  process_pool_options opts_;
+  std::function<Out(In&&)> fn_;
+  std::unique_ptr<process::shared_region> region_;
+  int event_fd_ = -1;
+  pid_t launcher_ = -1;
+  bool launcher_reaped_ = false;
+
+  std::mutex m_;
+  std::condition_variable space_;
+  std::condition_variable idle_;  // unfinished_ reached 0
+  std::deque<record> pending_;  // guarded by m_
+  bool stopping_ = false;       // guarded by m_
+  std::uint64_t unfinished_ = 0;  // guarded by m_: submitted, result not yet delivered
+  bool broken_ = false;         // guarded by m_ (written by the supervisor)
+  std::once_flag started_;
+  std::thread supervisor_;
+  std::vector<worker_view> views_;  // supervisor thread only (after construction)
+
+  std::atomic<std::uint64_t> submitted_{0}, completed_{0}, failed_{0}, crashed_{0}, retried_{0}, restarts_{0},
+      hung_kills_{0};
+};
+
+// A pipeline stage function that runs `pool`'s function in its worker
+// processes: .stage(runnel::process_stage(pool), {.workers = K}).
+// A crash is thrown as process_crash (and a throw in the worker as
+// process_error) to the pipeline's error handler, with the whole message
+// (the stage takes it by const reference).
+//
+// Blocking, plainly: each call waits for its reply, so it occupies the
+// pipeline lane (a thread_pool worker) while the worker process computes.
+// Give the stage more lanes than the pool has processes (workers = 2-4x
+// pool.size()) to keep every process busy, and expect the thread_pool's
+// threads to sit in a futex wait meanwhile. A non-blocking node is future work.
+template <class In, class Out, class IC, class OC>
+auto process_stage(process_pool<In, Out, IC, OC>& pool) {
+  return [&pool](const In& in) -> Out { return pool.call(in).get(); };
+}
+
+}  // namespace runnel

@@ -1,0 +1,412 @@
+// runnel::process_pool: exact results through 1..4 worker processes, crashes
+// (SIGSEGV every k-th message, random SIGKILLs, hung workers) with nothing
+// lost and exactly the poison messages reported, the parent's death, and
+// the error paths.
+//
+// Each pool is constructed while the test process has one thread (the rule
+// process_pool checks): CTest runs every test case in its own process, and
+// in a whole-binary run every earlier thread has been joined by then.
+// RUNNEL_PROCESS_LONG=1 makes the random-SIGKILL run 1,000,000 messages.
+#include <catch2/catch.hpp>
+
+#include <runnel/pipeline.hpp>
+#include <runnel/process_pool.hpp>
+#include <runnel/thread_pool.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace {
+
+using u64 = std::uint64_t;
+
+u64 square_plus_one(u64 x) { return x * x + 1; }
+
+// Runs `n` messages 0..n-1 through `pool` by submit(); returns each result
+// (value or error), indexed by message, after the pool is destroyed.
+struct outcome {
+  std::vector<std::optional<u64>> value;
+  std::vector<std::exception_ptr> error;
+  std::vector<int> results;  // how many results each message got
+};
+
+template <class Pool>
+void submit_all(Pool& pool, u64 n, outcome& out) {
+  out.value.assign(n, std::nullopt);
+  out.error.assign(n, nullptr);
+  out.results.assign(n, 0);
+  for (u64 i = 0; i < n; ++i) {
+    // The callbacks run on the supervisor thread only; the test reads the
+    // vectors after the pool's destructor joined it.
+    pool.submit(i, [&out, i](runnel::process_result<u64>&& r) {
+      ++out.results[i];
+      if (r.error)
+        out.error[i] = r.error;
+      else
+        out.value[i] = *r.value;
+    });
+  }
+}
+
+template <class E>
+const E* error_as(const std::exception_ptr& e, E& storage) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const E& x) {
+    storage = x;
+    return &storage;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+bool process_gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
+
+}  // namespace
+
+TEST_CASE("process_pool: every message gets its exact result through 1, 2, 3 and 4 worker processes", "[process]") {
+  for (std::size_t workers = 1; workers <= 4; ++workers) {
+    CAPTURE(workers);
+    constexpr u64 n = 20'000;
+    outcome out;
+    runnel::process_pool_stats st;
+    {
+      runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = workers});
+      REQUIRE(pool.worker_pids().size() <= workers);
+      submit_all(pool, n, out);
+      REQUIRE(pool.call(7).get() == 50);
+      pool.drain();
+      st = pool.stats();
+    }
+    for (u64 i = 0; i < n; ++i) {
+      REQUIRE(out.results[i] == 1);
+      REQUIRE(out.value[i].has_value());
+      REQUIRE(*out.value[i] == square_plus_one(i));
+    }
+    CHECK(st.submitted == n + 1);
+    CHECK(st.crashed == 0);
+    CHECK(st.restarts == 0);
+  }
+}
+
+TEST_CASE("process_pool: many threads calling at once (more threads than cores) each get their own replies", "[process]") {
+  runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = 3, .depth = 2, .queue_capacity = 2});
+  constexpr int threads = 6;
+  constexpr u64 per_thread = 3'000;
+  std::atomic<u64> wrong{0}, right{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; ++t)
+    ts.emplace_back([&, t] {
+      for (u64 i = 0; i < per_thread; ++i) {
+        const u64 x = static_cast<u64>(t) * 1'000'000 + i;
+        if (pool.call(x).get() == square_plus_one(x))
+          right.fetch_add(1);
+        else
+          wrong.fetch_add(1);
+      }
+    });
+  for (auto& t : ts) t.join();
+  CHECK(wrong.load() == 0);
+  CHECK(right.load() == threads * per_thread);
+  CHECK(pool.stats().completed == threads * per_thread);
+}
+
+TEST_CASE("process_pool: a worker that segfaults on every k-th message loses nothing and reports exactly those messages with SIGSEGV", "[process]") {
+  constexpr u64 n = 3'000, k = 97;
+  outcome out;
+  runnel::process_pool_stats st;
+  {
+    runnel::process_pool<u64, u64> pool(
+        [](u64 x) -> u64 {
+          if (x % k == k - 1) ::raise(SIGSEGV);
+          return square_plus_one(x);
+        },
+        {.workers = 2, .max_attempts = 2});
+    submit_all(pool, n, out);
+    REQUIRE(pool.call(1).get() == 2);  // the pool is still serving
+    pool.drain();
+    st = pool.stats();
+  }
+  u64 poison = 0;
+  for (u64 i = 0; i < n; ++i) {
+    CAPTURE(i);
+    REQUIRE(out.results[i] == 1);
+    if (i % k == k - 1) {
+      ++poison;
+      REQUIRE(out.error[i]);
+      runnel::process_crash c(0, 0, 0, false);
+      const auto* e = error_as(out.error[i], c);
+      REQUIRE(e != nullptr);
+      CHECK(e->signal == SIGSEGV);
+      CHECK(e->attempts == 2);
+      CHECK_FALSE(e->hung);
+    } else {
+      REQUIRE(out.value[i].has_value());
+      REQUIRE(*out.value[i] == square_plus_one(i));
+    }
+  }
+  CHECK(st.crashed == poison);
+  CHECK(st.restarts == 2 * poison);  // each poison message killed two workers
+  CHECK(st.retried == poison);
+}
+
+TEST_CASE("process_pool: SIGKILLs of random workers during a run lose no message and duplicate none", "[process]") {
+  const bool long_run = std::getenv("RUNNEL_PROCESS_LONG") != nullptr;
+  const u64 n = long_run ? 1'000'000 : 10'000;
+  outcome out;
+  runnel::process_pool_stats st;
+  u64 kills = 0;
+  {
+    runnel::process_pool<u64, u64> pool(
+        [](u64 x) -> u64 {
+          // A little work, so that kills land on held messages too.
+          volatile u64 acc = x;
+          for (int i = 0; i < 2'000; ++i) acc = acc * 6364136223846793005ULL + 1442695040888963407ULL;
+          return square_plus_one(x);
+        },
+        {.workers = 3, .max_attempts = 1'000'000});
+    std::atomic<bool> stop{false};
+    std::thread killer([&] {
+      std::mt19937 rng(12345);
+      // One kill at a time: the next only once the last victim has been
+      // replaced, so that a slow fork (sanitizers) does not turn the run
+      // into a string of restarts.
+      while (!stop.load()) {
+        auto pids = pool.worker_pids();
+        if (pids.size() == 3 && pool.stats().restarts == kills) {
+          ::kill(pids[rng() % pids.size()], SIGKILL);
+          ++kills;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      }
+    });
+    submit_all(pool, n, out);
+    REQUIRE(pool.call(3).get() == 10);
+    pool.drain();
+    stop.store(true);
+    killer.join();
+    st = pool.stats();
+  }
+  for (u64 i = 0; i < n; ++i) {
+    REQUIRE(out.results[i] == 1);
+    REQUIRE(out.value[i].has_value());
+    REQUIRE(*out.value[i] == square_plus_one(i));
+  }
+  INFO("kills sent " << kills << ", restarts " << st.restarts << ", retried " << st.retried);
+  CHECK(kills > 0);
+  CHECK(st.restarts > 0);
+  CHECK(st.crashed == 0);
+}
+
+TEST_CASE("process_pool: a hung worker is killed after hang_timeout and its message reported as hung with SIGKILL", "[process]") {
+  constexpr u64 n = 200, stuck = 13;
+  outcome out;
+  runnel::process_pool_stats st;
+  {
+    runnel::process_pool<u64, u64> pool(
+        [](u64 x) -> u64 {
+          if (x == stuck)
+            for (;;) ::pause();
+          return square_plus_one(x);
+        },
+        {.workers = 2, .max_attempts = 2, .hang_timeout = std::chrono::milliseconds(400)});
+    submit_all(pool, n, out);
+    pool.drain();
+    st = pool.stats();
+  }
+  CHECK(st.hung_kills == 2);
+  CHECK(st.crashed == 1);
+  for (u64 i = 0; i < n; ++i) {
+    REQUIRE(out.results[i] == 1);
+    if (i == stuck) {
+      runnel::process_crash c(0, 0, 0, false);
+      const auto* e = error_as(out.error[i], c);
+      REQUIRE(e != nullptr);
+      CHECK(e->hung);
+      CHECK(e->signal == SIGKILL);
+      CHECK(e->attempts == 2);
+    } else {
+      REQUIRE(out.value[i].has_value());
+      REQUIRE(*out.value[i] == square_plus_one(i));
+    }
+  }
+}
+
+TEST_CASE("process_pool: when the parent is SIGKILLed, its launcher and workers die too (no orphans)", "[process]") {
+  // This process becomes the reaper of orphans, so it can reap (and so see
+  // the death of) the launcher and the workers once their parent is gone.
+  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::close(fds[0]);
+    {
+      runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = 3});
+      while (pool.worker_pids().size() < 3) ::usleep(1000);
+      std::vector<pid_t> pids = pool.worker_pids();
+      pids.push_back(pool.launcher_pid());
+      if (::write(fds[1], pids.data(), pids.size() * sizeof(pid_t)) < 0) ::_exit(2);
+      for (;;) ::pause();  // killed here, the pool never destroyed
+    }
+  }
+  ::close(fds[1]);
+  pid_t pids[4] = {};
+  std::size_t got = 0;
+  while (got < sizeof pids) {
+    const auto r = ::read(fds[0], reinterpret_cast<char*>(pids) + got, sizeof pids - got);
+    REQUIRE(r > 0);
+    got += static_cast<std::size_t>(r);
+  }
+  ::close(fds[0]);
+  REQUIRE(::kill(child, SIGKILL) == 0);
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  std::set<pid_t> waiting(std::begin(pids), std::end(pids));
+  std::map<pid_t, int> how;
+  // Reap the orphans as they die (generously bounded: not a timing claim).
+  for (int i = 0; i < 20'000 && !waiting.empty(); ++i) {
+    const pid_t p = ::waitpid(-1, &status, WNOHANG);
+    if (p > 0) {
+      waiting.erase(p);
+      how[p] = status;
+    } else {
+      ::usleep(1000);
+    }
+  }
+  ::prctl(PR_SET_CHILD_SUBREAPER, 0);
+  CHECK(waiting.empty());
+  for (pid_t p : pids) {
+    CAPTURE(p);
+    REQUIRE(how.count(p) == 1);
+    CHECK(WIFSIGNALED(how[p]));
+    CHECK(WTERMSIG(how[p]) == SIGKILL);
+  }
+}
+
+TEST_CASE("process_pool: destroying the pool leaves no process behind", "[process]") {
+  std::vector<pid_t> pids;
+  pid_t launcher = 0;
+  {
+    runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = 2});
+    REQUIRE(pool.call(2).get() == 5);
+    while (pool.worker_pids().size() < 2) ::usleep(1000);
+    pids = pool.worker_pids();
+    launcher = pool.launcher_pid();
+  }
+  // The launcher was reaped by the destructor, the workers by the launcher.
+  int status = 0;
+  CHECK(::waitpid(launcher, &status, WNOHANG) == -1);
+  CHECK(errno == ECHILD);
+  CHECK(process_gone(launcher));
+  for (pid_t p : pids) CHECK(process_gone(p));
+}
+
+TEST_CASE("process_pool: a throwing function is reported as process_error, and the worker keeps serving", "[process]") {
+  runnel::process_pool<u64, u64> pool(
+      [](u64 x) -> u64 {
+        if (x == 5) throw std::runtime_error("five is not allowed");
+        return x;
+      },
+      {.workers = 1});
+  auto bad = pool.call(5);
+  REQUIRE_THROWS_WITH(bad.get(), "five is not allowed");
+  CHECK(pool.call(6).get() == 6);
+  CHECK(pool.stats().restarts == 0);
+  CHECK(pool.stats().failed == 1);
+}
+
+TEST_CASE("process_pool: messages cross as strings; a request or reply beyond slot_size is an error", "[process]") {
+  runnel::process_pool<std::string, std::string> pool(
+      [](const std::string& s) { return s == "grow" ? std::string(100, 'x') : s + "!"; },
+      {.workers = 1, .slot_size = 64});
+  CHECK(pool.call("hi").get() == "hi!");
+  CHECK(pool.call(std::string(63, 'a')).get() == std::string(63, 'a') + "!");  // 64 bytes back
+  REQUIRE_THROWS_AS(pool.call(std::string(65, 'a')), runnel::process_message_too_large);
+  auto big = pool.call("grow");
+  REQUIRE_THROWS_AS(big.get(), runnel::process_error);
+  CHECK(pool.call("still").get() == "still!");
+}
+
+TEST_CASE("process_pool: bad options and a process that already runs threads are refused", "[process]") {
+  auto id = [](u64 x) { return x; };
+  using pool_t = runnel::process_pool<u64, u64>;
+  CHECK_THROWS_AS(pool_t(id, {.workers = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(pool_t(id, {.depth = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(pool_t(id, {.slot_size = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(pool_t(id, {.max_attempts = 0}), std::invalid_argument);
+  std::atomic<bool> stop{false};
+  std::thread t([&] {
+    while (!stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  CHECK_THROWS_AS(pool_t(id, {}), std::logic_error);
+  stop.store(true);
+  t.join();
+  pool_t ok(id, {.workers = 1});  // one thread again: accepted
+  CHECK(ok.call(9).get() == 9);
+}
+
+TEST_CASE("process_pool: process_stage in a pipeline delivers every message or hands the crashed ones to the error handler", "[process]") {
+  constexpr u64 n = 2'000, k = 101;
+  runnel::process_pool<u64, u64> procs(
+      [](u64 x) -> u64 {
+        if (x % k == 0) ::raise(SIGSEGV);
+        return square_plus_one(x);
+      },
+      {.workers = 2, .max_attempts = 1});
+  runnel::thread_pool threads({.threads = 2});
+  u64 next = 0, sum = 0, delivered = 0;
+  std::mutex m;
+  std::set<u64> failed;
+  std::vector<int> signals;
+  auto run = runnel::pipeline{threads}
+                 .source([&]() -> std::optional<u64> {
+                   if (next == n) return std::nullopt;
+                   return next++;
+                 })
+                 .stage(runnel::process_stage(procs), {.workers = 4})
+                 .sink([&](u64 y) {
+                   sum += y;
+                   ++delivered;
+                 })
+                 .on_error([&](const runnel::stage_failure& f) {
+                   std::lock_guard lk(m);
+                   if (const u64* msg = f.message<u64>()) failed.insert(*msg);
+                   try {
+                     std::rethrow_exception(f.error);
+                   } catch (const runnel::process_crash& c) {
+                     signals.push_back(c.signal);
+                   } catch (...) {
+                     signals.push_back(-1);
+                   }
+                 })
+                 .run();
+  run.wait();
+  u64 expect_sum = 0;
+  std::set<u64> expect_failed;
+  for (u64 i = 0; i < n; ++i) {
+    if (i % k == 0)
+      expect_failed.insert(i);
+    else
+      expect_sum += square_plus_one(i);
+  }
+  CHECK(delivered == n - expect_failed.size());
+  CHECK(sum == expect_sum);
+  CHECK(failed == expect_failed);
+  CHECK(signals == std::vector<int>(expect_failed.size(), SIGSEGV));
+}
