@@ -50,34 +50,14 @@
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 
-#include "backoff.hpp"
 #include "cache_line.hpp"
+#include "claimed_cell.hpp"
 #include "ring_common.hpp"
 
 namespace runnel::detail {
-
-// What a try-operation does when the cell it needs is held by an operation
-// still in progress on another thread (see the header comment).
-enum class claimed_cell {
-  give_up,  // report empty / full: lock-free, not linearizable
-  wait,     // wait for that operation: linearizable, may wait for another thread
-};
-
-// While waiting for another thread's claimed cell: spin a few rounds, then
-// yield, since that thread may need our core to finish its move.
-inline void pause_for_claim(unsigned& round) noexcept {
-  constexpr unsigned spin_rounds = 16;  // ~ a move of a few hundred bytes
-  if (round < spin_rounds) {
-    ++round;
-    cpu_relax();
-  } else {
-    std::this_thread::yield();
-  }
-}
 
 template <class T>
 class mpmc_ring {
