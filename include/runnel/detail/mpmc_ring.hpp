@@ -53,18 +53,23 @@
 #include <type_traits>
 #include <utility>
 
+#include "atomic_family.hpp"
 #include "cache_line.hpp"
 #include "claimed_cell.hpp"
 #include "ring_common.hpp"
 
 namespace runnel::detail {
 
-template <class T>
+// Atomics: the atomic family (detail/atomic_family.hpp); std_atomics except
+// under a model checker.
+template <class T, class Atomics = std_atomics>
 class mpmc_ring {
   static_assert(ring_element<T>);
 
+  using atomic_size = typename Atomics::template atomic<std::size_t>;
+
   struct plain_cell {
-    std::atomic<std::size_t> seq;
+    atomic_size seq;
     alignas(T) unsigned char storage[sizeof(T)];
   };
   // Small cells are packed several to a cache line: a 1024-cell ring of
@@ -139,6 +144,11 @@ class mpmc_ring {
         if (c.seq.load(std::memory_order_relaxed) == pos + 1) c.value()->~T();
       }
     }
+    // The cells' lifetimes were started by allocate_cells(); with std::atomic
+    // there is nothing to end, with a model checker's atomics there is.
+    if constexpr (!std::is_trivially_destructible_v<cell>) {
+      for (std::size_t i = 0; i <= mask_; ++i) cells_[i].~cell();
+    }
   }
 
   std::size_t capacity() const noexcept { return mask_ + 1; }
@@ -167,7 +177,7 @@ class mpmc_ring {
           return nullptr;
         } else {
           if (!pop_in_progress_at(pos)) return nullptr;  // full
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
           pos = tail_.load(std::memory_order_relaxed);
         }
       } else {
@@ -230,7 +240,7 @@ class mpmc_ring {
           return 0;
         } else {
           if (!pop_in_progress_at(pos)) return 0;  // full
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
         }
       }
       if (k != 0 && tail_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
@@ -265,7 +275,7 @@ class mpmc_ring {
           return nullptr;
         } else {
           if (!push_in_progress_at(pos)) return nullptr;  // empty
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
           pos = head_.load(std::memory_order_relaxed);
         }
       } else {
@@ -332,7 +342,7 @@ class mpmc_ring {
           return 0;
         } else {
           if (!push_in_progress_at(pos)) return 0;  // empty
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
         }
       }
       if (k != 0 && head_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
@@ -386,10 +396,10 @@ class mpmc_ring {
   const std::size_t line_mask_;
   const std::unique_ptr<cell[], cells_deleter> cells_;
   // Written by producers only.
-  alignas(false_sharing_range) std::atomic<std::size_t> tail_{0};
+  alignas(false_sharing_range) atomic_size tail_{0};
   // Written by consumers only.
-  alignas(false_sharing_range) std::atomic<std::size_t> head_{0};
-  char pad_[false_sharing_range - sizeof(std::atomic<std::size_t>)]{};
+  alignas(false_sharing_range) atomic_size head_{0};
+  char pad_[false_sharing_range > sizeof(atomic_size) ? false_sharing_range - sizeof(atomic_size) : 1]{};
 };
 
 }  // namespace runnel::detail
