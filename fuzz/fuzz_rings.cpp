@@ -1,0 +1,111 @@
+// libFuzzer harness: random operation sequences on mpmc_queue, one thread,
+// against a std::deque model. On one thread every answer is exact: a push
+// fails exactly when the model holds capacity() values, a pop fails exactly
+// when it is empty, values come out in push order, and size_approx() is the
+// model's size. Values are heap-owning (std::unique_ptr) so that ASan sees a
+// lost, doubled or leaked value.
+//
+// Input: byte 0 picks the requested capacity (1..16); then one byte an
+// operation (the low 3 bits pick it, the rest is its count argument).
+#include <runnel/mpmc_queue.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace {
+
+void check(bool ok) {
+  if (!ok) std::abort();
+}
+
+using value = std::unique_ptr<std::uint32_t>;
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const std::size_t requested = (data[0] & 15u) + 1;
+  runnel::mpmc_queue<value> q(requested);
+  const std::size_t cap = q.capacity();
+  check(cap >= requested && cap >= 2 && (cap & (cap - 1)) == 0);
+  std::deque<std::uint32_t> model;
+  std::uint32_t next = 0;
+  auto pop_expect = [&](std::uint32_t got) {
+    check(!model.empty() && model.front() == got);
+    model.pop_front();
+  };
+
+  for (std::size_t i = 1; i < size; ++i) {
+    const unsigned op = data[i] & 7u;
+    const std::size_t n = data[i] >> 3;  // 0..31
+    switch (op) {
+      case 0: {  // try_push
+        value v = std::make_unique<std::uint32_t>(next);
+        const bool ok = q.try_push(std::move(v));
+        check(ok == (model.size() < cap));
+        if (ok) model.push_back(next++);
+        else check(v != nullptr && *v == next);  // a failed push leaves the value
+        break;
+      }
+      case 1: {  // try_push_linearizable
+        value v = std::make_unique<std::uint32_t>(next);
+        const bool ok = q.try_push_linearizable(std::move(v));
+        check(ok == (model.size() < cap));
+        if (ok) model.push_back(next++);
+        else check(v != nullptr);
+        break;
+      }
+      case 2: {  // try_pop (optional)
+        std::optional<value> v = q.try_pop();
+        check(v.has_value() == !model.empty());
+        if (v) pop_expect(**v);
+        break;
+      }
+      case 3: {  // try_pop_linearizable
+        std::optional<value> v = q.try_pop_linearizable();
+        check(v.has_value() == !model.empty());
+        if (v) pop_expect(**v);
+        break;
+      }
+      case 4: {  // try_push_n
+        std::vector<value> vs;
+        for (std::size_t k = 0; k < n; ++k) vs.push_back(std::make_unique<std::uint32_t>(next + static_cast<std::uint32_t>(k)));
+        const std::size_t room = cap - model.size();
+        const std::size_t k = q.try_push_n(vs.begin(), vs.size());
+        check(k == (n < room ? n : room));
+        for (std::size_t j = 0; j < n; ++j) check((vs[j] == nullptr) == (j < k));  // a prefix moved
+        for (std::size_t j = 0; j < k; ++j) model.push_back(next++);
+        next += static_cast<std::uint32_t>(n - k);  // the rest are dropped here
+        break;
+      }
+      case 5: {  // try_pop_n
+        std::vector<value> out(n);
+        const std::size_t k = q.try_pop_n(out.begin(), n);
+        check(k == (n < model.size() ? n : model.size()));
+        for (std::size_t j = 0; j < k; ++j) pop_expect(*out[j]);
+        for (std::size_t j = k; j < n; ++j) check(out[j] == nullptr);
+        break;
+      }
+      case 6: {  // blocking push/pop when they cannot block
+        if (model.size() < cap) {
+          q.push(std::make_unique<std::uint32_t>(next));
+          model.push_back(next++);
+        } else {
+          pop_expect(*q.pop());
+        }
+        break;
+      }
+      default:
+        break;
+    }
+    check(q.size_approx() == model.size());
+    check(q.empty_approx() == model.empty());
+  }
+  // The rest is destroyed with the queue; ASan's leak check sees a loss.
+  return 0;
+}
