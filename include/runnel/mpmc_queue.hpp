@@ -146,9 +146,9 @@ class mpmc_queue {
     // Lock-free tries while spinning; the linearizable one before sleeping,
     // so a producer never sleeps on a queue whose only "full" cell is being
     // emptied (whose pop's notify may already have woken someone else).
-    detail::spin_then_park(
-        not_full_, [&] { return ring_.try_push(std::move(v)); },
-        [&] { return ring_.template try_push<detail::claimed_cell::wait>(std::move(v)); });
+    detail::spin_then_park(not_full_, [&](auto policy) noexcept {
+      return ring_.template try_push<policy.value>(std::move(v));
+    });
     not_empty_.notify_one();
   }
 
@@ -159,10 +159,11 @@ class mpmc_queue {
 
   template <class... Args>
   void emplace(Args&&... args) noexcept {
-    // Forwarding twice is safe: an attempt that fails constructs nothing.
-    detail::spin_then_park(
-        not_full_, [&] { return ring_.try_emplace(std::forward<Args>(args)...); },
-        [&] { return ring_.template try_emplace<detail::claimed_cell::wait>(std::forward<Args>(args)...); });
+    // Forwarding on every attempt is safe: an attempt that fails constructs
+    // nothing.
+    detail::spin_then_park(not_full_, [&](auto policy) noexcept {
+      return ring_.template try_emplace<policy.value>(std::forward<Args>(args)...);
+    });
     not_empty_.notify_one();
   }
 
@@ -174,9 +175,9 @@ class mpmc_queue {
     // Lock-free claims while spinning; the linearizable one before sleeping,
     // so a consumer never sleeps while completed pushes are queued behind a
     // push still in progress (that push's notify wakes only one sleeper).
-    detail::spin_then_park(
-        not_empty_, [&] { return (cell = ring_.claim_pop(pos)) != nullptr; },
-        [&] { return (cell = ring_.template claim_pop<detail::claimed_cell::wait>(pos)) != nullptr; });
+    detail::spin_then_park(not_empty_, [&](auto policy) noexcept {
+      return (cell = ring_.template claim_pop<policy.value>(pos)) != nullptr;
+    });
     T* v = cell->value();
     T out(std::move(*v));
     v->~T();

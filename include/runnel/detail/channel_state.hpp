@@ -153,16 +153,10 @@ class channel_state {
   // the spinning never waits on another thread's move.
   channel_status send(T& v) noexcept {
     channel_status st = channel_status::full;
-    spin_then_park(
-        not_full_,
-        [&]() noexcept {
-          st = try_send<claimed_cell::give_up>(v);
-          return st != channel_status::full;
-        },
-        [&]() noexcept {
-          st = try_send(v);
-          return st != channel_status::full;
-        });
+    spin_then_park(not_full_, [&](auto policy) noexcept {
+      st = try_send<policy.value>(v);
+      return st != channel_status::full;
+    });
     return st;
   }
 
@@ -175,16 +169,10 @@ class channel_state {
   // behind one still moving its value in.
   channel_status recv(std::optional<T>& out) noexcept {
     channel_status st = channel_status::empty;
-    spin_then_park(
-        not_empty_,
-        [&]() noexcept {
-          st = try_recv<claimed_cell::give_up>(out);
-          return st != channel_status::empty;
-        },
-        [&]() noexcept {
-          st = try_recv(out);
-          return st != channel_status::empty;
-        });
+    spin_then_park(not_empty_, [&](auto policy) noexcept {
+      st = try_recv<policy.value>(out);
+      return st != channel_status::empty;
+    });
     return st;
   }
 

@@ -20,6 +20,7 @@
 
 #include "asymmetric_fence.hpp"
 #include "backoff.hpp"
+#include "claimed_cell.hpp"
 #include "futex.hpp"
 
 namespace runnel::detail {
@@ -123,29 +124,29 @@ void spin_then_park_slow(event_count& ec, Attempt& attempt, LastAttempt& last_at
   }
 }
 
+// As above with one exact attempt (a noexcept callable returning bool, false
+// only when sleeping is right) for both the spinning and the last check.
 template <class Attempt>
 void spin_then_park_slow(event_count& ec, Attempt& attempt) noexcept {
   spin_then_park_slow(ec, attempt, attempt);
 }
 
-// Retries `attempt` (a noexcept callable returning bool) with backoff, then
-// parks on `ec` until an attempt succeeds. Whoever makes an attempt succeed
-// must notify `ec` after publishing the change.
+// Retries an attempt with backoff, then parks on `ec` until an attempt
+// succeeds. Whoever makes an attempt succeed must notify `ec` after
+// publishing the change.
+//
+// `attempt(policy)` is a noexcept callable returning bool, written once and
+// called with claimed_cell_tag<give_up> while spinning (a lock-free try that
+// may fail spuriously on a cell another thread holds) and with
+// claimed_cell_tag<wait> for the check made after prepare_wait() (fails only
+// when sleeping is right). Sleeping is then as correct as with the exact
+// attempt alone, and the hot loop never waits on another thread.
 template <class Attempt>
 inline void spin_then_park(event_count& ec, Attempt&& attempt) noexcept {
-  if (attempt()) return;
-  spin_then_park_slow(ec, attempt);
-}
-
-// As above, with a cheaper `attempt` for the spinning (one that may fail
-// spuriously, e.g. a lock-free try that gives up on a cell another thread
-// holds) and an exact `last_attempt` made only when about to sleep (one that
-// fails only when sleeping is right). Sleeping is then as correct as with
-// `last_attempt` alone, and the hot loop never waits on another thread.
-template <class Attempt, class LastAttempt>
-inline void spin_then_park(event_count& ec, Attempt&& attempt, LastAttempt&& last_attempt) noexcept {
-  if (attempt()) return;
-  spin_then_park_slow(ec, attempt, last_attempt);
+  auto spin = [&attempt]() noexcept { return attempt(claimed_cell_tag<claimed_cell::give_up>{}); };
+  if (spin()) return;
+  auto last = [&attempt]() noexcept { return attempt(claimed_cell_tag<claimed_cell::wait>{}); };
+  spin_then_park_slow(ec, spin, last);
 }
 
 }  // namespace runnel::detail

@@ -50,41 +50,26 @@
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 
-#include "backoff.hpp"
+#include "atomic_family.hpp"
 #include "cache_line.hpp"
+#include "claimed_cell.hpp"
 #include "ring_common.hpp"
 
 namespace runnel::detail {
 
-// What a try-operation does when the cell it needs is held by an operation
-// still in progress on another thread (see the header comment).
-enum class claimed_cell {
-  give_up,  // report empty / full: lock-free, not linearizable
-  wait,     // wait for that operation: linearizable, may wait for another thread
-};
-
-// While waiting for another thread's claimed cell: spin a few rounds, then
-// yield, since that thread may need our core to finish its move.
-inline void pause_for_claim(unsigned& round) noexcept {
-  constexpr unsigned spin_rounds = 16;  // ~ a move of a few hundred bytes
-  if (round < spin_rounds) {
-    ++round;
-    cpu_relax();
-  } else {
-    std::this_thread::yield();
-  }
-}
-
-template <class T>
+// Atomics: the atomic family (detail/atomic_family.hpp); std_atomics except
+// under a model checker.
+template <class T, class Atomics = std_atomics>
 class mpmc_ring {
   static_assert(ring_element<T>);
 
+  using atomic_size = typename Atomics::template atomic<std::size_t>;
+
   struct plain_cell {
-    std::atomic<std::size_t> seq;
+    atomic_size seq;
     alignas(T) unsigned char storage[sizeof(T)];
   };
   // Small cells are packed several to a cache line: a 1024-cell ring of
@@ -159,6 +144,11 @@ class mpmc_ring {
         if (c.seq.load(std::memory_order_relaxed) == pos + 1) c.value()->~T();
       }
     }
+    // The cells' lifetimes were started by allocate_cells(); with std::atomic
+    // there is nothing to end, with a model checker's atomics there is.
+    if constexpr (!std::is_trivially_destructible_v<cell>) {
+      for (std::size_t i = 0; i <= mask_; ++i) cells_[i].~cell();
+    }
   }
 
   std::size_t capacity() const noexcept { return mask_ + 1; }
@@ -187,7 +177,7 @@ class mpmc_ring {
           return nullptr;
         } else {
           if (!pop_in_progress_at(pos)) return nullptr;  // full
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
           pos = tail_.load(std::memory_order_relaxed);
         }
       } else {
@@ -250,7 +240,7 @@ class mpmc_ring {
           return 0;
         } else {
           if (!pop_in_progress_at(pos)) return 0;  // full
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
         }
       }
       if (k != 0 && tail_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
@@ -285,7 +275,7 @@ class mpmc_ring {
           return nullptr;
         } else {
           if (!push_in_progress_at(pos)) return nullptr;  // empty
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
           pos = head_.load(std::memory_order_relaxed);
         }
       } else {
@@ -352,7 +342,7 @@ class mpmc_ring {
           return 0;
         } else {
           if (!push_in_progress_at(pos)) return 0;  // empty
-          pause_for_claim(round);
+          Atomics::pause_for_claim(round);
         }
       }
       if (k != 0 && head_.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed)) break;
@@ -406,10 +396,10 @@ class mpmc_ring {
   const std::size_t line_mask_;
   const std::unique_ptr<cell[], cells_deleter> cells_;
   // Written by producers only.
-  alignas(false_sharing_range) std::atomic<std::size_t> tail_{0};
+  alignas(false_sharing_range) atomic_size tail_{0};
   // Written by consumers only.
-  alignas(false_sharing_range) std::atomic<std::size_t> head_{0};
-  char pad_[false_sharing_range - sizeof(std::atomic<std::size_t>)]{};
+  alignas(false_sharing_range) atomic_size head_{0};
+  char pad_[false_sharing_range > sizeof(atomic_size) ? false_sharing_range - sizeof(atomic_size) : 1]{};
 };
 
 }  // namespace runnel::detail

@@ -1,0 +1,311 @@
+// Model checking of detail::mpmc_ring under Relacy (Debian relacy-dev): the
+// ring's own code, instantiated with relacy_atomics, run over every
+// interleaving (full search) or every interleaving with few preemptions
+// (context bound) of 2-4 threads on a 2-cell ring, with Relacy's model of
+// the C++ memory model choosing what each relaxed/acquire load may read.
+//
+// The values are `payload`s whose contents are Relacy variables: a read or
+// write of one that is not ordered by happens-before against another access
+// is reported as a data race. So the tests check the hand-over orderings
+// (publish's release against claim_pop's acquire, release_pop's release
+// against claim_push's acquire) as well as counts, order and the linearizable
+// answers of the `wait` policy.
+//
+// Tests of the tests, run every time: the same models with the orderings
+// weakened (release stores made relaxed, acquire loads made relaxed) and with
+// the `give_up` policy where `wait` is needed must each be reported as
+// failing; a checker that passed them would prove nothing.
+//
+// Usage: relacy_ring_test [-v]   (-v prints Relacy's per-model statistics)
+#include <runnel/detail/mpmc_ring.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <fstream>
+#include <iostream>
+#include <string>
+
+#include "relacy_atomics.hpp"
+
+namespace {
+
+using runnel::detail::claimed_cell;
+using runnel::detail::mpmc_ring;
+using runnel_model::relacy_atomics;
+using runnel_model::weaken;
+
+// A value whose contents Relacy watches for unordered access.
+struct payload {
+  rl::var<int> v;
+  explicit payload(int x) : v(x) {}
+  payload(payload&& o) noexcept : v(static_cast<int>(o.v(RL_INFO))) {}
+  payload& operator=(payload&&) = delete;
+  int get() { return v(RL_INFO); }
+};
+
+template <weaken W>
+using ring_t = mpmc_ring<payload, relacy_atomics<W>>;
+
+// Retry a lock-free try until it succeeds, yielding to the scheduler between
+// tries (a spin the model checker must know is one).
+template <class Try>
+void until(Try&& t) {
+  while (!t()) rl::yield(1, RL_INFO);
+}
+
+template <class Ring>
+std::optional<int> pop_one(Ring& r, bool linearizable) {
+  std::optional<int> out;
+  auto sink = [&out](payload&& p) noexcept { out = p.get(); };
+  const bool ok = linearizable ? r.template try_consume<claimed_cell::wait>(sink)
+                               : r.template try_consume<claimed_cell::give_up>(sink);
+  (void)ok;
+  return out;
+}
+
+// ---- SPSC: one producer pushes 1..4 through a 2-cell ring (two laps), one
+// consumer pops them; exact values, in order.
+template <weaken W>
+struct spsc : rl::test_suite<spsc<W>, 2> {
+  std::optional<ring_t<W>> ring;
+  int got[4] = {};
+
+  void before() { ring.emplace(2); }
+  void thread(unsigned id) {
+    if (id == 0) {
+      for (int i = 1; i <= 4; ++i) until([&] { return ring->try_push(payload(i)); });
+    } else {
+      for (int& g : got) {
+        std::optional<int> v;
+        until([&] { return (v = pop_one(*ring, false)).has_value(); });
+        g = *v;
+      }
+    }
+  }
+  void after() {
+    for (int i = 0; i < 4; ++i) RL_ASSERT(got[i] == i + 1);
+    RL_ASSERT(!pop_one(*ring, true));
+    ring.reset();
+  }
+};
+
+// ---- 2P2C: producers 0 and 1 each push two values (10p+1, 10p+2), consumers
+// 2 and 3 each pop two. Every value exactly once; each consumer sees each
+// producer's values in push order.
+template <weaken W>
+struct mpmc_2p2c : rl::test_suite<mpmc_2p2c<W>, 4> {
+  std::optional<ring_t<W>> ring;
+  int got[2][2] = {};
+
+  void before() { ring.emplace(2); }
+  void thread(unsigned id) {
+    if (id < 2) {
+      const int p = static_cast<int>(id);
+      for (int i = 1; i <= 2; ++i) until([&] { return ring->try_push(payload(10 * p + i)); });
+    } else {
+      for (int& g : got[id - 2]) {
+        std::optional<int> v;
+        until([&] { return (v = pop_one(*ring, false)).has_value(); });
+        g = *v;
+      }
+    }
+  }
+  void after() {
+    int seen[2][3] = {};
+    for (auto& c : got) {
+      int last[2] = {0, 0};
+      for (int v : c) {
+        const int p = v / 10, i = v % 10;
+        RL_ASSERT(p >= 0 && p < 2 && i >= 1 && i <= 2);
+        RL_ASSERT(i > last[p]);  // per-producer order at each consumer
+        last[p] = i;
+        ++seen[p][i];
+      }
+    }
+    for (auto& p : seen) RL_ASSERT(p[1] == 1 && p[2] == 1);  // exactly once
+    RL_ASSERT(!pop_one(*ring, true));
+    ring.reset();
+  }
+};
+
+// ---- Linearizable "empty". Producer 0 pushes a; producer 1 pushes b and
+// then raises `done`. The consumer waits for `done` and then makes one
+// linearizable try_pop: b's push has completed (happens-before the try) and
+// nobody else pops, so the try must find a value, even while a's push holds
+// the head cell between claim and publish. With `Linearizable` false (the
+// give_up policy) the checker must find the run where it reports empty.
+template <bool Linearizable>
+struct try_pop_after_completed_push : rl::test_suite<try_pop_after_completed_push<Linearizable>, 3> {
+  std::optional<ring_t<weaken::none>> ring;
+  rl::atomic<int> done;
+
+  void before() {
+    ring.emplace(2);
+    done.store(0, rl::mo_relaxed, RL_INFO);
+  }
+  void thread(unsigned id) {
+    if (id == 0) {
+      RL_ASSERT(ring->template try_push<claimed_cell::wait>(payload(1)));
+    } else if (id == 1) {
+      RL_ASSERT(ring->template try_push<claimed_cell::wait>(payload(2)));
+      done.store(1, rl::mo_release, RL_INFO);
+    } else {
+      until([&] { return done.load(rl::mo_acquire, RL_INFO) == 1; });
+      const auto v = pop_one(*ring, Linearizable);
+      RL_ASSERT(v.has_value());
+    }
+  }
+  void after() { ring.reset(); }
+};
+
+// ---- Linearizable "full", the mirror image. The ring starts full (1, 2);
+// consumers 0 and 1 each pop one value, and consumer 1 then raises `done`.
+// The producer waits for `done` and makes one linearizable try_push: a pop
+// has completed, so the ring has room, even while the other pop holds the
+// oldest cell between claim and release.
+template <bool Linearizable>
+struct try_push_after_completed_pop : rl::test_suite<try_push_after_completed_pop<Linearizable>, 3> {
+  std::optional<ring_t<weaken::none>> ring;
+  rl::atomic<int> done;
+  int got[2] = {};
+
+  void before() {
+    ring.emplace(2);
+    RL_ASSERT(ring->try_push(payload(1)));
+    RL_ASSERT(ring->try_push(payload(2)));
+    done.store(0, rl::mo_relaxed, RL_INFO);
+  }
+  void thread(unsigned id) {
+    if (id < 2) {
+      const auto v = pop_one(*ring, true);
+      RL_ASSERT(v.has_value());
+      got[id] = *v;
+      if (id == 1) done.store(1, rl::mo_release, RL_INFO);
+    } else {
+      until([&] { return done.load(rl::mo_acquire, RL_INFO) == 1; });
+      const bool ok = Linearizable ? ring->template try_push<claimed_cell::wait>(payload(3))
+                                   : ring->template try_push<claimed_cell::give_up>(payload(3));
+      RL_ASSERT(ok);
+    }
+  }
+  void after() {
+    RL_ASSERT(got[0] + got[1] == 3 && got[0] != got[1]);
+    const auto v = pop_one(*ring, true);
+    RL_ASSERT(v == 3);
+    ring.reset();
+  }
+};
+
+// ---- Full and empty edges. One producer makes three linearizable
+// try_pushes into the 2-cell ring without retrying, one consumer three
+// linearizable try_pops. The first two pushes can never see "full" (only
+// one producer, so at most two values are ever unpopped); a third push that
+// fails means no pop had claimed a value yet; the consumer gets a prefix of
+// the pushed values in order; the values pushed are exactly those popped
+// plus those left in the ring.
+struct full_empty_edges : rl::test_suite<full_empty_edges, 2> {
+  std::optional<ring_t<weaken::none>> ring;
+  bool pushed[3] = {};
+  int popped[3] = {};
+  int npopped = 0;
+  int popped_before_third_push = -1;
+
+  void before() { ring.emplace(2); }
+  void thread(unsigned id) {
+    if (id == 0) {
+      for (int i = 0; i < 3; ++i) pushed[i] = ring->template try_push<claimed_cell::wait>(payload(i + 1));
+    } else {
+      for (int i = 0; i < 3; ++i) {
+        if (const auto v = pop_one(*ring, true)) popped[npopped++] = *v;
+      }
+    }
+  }
+  void after() {
+    RL_ASSERT(pushed[0] && pushed[1]);
+    if (!pushed[2]) {
+      // "full" on the third push: the consumer had not claimed 1 then, so
+      // everything it popped came after; it can have popped 1 and 2 only.
+      RL_ASSERT(npopped <= 2);
+    }
+    for (int i = 0; i < npopped; ++i) RL_ASSERT(popped[i] == i + 1);
+    int left = 0;
+    while (const auto v = pop_one(*ring, true)) {
+      RL_ASSERT(*v == npopped + left + 1);
+      ++left;
+    }
+    RL_ASSERT(npopped + left == 2 + (pushed[2] ? 1 : 0));
+    ring.reset();
+  }
+};
+
+bool verbose = false;
+const char* only = nullptr;  // run only the models whose name contains this
+
+// Runs one model; `expect` is the result the checker must report.
+template <class Test>
+bool check(const char* name, rl::scheduler_type_e search, rl::test_result_e expect,
+           unsigned context_bound = 1, rl::iteration_t iterations = 0) {
+  if (only != nullptr && std::strstr(name, only) == nullptr) return true;
+  // A deeper search than CI's, e.g. RUNNEL_RELACY_BOUND=3 (minutes).
+  if (const char* b = std::getenv("RUNNEL_RELACY_BOUND"); b != nullptr && search == rl::fair_context_bound_scheduler_type)
+    context_bound = static_cast<unsigned>(std::atoi(b));
+  // Relacy replaces operator new/delete while a model runs, so its report
+  // cannot go to a growing std::ostringstream: it goes to stdout (-v, or
+  // on an unexpected result, rerun) or to /dev/null.
+  auto run = [&](std::ostream& out) {
+    rl::test_params p;
+    p.search_type = search;
+    p.context_bound = context_bound;
+    if (iterations != 0) p.iteration_count = iterations;
+    p.output_stream = &out;
+    p.progress_stream = &out;
+    rl::simulate<Test>(p);
+    std::fflush(stdout);
+    return p;
+  };
+  std::ofstream null("/dev/null");
+  const rl::test_params p = verbose ? run(std::cout) : run(null);
+  const bool ok = p.test_result == expect;
+  std::printf("%-56s %-6s %s after %llu interleavings (expected %s)\n", name, ok ? "ok" : "FAILED",
+              rl::test_result_str(p.test_result), static_cast<unsigned long long>(p.stop_iteration),
+              rl::test_result_str(expect));
+  if (!ok && !verbose) run(std::cout);
+  std::fflush(stdout);
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "-v") == 0) verbose = true;
+    else only = argv[i];
+  }
+  const auto bound = rl::fair_context_bound_scheduler_type;
+  const auto random = rl::random_scheduler_type;
+  const auto success = rl::test_result_success;
+  bool ok = true;
+
+  ok &= check<spsc<weaken::none>>("spsc, 2 cells, 4 values", bound, success, 2);
+  // Four threads are too many for a systematic search in seconds (context
+  // bound 1 runs for minutes): random schedules instead.
+  ok &= check<mpmc_2p2c<weaken::none>>("2P2C, 2 cells, 2 values each (random)", random, success, 0, 100000);
+  ok &= check<try_pop_after_completed_push<true>>("try_pop<wait> after a completed push", bound, success, 2);
+  ok &= check<try_push_after_completed_pop<true>>("try_push<wait> after a completed pop", bound, success, 2);
+  ok &= check<full_empty_edges>("full/empty edges, linearizable tries", bound, success, 2);
+
+  // Tests of the tests: each must be caught.
+  ok &= check<spsc<weaken::release_stores>>("[mutant] release stores relaxed: spsc", bound,
+                                            rl::test_result_data_race);
+  ok &= check<spsc<weaken::acquire_loads>>("[mutant] acquire loads relaxed: spsc", bound,
+                                           rl::test_result_data_race);
+  ok &= check<mpmc_2p2c<weaken::release_stores>>("[mutant] release stores relaxed: 2P2C", random,
+                                                 rl::test_result_data_race, 0, 20000);
+  ok &= check<try_pop_after_completed_push<false>>("[mutant] try_pop<give_up> after a completed push", bound,
+                                                   rl::test_result_user_assert_failed);
+  ok &= check<try_push_after_completed_pop<false>>("[mutant] try_push<give_up> after a completed pop", bound,
+                                                   rl::test_result_user_assert_failed);
+  return ok ? 0 : 1;
+}
