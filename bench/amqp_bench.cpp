@@ -125,6 +125,15 @@ double own_cpu(int who) {
   return sec(r.ru_utime) + sec(r.ru_stime);
 }
 
+// Context switches (voluntary + involuntary) of every thread of the client
+// side so far: each thread that sleeps and is woken again counts one, so the
+// count a message says how many hand-offs slept.
+double own_switches(int who) {
+  rusage r{};
+  ::getrusage(who, &r);
+  return static_cast<double>(r.ru_nvcsw + r.ru_nivcsw);
+}
+
 // CPU already spent by the broker and by the client side when a timed run
 // starts. The client is this process, or (pika) the children it waits for;
 // not both, since this process also runs rabbitmqctl now and then.
@@ -133,6 +142,7 @@ struct cpu_mark {
   int who;
   double broker = broker_cpu();
   double client = own_cpu(who);
+  double switches = own_switches(who);
 };
 
 // Besides the rate: the broker's and the client's CPU time a message, and
@@ -149,6 +159,7 @@ void report(benchmark::State& state, std::size_t n, double seconds, const cpu_ma
   state.counters["items_per_second"] = msgs / seconds;
   state.counters["broker_us_per_msg"] = broker_us;
   state.counters["client_us_per_msg"] = client_us;
+  state.counters["switches_per_msg"] = (own_switches(m.who) - m.switches) / msgs;
   if (broker_us + client_us > 0) state.counters["cpu_bound_msg_s"] = cores * 1e6 / (broker_us + client_us);
 }
 
