@@ -125,6 +125,15 @@ double own_cpu(int who) {
   return sec(r.ru_utime) + sec(r.ru_stime);
 }
 
+// Context switches (voluntary + involuntary) of every thread of the client
+// side so far: each thread that sleeps and is woken again counts one, so the
+// count a message says how many hand-offs slept.
+double own_switches(int who) {
+  rusage r{};
+  ::getrusage(who, &r);
+  return static_cast<double>(r.ru_nvcsw + r.ru_nivcsw);
+}
+
 // CPU already spent by the broker and by the client side when a timed run
 // starts. The client is this process, or (pika) the children it waits for;
 // not both, since this process also runs rabbitmqctl now and then.
@@ -133,6 +142,7 @@ struct cpu_mark {
   int who;
   double broker = broker_cpu();
   double client = own_cpu(who);
+  double switches = own_switches(who);
 };
 
 // Besides the rate: the broker's and the client's CPU time a message, and
@@ -149,35 +159,51 @@ void report(benchmark::State& state, std::size_t n, double seconds, const cpu_ma
   state.counters["items_per_second"] = msgs / seconds;
   state.counters["broker_us_per_msg"] = broker_us;
   state.counters["client_us_per_msg"] = client_us;
+  state.counters["switches_per_msg"] = (own_switches(m.who) - m.switches) / msgs;
   if (broker_us + client_us > 0) state.counters["cpu_bound_msg_s"] = cores * 1e6 / (broker_us + client_us);
+}
+
+// One timed runnel run over n preloaded inputs: consume from `co.queue`
+// -> `fn` on 2 workers -> publish with `po`, until every input is acked;
+// reports the rate and CPU and returns the client's final stats.
+template <class Fn>
+runnel::amqp::client_stats run_bridge(benchmark::State& state, std::size_t n, const runnel::amqp::consume_options& co,
+                                      const runnel::amqp::publish_options& po, Fn fn) {
+  const cpu_mark m0;
+  runnel::thread_pool pool({.threads = 2, .pin = false});
+  runnel::amqp::client c{runnel::amqp::connection_options::from_url(
+      "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
+  std::atomic<bool> started{false};
+  clock_type::time_point first{};
+  auto run = runnel::pipeline{pool}
+                 .from(c.consume(co))
+                 .stage([&](runnel::amqp::delivery d) {
+                   if (!started.load(std::memory_order_relaxed) && !started.exchange(true)) first = clock_type::now();
+                   fn(d);
+                   return d;
+                 }, {.workers = 2})
+                 .to(c.publish(po))
+                 .run();
+  while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const auto last = clock_type::now();
+  c.close();
+  run.wait();
+  report(state, n, std::chrono::duration<double>(last - first).count(), m0);
+  const runnel::amqp::client_stats st = c.stats();
+  state.counters["msgs_per_ack"] = static_cast<double>(n) / static_cast<double>(std::max<std::uint64_t>(1, st.ack_frames));
+  return st;
 }
 
 void bm_runnel(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
-    const cpu_mark m0;
-    runnel::thread_pool pool({.threads = 2, .pin = false});
-    runnel::amqp::client c{runnel::amqp::connection_options::from_url(
-        "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
-    std::atomic<bool> started{false};
-    clock_type::time_point first{};
-    auto run = runnel::pipeline{pool}
-                   .from(c.consume({.queue = in, .prefetch = bench_prefetch()}))
-                   .stage([&, w](runnel::amqp::delivery d) {
-                     if (!started.load(std::memory_order_relaxed) && !started.exchange(true)) first = clock_type::now();
-                     const std::uint64_t x = work(d.body.data(), d.body.size(), w);
-                     d.body.assign(reinterpret_cast<const char*>(&x), sizeof x);
-                     return d;
-                   }, {.workers = 2})
-                   .to(c.publish({.routing_key = out, .persistent = false}))
-                   .run();
-    while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    const auto last = clock_type::now();
-    c.close();
-    run.wait();
-    report(state, n, std::chrono::duration<double>(last - first).count(), m0);
-    state.counters["unacked_peak"] = static_cast<double>(c.stats().unacked_peak);
+    const auto st = run_bridge(state, n, {.queue = in, .prefetch = bench_prefetch()},
+                               {.routing_key = out, .persistent = false}, [w](runnel::amqp::delivery& d) {
+                                 const std::uint64_t x = work(d.body.data(), d.body.size(), w);
+                                 d.body.assign(reinterpret_cast<const char*>(&x), sizeof x);
+                               });
+    state.counters["unacked_peak"] = static_cast<double>(st.unacked_peak);
     check_out(state, out, n);
   }
 }
@@ -215,28 +241,11 @@ void bm_kib(benchmark::State& state, bool sealed) {
   const auto s = sealed ? key : nullptr;
   for (auto _ : state) {
     const auto [in, out] = preload_kib(n, s);
-    const cpu_mark m0;
-    runnel::thread_pool pool({.threads = 2, .pin = false});
-    runnel::amqp::client c{runnel::amqp::connection_options::from_url(
-        "amqp://guest:guest@127.0.0.1:" + std::to_string(the_broker().port()))};
-    std::atomic<bool> started{false};
-    clock_type::time_point first{};
     runnel::amqp::consume_options co{.queue = in, .prefetch = bench_prefetch()};
     co.open = s;
-    auto run = runnel::pipeline{pool}
-                   .from(c.consume(co))
-                   .stage([&](runnel::amqp::delivery d) {
-                     if (!started.load(std::memory_order_relaxed) && !started.exchange(true)) first = clock_type::now();
-                     return d;
-                   }, {.workers = 2})
-                   .to(c.publish({.routing_key = out, .persistent = false, .seal = s}))
-                   .run();
-    while (c.stats().acked < n) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    const auto last = clock_type::now();
-    c.close();
-    run.wait();
-    report(state, n, std::chrono::duration<double>(last - first).count(), m0);
-    state.counters["unopened"] = static_cast<double>(c.stats().unopened);
+    const auto st = run_bridge(state, n, co, {.routing_key = out, .persistent = false, .seal = s},
+                               [](runnel::amqp::delivery&) {});
+    state.counters["unopened"] = static_cast<double>(st.unopened);
     check_out(state, out, n);
   }
 }

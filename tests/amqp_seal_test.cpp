@@ -13,7 +13,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace amqp = runnel::amqp;
@@ -183,6 +185,28 @@ TEST_CASE("seal then open gives back empty, small and 1 MiB bodies; nonces diffe
   s.seal(b);
   CHECK(a.body.substr(0, 12) != b.body.substr(0, 12));
   CHECK(a.body != b.body);
+}
+
+TEST_CASE("a thread seals and opens every message with one cipher context", "[amqp][seal]") {
+  // Two threads of their own, 200 messages each, sealed and opened with two
+  // keys alternately: one context a thread, reused (and wiped) per message.
+  const amqp::sealer s = one_key();
+  const amqp::sealer t = amqp::sealer::parse(
+      "k9:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff");
+  const std::uint64_t before = amqp::sealer::contexts_created();
+  auto work = [&] {
+    for (int i = 0; i < 200; ++i) {
+      const amqp::sealer& k = i % 2 == 0 ? s : t;
+      amqp::message m = sample("message " + std::to_string(i));
+      k.seal(m);
+      k.open(m);
+      if (m.body != "message " + std::to_string(i)) throw std::runtime_error("round trip changed the body");
+    }
+  };
+  std::thread a(work), b(work);
+  a.join();
+  b.join();
+  CHECK(amqp::sealer::contexts_created() - before == 2);
 }
 
 TEST_CASE("every single-bit flip of a sealed message is rejected and leaves it unchanged", "[amqp][seal]") {

@@ -31,8 +31,9 @@
 // the input is acked once that publish is confirmed, so a crash in between
 // redelivers it. A delivery moved into publish() is acked when the broker
 // confirms its result. Acks are coalesced (multiple = true on the contiguous
-// watermark, single acks for stragglers) and flushed whenever the I/O thread
-// goes idle. pipeline_handle::cancel() requeues the deliveries the pipeline
+// watermark, single acks for stragglers) and sent in batches, or when the
+// I/O thread goes idle: at once if nothing else is in flight, else within
+// 2 ms. pipeline_handle::cancel() requeues the deliveries the pipeline
 // discards, and the I/O thread then cancels that consumer at the broker
 // (basic.cancel) and requeues what it still holds; client.close() is the
 // graceful stop (it drains instead).

@@ -22,8 +22,9 @@
 // (the channel is in confirm mode; confirms are pipelined, never awaited one
 // by one), or when its delivery was settled without a result. They are
 // coalesced by ack_window (multiple = true up to the contiguous watermark),
-// and flushed whenever the I/O thread is about to sleep, so nothing waits
-// for a batch to fill.
+// and flushed when the I/O thread is about to sleep with nothing else in
+// flight, or at the latest ack_linger after it first slept with acks
+// waiting, so nothing waits for a batch to fill (see idle_acks()).
 #pragma once
 
 #include <amqp.h>
@@ -65,6 +66,7 @@ struct client_stats {
   std::uint64_t delivered = 0;      // messages received from the broker
   std::uint64_t redelivered = 0;    // ... of which flagged redelivered
   std::uint64_t acked = 0;          // inputs acked
+  std::uint64_t ack_frames = 0;     // basic.ack frames sent (a multiple one settles many inputs)
   std::uint64_t nacked = 0;         // inputs nacked (requeued)
   std::uint64_t retried = 0;        // failures republished for another attempt
   std::uint64_t dead_lettered = 0;  // failures past max_attempts, and sealed messages that did not open
@@ -87,6 +89,9 @@ inline constexpr const char* error_header = "x-runnel-error";
 inline constexpr int frames_per_round = 1024;
 // Done deliveries gathered before a multiple ack goes out while busy.
 inline constexpr std::size_t ack_batch = 64;
+// How long done deliveries may wait for their ack while others are still in
+// flight and the I/O thread sleeps (see sleep()).
+inline constexpr auto ack_linger = std::chrono::milliseconds(2);
 // Results taken from one publish channel per loop iteration.
 inline constexpr std::size_t publishes_per_round = 512;
 
@@ -195,6 +200,7 @@ class core : public std::enable_shared_from_this<core> {
     s.delivered = c_delivered_.load(std::memory_order_relaxed);
     s.redelivered = c_redelivered_.load(std::memory_order_relaxed);
     s.acked = c_acked_.load(std::memory_order_relaxed);
+    s.ack_frames = c_ack_frames_.load(std::memory_order_relaxed);
     s.nacked = c_nacked_.load(std::memory_order_relaxed);
     s.retried = c_retried_.load(std::memory_order_relaxed);
     s.dead_lettered = c_dead_.load(std::memory_order_relaxed);
@@ -1080,7 +1086,42 @@ class core : public std::enable_shared_from_this<core> {
     set_unacked();
   }
 
+  // The I/O thread goes idle: acks every done delivery now when nothing
+  // else is in flight (traffic stopped, or the rest are stragglers), when
+  // they fill a batch or a quarter of the smallest prefetch (the broker
+  // counts them against it), or when the oldest has waited ack_linger.
+  // Otherwise holds them back, so that a stream that merely pauses between
+  // deliveries sends one ack frame a batch rather than one a pause (each
+  // costs the broker about as much as a message); returns how long poll()
+  // may sleep before they are due (-1: nothing held).
+  int idle_acks() {
+    const std::size_t done = window_.done_waiting();
+    if (done == 0) {
+      acks_held_ = false;
+      flush_acks(true);  // nothing done waits; stragglers bookkeeping only
+      return -1;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (!acks_held_) {
+      acks_held_ = true;
+      acks_held_since_ = now;
+    }
+    std::size_t smallest_prefetch = 65535;
+    for (const auto& c : consumers_)
+      if (!c->cancelled) smallest_prefetch = std::min<std::size_t>(smallest_prefetch, c->opts.prefetch);
+    const bool due = done >= ack_batch || 4 * done >= smallest_prefetch || window_.unsettled() == done ||
+                     closing_ || now - acks_held_since_ >= ack_linger;
+    if (due) {
+      acks_held_ = false;
+      flush_acks(true);
+      return -1;
+    }
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(acks_held_since_ + ack_linger - now);
+    return static_cast<int>(std::max<std::chrono::milliseconds::rep>(1, left.count()));
+  }
+
   void send_ack(std::uint64_t tag, bool multiple) {
+    c_ack_frames_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
     const int st = amqp_basic_ack(conn_, chan_, tag, multiple ? 1 : 0);
     if (st != AMQP_STATUS_OK) {
       connected_ = false;
@@ -1097,7 +1138,8 @@ class core : public std::enable_shared_from_this<core> {
   // ---- sleeping ------------------------------------------------------------------
 
   void sleep() {
-    if (connected_ && channel_open_) flush_acks(true);
+    int linger_ms = -1;  // poll no longer than this while acks are held back
+    if (connected_ && channel_open_) linger_ms = idle_acks();
     // Relaxed store + heavy fence: see wake().
     sleeping_.store(true, std::memory_order_relaxed);
     runnel::detail::heavy_fence();
@@ -1116,6 +1158,7 @@ class core : public std::enable_shared_from_this<core> {
       // does inside library calls), and every second while closing.
       int timeout = opts_.heartbeat_s > 0 ? opts_.heartbeat_s * 500 : 1000;
       if (closing_ || timeout > 1000) timeout = std::min(timeout, 1000);
+      if (linger_ms >= 0) timeout = std::min(timeout, linger_ms);
       ::poll(fds, static_cast<nfds_t>(n), timeout);
     }
     sleeping_.store(false, std::memory_order_relaxed);  // relaxed: only avoids needless writes
@@ -1289,6 +1332,8 @@ class core : public std::enable_shared_from_this<core> {
   std::uint64_t next_seq_ = 1;
   partial_delivery partial_;
   bool blocked_ = false;            // connection.blocked and not yet unblocked
+  bool acks_held_ = false;          // done deliveries held back by idle_acks() since acks_held_since_
+  std::chrono::steady_clock::time_point acks_held_since_{};
   std::deque<op> deferred_fails_;   // failures to publish once unblocked
   int backoff_ms_ = 100, failed_attempts_ = 0;
   std::string last_error_;
@@ -1298,7 +1343,7 @@ class core : public std::enable_shared_from_this<core> {
   // Counters (relaxed: each independent, for stats()).
   std::atomic<std::uint64_t> c_delivered_{0}, c_redelivered_{0}, c_acked_{0}, c_nacked_{0}, c_retried_{0},
       c_dead_{0}, c_published_{0}, c_confirmed_{0}, c_stale_{0}, c_reconnects_{0}, c_unacked_{0},
-      c_unacked_peak_{0}, c_blocks_{0}, c_unopened_{0};
+      c_unacked_peak_{0}, c_blocks_{0}, c_unopened_{0}, c_ack_frames_{0};
   std::atomic<bool> c_blocked_{false};  // relaxed: a gauge for display
 
   friend class runnel::amqp::delivery;
