@@ -125,8 +125,14 @@ int run_consumer(const consumer_args& a) {
                      // d destroyed on return: acked, after the line is in the kernel.
                    })
                    .run();
+    std::uint64_t reconnects_seen = 0;
     while (stop_requested == 0) {
       if (run.wait_for(std::chrono::milliseconds(100))) break;  // the client ended (an error): report it
+      // The mutant leak-fd: a descriptor lost per reconnect (the resource
+      // check must fail).
+      if (a.mutant == "leak-fd")
+        for (const auto r = client.stats().reconnects; reconnects_seen < r; ++reconnects_seen)
+          if (::open("/dev/null", O_RDONLY | O_CLOEXEC) < 0) std::perror("open /dev/null");
     }
     client.close();
     run.wait();
@@ -570,8 +576,10 @@ int main(int argc, char** argv) {
   app.add_option("--drain", drain_s, "seconds allowed for draining the queue at the end")->capture_default_str();
   app.add_option("--seed", seed, "random seed (0: from the clock)");
   app.add_option("--json", json_path, "where the JSON report goes")->capture_default_str();
-  app.add_option("--mutant", mutant, "buffered-log: consumers ack before their log is written (must fail)")
-      ->check(CLI::IsMember({"buffered-log"}));
+  app.add_option("--mutant", mutant,
+                 "buffered-log: consumers ack before their log is written; leak-fd: consumers lose a descriptor "
+                 "per reconnect (both must fail)")
+      ->check(CLI::IsMember({"buffered-log", "leak-fd"}));
   app.add_option("--queue-type", queue_type, "quorum or classic")->check(CLI::IsMember({"quorum", "classic"}));
   app.add_option("--cluster-script", script, "examples/cluster/cluster.sh")->capture_default_str();
   app.add_option("--keep", keep_dir, "keep the logs in this directory (default: a temp dir, removed)");
@@ -896,8 +904,16 @@ int main(int argc, char** argv) {
   for (auto& p : producers) producer_reconnects += p->reconnects, nacked += p->nacked;
 
   int min_faults = *std::min_element(done.begin(), done.end());
+  // Resources of the longest-lived consumer, first sample (after the first
+  // fault) to last (after the drain, connected and idle): no more threads, at
+  // most 1 more descriptor (slack for a socket that outlives its connection),
+  // RSS grown by at most 16 MiB (allocator slack, not a function of the
+  // messages or faults).
+  const bool resources_flat = longest.last.threads <= longest.first.threads &&
+                              longest.last.fds <= longest.first.fds + 1 &&
+                              longest.last.rss_kb <= longest.first.rss_kb + 16 * 1024;
   const bool pass = lost == 0 && phantom == 0 && depth == 0 && dead_depth == 0 && hung == 0 &&
-                    fault_failures == 0 && h.unexpected_exits == 0 && dup_unflagged == 0;
+                    fault_failures == 0 && h.unexpected_exits == 0 && dup_unflagged == 0 && resources_flat;
   const double total_s = std::chrono::duration<double>(clock_type::now() - t_begin).count();
 
   std::printf("\n== amqp_faults: %s queue on a 3-node cluster, %d consumer processes, %d producers, seed %u%s\n",
@@ -930,6 +946,7 @@ int main(int argc, char** argv) {
               "RSS %lld -> %lld KiB\n",
               static_cast<int>(h.usage_by_pid.size()), longest_s, longest.first.threads, longest.last.threads,
               longest.first.fds, longest.last.fds, longest.first.rss_kb, longest.last.rss_kb);
+  std::printf("           %s (bound: threads +0, fds +1, RSS +16384 KiB)\n", resources_flat ? "flat" : "GREW");
   for (const auto& n : h.exit_notes) std::printf("note       %s\n", n.c_str());
   std::printf("result     %s\n", pass ? "PASS" : "FAIL");
 

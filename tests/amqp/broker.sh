@@ -5,8 +5,9 @@
 #                         DIR (created), on free ports; waits until the node is
 #                         up; writes DIR/env (AMQP_PORT, NODE, EPMD_PID,
 #                         SERVER_PID) and prints the AMQP port.
-#   broker.sh stop DIR    shuts the node down and ends the epmd it started, by
-#                         pid; then removes DIR.
+#   broker.sh stop DIR    shuts the node down (if rabbitmqctl cannot, SIGKILL
+#                         of its Erlang VM by the pid in DIR/beam.pid) and ends
+#                         the epmd it started, by pid; then removes DIR.
 #   broker.sh ctl DIR ARGS...   rabbitmqctl against that node.
 #
 # RUNNEL_BROKER_TLS=1 also makes a throwaway CA and certificates in DIR/tls
@@ -34,6 +35,21 @@ node_env() {
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$AMQP_PORT RABBITMQ_DIST_PORT=$DIST_PORT
   export RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log
   export RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins RABBITMQ_CONFIG_FILE=$dir/rabbitmq
+  export RABBITMQ_PID_FILE=$dir/beam.pid
+}
+
+# SIGKILL of the node's Erlang VM by the pid it wrote to DIR/beam.pid, and of
+# its process group (the wrapper switches user with su, which starts a new
+# session, so the VM is not in the wrapper's group), then of the wrapper's.
+kill_node() {
+  local beam pg
+  beam=$(cat "$dir/beam.pid" 2>/dev/null || echo)
+  if [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null; then
+    pg=$(ps -o pgid= -p "$beam" | tr -d ' ')
+    [ -n "$pg" ] && kill -9 -- "-$pg" 2>/dev/null
+    kill -9 "$beam" 2>/dev/null
+  fi
+  kill -9 -- "-$SERVER_PID" 2>/dev/null || true
 }
 
 ctl() { node_env; rabbitmqctl -q -n "$NODE" "$@"; }
@@ -124,8 +140,14 @@ CONF
   stop)
     [ -f "$dir/env" ] || exit 0
     node_env
-    rabbitmqctl -q -n "$NODE" shutdown >/dev/null 2>&1 || kill -9 -- "-$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.25; done
+    rabbitmqctl -q -n "$NODE" shutdown >/dev/null 2>&1 || kill_node
+    beam=$(cat "$dir/beam.pid" 2>/dev/null || echo)
+    for _ in $(seq 1 40); do
+      kill -0 "$SERVER_PID" 2>/dev/null || { [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null; } || break
+      sleep 0.25
+    done
+    # Still there (a shutdown that hung half-way): by pid, as above.
+    if kill -0 "$SERVER_PID" 2>/dev/null || { [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null; }; then kill_node; fi
     kill "$EPMD_PID" 2>/dev/null || true
     wait "$EPMD_PID" 2>/dev/null || true
     rm -rf "$dir"
