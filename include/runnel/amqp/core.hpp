@@ -1284,6 +1284,11 @@ class core : public std::enable_shared_from_this<core> {
         if (c->ch->unpark(*c->waker)) c->waker->armed.store(false, std::memory_order_relaxed);
         if (c->ch->senders.fetch_sub(1, std::memory_order_acq_rel) == 1) c->ch->close();
         c->ch->close();
+        // Let go of the channel: deliveries still in its ring hold this core,
+        // so keeping it would keep both alive once its receivers are gone.
+        // Its receivers still drain it; their acks are void (the broker
+        // requeues what was never acked when the connection went).
+        c->ch.reset();
       }
     }
     for (auto& p : publishers_) {
@@ -1291,6 +1296,7 @@ class core : public std::enable_shared_from_this<core> {
         if (p->ch->unpark(*p->waker)) p->waker->armed.store(false, std::memory_order_relaxed);
         if (p->ch->receivers.fetch_sub(1, std::memory_order_acq_rel) == 1) p->ch->close();
         p->ch->close();
+        p->ch.reset();  // as for the consumers: results left in its ring hold this core
       }
     }
     std::vector<request*> rs;
