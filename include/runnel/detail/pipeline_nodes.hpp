@@ -26,9 +26,10 @@
 // backpressure are those of an ordinary activation; what is saved is the
 // pool post, a possible wake-up of a sleeping worker, and the messages'
 // cache lines crossing to another core. A downstream lane that is busy
-// elsewhere is left alone (the channel wakes it as usual). The source never
-// fuses: it is serial and usually the ceiling of the whole run, so nothing
-// else should take its time.
+// elsewhere is left alone (the channel wakes it as usual). The source fuses
+// only on a one-worker pool: elsewhere it is serial and usually the ceiling
+// of the whole run, and a downstream lane run in its task would take its
+// time while another core could run that lane.
 //
 // Ordered parallel stages. Lanes take batches from the input under the
 // window mutex, which gives each message a sequence number in input order.
@@ -494,7 +495,9 @@ class source_node final : public node_base {
     for (int round = 0; round < rounds_per_activation; ++round) {
       if (st.cancelled()) return finish();
       // 1. Push what we hold (one claim and one wake-up for the batch).
-      switch (push_buffer(*this, out_port, buf_, pos_, lane_, false)) {
+      // Fuses only on a one-worker pool, where no other core could run the
+      // downstream lane meanwhile (header comment: fusion).
+      switch (push_buffer(*this, out_port, buf_, pos_, lane_, st.pool.size() == 1)) {
         case push_end::parked: return;
         case push_end::stopped: return finish();
         case push_end::sent: break;
