@@ -30,7 +30,11 @@
 // must then be safe to call concurrently); a source, and any node with
 // workers = 1, is called serially. .ordered = true keeps a parallel stage's
 // outputs in input order, with a reorder window of about 2 * workers * batch
-// messages.
+// messages. A serial node (workers = 1) that is idle may be run by its
+// upstream stage's task right after that task pushed it a batch ("fusion":
+// no pool post; same order, counts and backpressure; see
+// detail/pipeline_nodes.hpp). Results are passed on before a task parks or
+// yields, so a lone message never waits for a batch to fill.
 //
 // Backpressure. Each node's output channel holds `capacity` messages; a full
 // channel parks its producer, and a source is not called while its output is
