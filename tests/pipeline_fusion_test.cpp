@@ -88,8 +88,8 @@ TEST_CASE("fusion: order through serial stages holds across batch and capacity b
     // Batches larger than the capacities after them, so that pushes are
     // partial and lanes park on full outputs while owning a fused lane.
     auto run = pipeline{pool}
-                   .source([i = std::uint64_t{0}, n]() mutable -> std::optional<std::uint64_t> {
-                     if (i == n) return std::nullopt;
+                   .source([i = std::uint64_t{0}, end = n]() mutable -> std::optional<std::uint64_t> {
+                     if (i == end) return std::nullopt;
                      return i++;
                    }, {.capacity = 8, .batch = 5})
                    .stage([](std::uint64_t x) { return x; }, {.capacity = 4, .batch = 16})
@@ -127,8 +127,8 @@ TEST_CASE("fusion: errors and cancel reach fused stages and every message is cou
                        ++handled;
                        if (f.stage != 2 || f.message<std::uint64_t>() == nullptr) ++wrong_node;
                      })
-                     .source([i = std::uint64_t{0}, n]() mutable -> std::optional<std::uint64_t> {
-                       if (i == n) return std::nullopt;
+                     .source([i = std::uint64_t{0}, end = n]() mutable -> std::optional<std::uint64_t> {
+                       if (i == end) return std::nullopt;
                        return i++;
                      })
                      .stage([](std::uint64_t x) { return x; }, {.workers = 2, .batch = 8})
