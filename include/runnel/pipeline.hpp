@@ -30,7 +30,11 @@
 // must then be safe to call concurrently); a source, and any node with
 // workers = 1, is called serially. .ordered = true keeps a parallel stage's
 // outputs in input order, with a reorder window of about 2 * workers * batch
-// messages.
+// messages. A serial node (workers = 1) that is idle may be run by its
+// upstream stage's task right after that task pushed it a batch ("fusion":
+// no pool post; same order, counts and backpressure; see
+// detail/pipeline_nodes.hpp). Results are passed on before a task parks or
+// yields, so a lone message never waits for a batch to fill.
 //
 // Backpressure. Each node's output channel holds `capacity` messages; a full
 // channel parks its producer, and a source is not called while its output is
@@ -292,6 +296,7 @@ class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipelin
                                                                 s.nodes.size());
       auto* port = &node->out_port;
       node->index = s.nodes.size();
+      link_downstream(*node);
       s.nodes.push_back(std::move(node));
       return pipeline_flow<U>(std::move(st_), port, receiver<U>{});
     }
@@ -313,6 +318,7 @@ class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipelin
       auto node = std::make_unique<detail::stage_node<T, void, F>>(
           s, std::move(fn), opts, take_input("runnel::pipeline::sink"), s.nodes.size());
       node->index = s.nodes.size();
+      link_downstream(*node);
       s.nodes.push_back(std::move(node));
       return pipeline_plan(std::move(st_));
     }
@@ -353,6 +359,15 @@ class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipelin
                              ": this pipeline builder was already used (each builder call consumes it; "
                              "chain the calls)");
     return *st_;
+  }
+
+  // A serial node after an internal channel may be run by its upstream's
+  // lanes in their own tasks (fusion, detail/pipeline_nodes.hpp).
+  template <class Node>
+  void link_downstream(Node& node) noexcept {
+    if (port_ == nullptr) return;
+    port_->downstream = node.fusable_lane();
+    port_->downstream_node = &node;
   }
 
   detail::input_port<T> take_input(const char* who) {

@@ -62,6 +62,8 @@ struct stage_stats {
   std::uint64_t failed = 0;     // the function threw
   std::uint64_t discarded = 0;  // dropped by cancel (or a closed .to() channel)
   std::size_t queue_depth = 0;  // messages waiting in the input channel now
+  std::uint64_t fused = 0;      // activations run in the upstream node's task
+                                // instead of as a task of their own (fusion)
 };
 
 struct pipeline_stats {

@@ -16,6 +16,21 @@
 // and whoever removes it from that list (the notifier, cancel(), or the lane
 // itself after its re-check) is the only one who may schedule it.
 //
+// Fusion. A stage lane that has just pushed a batch into the channel of a
+// serial downstream node (one lane, internal channel) runs that node's lane
+// in its own task instead of letting the channel's wake-up post it, when the
+// downstream lane is parked on that channel: it takes the lane back with
+// unpark() before sending (so it owns the lane's one activation, exactly as a
+// notifier would), sends, and calls the lane's run(). The downstream lane
+// still takes its messages from the channel, so order, counts and
+// backpressure are those of an ordinary activation; what is saved is the
+// pool post, a possible wake-up of a sleeping worker, and the messages'
+// cache lines crossing to another core. A downstream lane that is busy
+// elsewhere is left alone (the channel wakes it as usual). The source fuses
+// only on a one-worker pool: elsewhere it is serial and usually the ceiling
+// of the whole run, and a downstream lane run in its task would take its
+// time while another core could run that lane.
+//
 // Ordered parallel stages. Lanes take batches from the input under the
 // window mutex, which gives each message a sequence number in input order.
 // Results go to a reorder window of W slots indexed by sequence number; a
@@ -99,6 +114,7 @@ struct node_base {
   std::string name;
   std::size_t workers;
   stat_counter in, out, filtered, failed, discarded;
+  stat_counter fused;  // activations run in the upstream's task (fusion)
 };
 
 // A resumable task of a node; parks as a waker.
@@ -225,6 +241,7 @@ class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
       x.filtered = n->filtered.get();
       x.failed = n->failed.get();
       x.discarded = n->discarded.get();
+      x.fused = n->fused.get();
       x.queue_depth = n->queue_depth();
       s.filtered += x.filtered;
       s.failed += x.failed;
@@ -271,6 +288,11 @@ struct output_port {
   sender<U> external;
   bool is_external = false;
   std::size_t capacity_hint = 1024;
+  // The lone lane of a serial node reading this (internal) channel, which an
+  // upstream stage lane may run in its own task (fusion, header comment);
+  // null when the reader has several lanes or the channel is the user's.
+  lane* downstream = nullptr;
+  node_base* downstream_node = nullptr;
 
   void finish() noexcept {
     if (is_external) external.reset();
@@ -368,6 +390,78 @@ template <class R> struct unwrap_optional<std::optional<R>> { using type = R; st
 // Lanes run at most this many batches per activation before yielding.
 inline constexpr int rounds_per_activation = 4;
 
+// Fused activations nest (a fused lane may fuse its own downstream); beyond
+// this depth a lane is posted as usual, so that a long chain of serial
+// stages cannot grow a worker's stack without bound.
+inline constexpr int max_fused_depth = 8;
+
+// Depth of fused activations running on this thread.
+inline thread_local int fused_depth = 0;
+
+// How push_buffer ended.
+enum class push_end {
+  sent,     // everything was accepted
+  parked,   // the output is full and `self` is parked on it: the caller must
+            // return without touching the lane's state again
+  stopped,  // cancelled, or the output was closed by its receivers: the
+            // rest was counted as discarded and destroyed
+};
+
+// The send-and-park loop of every node: pushes buf[pos..] into the port's
+// channel (one claim and one wake-up a call), parking `self` when it is full.
+// Except when parked, buf is left empty and pos 0. With `fuse`, runs the
+// port's downstream lane in this task when it was parked on the channel
+// (header comment: fusion).
+template <class U>
+push_end push_buffer(node_base& node, output_port<U>& port, std::vector<U>& buf, std::size_t& pos, lane& self,
+                     bool fuse) noexcept {
+  pipeline_state& st = node.st;
+  auto& och = *port.ch;
+  lane* target = fuse && fused_depth < max_fused_depth ? port.downstream : nullptr;
+  // Relaxed: a hint that saves the list's lock when the lane is surely not
+  // parked; unpark() decides under that lock.
+  const bool owned = target != nullptr && target->owner_.load(std::memory_order_relaxed) != nullptr &&
+                     och.unpark(*target);
+  push_end end = push_end::sent;
+  while (pos < buf.size()) {
+    const std::size_t left = buf.size() - pos;
+    std::optional<std::size_t> k;
+    if (!st.cancelled()) k = och.try_send_n(buf.begin() + static_cast<std::ptrdiff_t>(pos), left);
+    if (!k) {
+      // Cancelled, or a .to() channel closed by its receivers: nobody will
+      // take more.
+      node.discarded.add(left);
+      drop_tail(buf, pos, message_fate::discarded);
+      if (!st.cancelled()) st.cancel();
+      end = push_end::stopped;
+      break;
+    }
+    node.out.add(*k);
+    pos += *k;
+    if (*k == left) break;
+    if (och.park_sender(self, [&st]() noexcept { return st.cancelled(); })) {
+      end = push_end::parked;
+      break;
+    }
+    // Space appeared (or cancel) right away: retry.
+  }
+  if (end != push_end::parked) {
+    buf.clear();
+    pos = 0;
+  }
+  if (owned) {
+    if (end == push_end::sent) {
+      port.downstream_node->fused.add(1);
+      ++fused_depth;
+      target->run();
+      --fused_depth;
+    } else {
+      st.resume(target);  // it must see what it holds, or the cancel
+    }
+  }
+  return end;
+}
+
 // ---- source ------------------------------------------------------------------
 
 template <class T, class Gen>
@@ -401,23 +495,13 @@ class source_node final : public node_base {
     for (int round = 0; round < rounds_per_activation; ++round) {
       if (st.cancelled()) return finish();
       // 1. Push what we hold (one claim and one wake-up for the batch).
-      if (pos_ < buf_.size()) {
-        const std::size_t left = buf_.size() - pos_;
-        const auto k = och.try_send_n(buf_.begin() + static_cast<std::ptrdiff_t>(pos_), left);
-        if (!k) {
-          // A .to() channel closed by its receivers: nobody will take more.
-          st.cancel();
-          return finish();
-        }
-        out.add(*k);
-        pos_ += *k;
-        if (*k < left) {
-          if (och.park_sender(lane_, [this]() noexcept { return st.cancelled(); })) return;
-          continue;  // space appeared (or cancelled) right away: retry
-        }
+      // Fuses only on a one-worker pool, where no other core could run the
+      // downstream lane meanwhile (header comment: fusion).
+      switch (push_buffer(*this, out_port, buf_, pos_, lane_, st.pool.size() == 1)) {
+        case push_end::parked: return;
+        case push_end::stopped: return finish();
+        case push_end::sent: break;
       }
-      buf_.clear();
-      pos_ = 0;
       if (ended_) return finish();
       // 2. Generate no more than the output has room for, so the generator
       // is not called while the output is full.
@@ -522,6 +606,10 @@ class stage_node final : public node_base {
 
   std::size_t queue_depth() const noexcept override { return in_.ch->size_approx(); }
 
+  // The lane an upstream stage may run in its own task (fusion): the only
+  // one of a serial node, else null.
+  lane* fusable_lane() noexcept { return workers == 1 ? lanes_.front().get() : nullptr; }
+
   std::conditional_t<is_sink, char, output_port<out_t>> out_port{};
 
  private:
@@ -597,6 +685,11 @@ class stage_node final : public node_base {
       in.add(*got);
       process(l, seq0);
     }
+    // Pass the last batch's results on before yielding, not when the lane
+    // next runs (behind other tasks).
+    if constexpr (!is_sink) {
+      if (!flush(l)) return;  // parked on the output
+    }
     st.yield(&l);
   }
 
@@ -647,28 +740,8 @@ class stage_node final : public node_base {
   // Pushes l.outbuf; false when the lane parked on a full output.
   bool flush(stage_lane& l) noexcept {
     if constexpr (!is_sink) {
-      auto& och = *out_port.ch;
-      while (l.out_pos < l.outbuf.size()) {
-        const std::size_t left = l.outbuf.size() - l.out_pos;
-        if (st.cancelled()) {
-          discarded.add(left);
-          drop_tail(l.outbuf, l.out_pos, message_fate::discarded);
-          break;
-        }
-        const auto k = och.try_send_n(l.outbuf.begin() + static_cast<std::ptrdiff_t>(l.out_pos), left);
-        if (!k) {
-          discarded.add(left);
-          drop_tail(l.outbuf, l.out_pos, message_fate::discarded);
-          if (!st.cancelled()) st.cancel();  // a .to() channel closed by its receivers
-          break;
-        }
-        out.add(*k);
-        l.out_pos += *k;
-        if (*k == left) break;
-        if (och.park_sender(l, cancelled_fn())) return false;
-      }
-      l.outbuf.clear();
-      l.out_pos = 0;
+      if (l.outbuf.empty()) return true;
+      return push_buffer(*this, out_port, l.outbuf, l.out_pos, l, true) != push_end::parked;
     }
     return true;
   }
@@ -718,30 +791,11 @@ class stage_node final : public node_base {
   // Runs with the emitter token held.
   void emit() noexcept {
     if constexpr (!is_sink) {
-      auto& och = *out_port.ch;
       for (int round = 0; round < rounds_per_activation; ++round) {
         // 1. push what we already took from the window
-        while (epos_ < ebuf_.size()) {
-          const std::size_t left = ebuf_.size() - epos_;
-          if (st.cancelled()) {
-            discarded.add(left);
-            drop_tail(ebuf_, epos_, message_fate::discarded);
-            break;
-          }
-          const auto k = och.try_send_n(ebuf_.begin() + static_cast<std::ptrdiff_t>(epos_), left);
-          if (!k) {
-            discarded.add(left);
-            drop_tail(ebuf_, epos_, message_fate::discarded);
-            if (!st.cancelled()) st.cancel();
-            break;
-          }
-          out.add(*k);
-          epos_ += *k;
-          if (*k == left) break;
-          if (och.park_sender(emitter_, cancelled_fn())) return;  // token stays with us
-        }
-        ebuf_.clear();
-        epos_ = 0;
+        if (!ebuf_.empty() &&
+            push_buffer(*this, out_port, ebuf_, epos_, emitter_, true) == push_end::parked)
+          return;  // token stays with us
         // 2. take the next contiguous ready run from the window
         std::vector<lane*> waiters;
         bool complete = false, idle = false;

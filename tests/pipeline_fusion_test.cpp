@@ -1,0 +1,170 @@
+// Tests for fusion (detail/pipeline_nodes.hpp): a stage lane that has just
+// pushed a batch into the channel of a serial node runs that node's parked
+// lane in its own task. What must not change: a lone message is passed on
+// at once (no batch waits to fill), order through serial nodes is kept
+// across batch and capacity boundaries, counts are exact, a full output
+// still parks, and cancel and errors reach fused nodes.
+#include <runnel/pipeline.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+#include "test_support.hpp"
+
+using runnel::pipeline;
+using runnel::thread_pool;
+
+namespace {
+
+runnel::pool_options pool_of(std::size_t threads) {
+  runnel::pool_options o;
+  o.threads = threads;
+  o.pin = false;
+  return o;
+}
+
+void check_invariant(const runnel::pipeline_stats& s) {
+  INFO("produced " << s.produced << " delivered " << s.delivered << " filtered " << s.filtered
+                   << " failed " << s.failed << " discarded " << s.discarded);
+  CHECK(s.finished);
+  CHECK(s.produced == s.delivered + s.filtered + s.failed + s.discarded);
+  for (std::size_t i = 0; i + 1 < s.stages.size(); ++i) CHECK(s.stages[i].out == s.stages[i + 1].in);
+}
+
+// A liveness bound, not a timing claim: far beyond any scheduling delay, so
+// it only ends a run that would otherwise hang.
+constexpr auto stuck = std::chrono::seconds(60);
+
+}  // namespace
+
+TEST_CASE("fusion: a lone message passes a parallel and a serial stage at once, without a batch to fill",
+          "[pipeline][fusion]") {
+  const std::uint64_t n = runnel_test::scaled(2000);
+  for (std::size_t threads : {1, 2, 4}) {
+    INFO("pool of " << threads);
+    thread_pool pool(pool_of(threads));
+    auto [in_tx, in_rx] = runnel::make_channel<std::uint64_t>(16);
+    auto [out_tx, out_rx] = runnel::make_channel<std::uint64_t>(16);
+    auto run = pipeline{pool}
+                   .from(std::move(in_rx))
+                   .stage([](std::uint64_t x) { return x * 3; }, {.workers = 2})
+                   .stage([](std::uint64_t x) { return x + 1; })  // serial: run by the lanes above
+                   .to(std::move(out_tx))
+                   .run();
+    // One message in flight at a time: each must come out while the input
+    // stays open and nothing follows it.
+    std::uint64_t arrived = 0;
+    for (std::uint64_t i = 0; i < n; ++i) {
+      REQUIRE(in_tx.send(i).ok());
+      auto r = out_rx.recv_for(stuck);
+      REQUIRE(r.ok());
+      CHECK(*r == i * 3 + 1);
+      ++arrived;
+    }
+    in_tx.reset();
+    REQUIRE(run.wait_for(stuck));
+    CHECK(arrived == n);
+    const auto s = run.stats();
+    check_invariant(s);
+    CHECK(s.delivered == n);
+    CHECK(s.stages[1].fused > 0);  // the serial stage was run by its upstream
+  }
+}
+
+TEST_CASE("fusion: order through serial stages holds across batch and capacity boundaries",
+          "[pipeline][fusion]") {
+  const std::uint64_t n = runnel_test::scaled(60000);
+  for (std::size_t threads : {1, 2, 4}) {
+    INFO("pool of " << threads);
+    thread_pool pool(pool_of(threads));
+    std::uint64_t next = 0, order_errors = 0, count = 0;
+    // Batches larger than the capacities after them, so that pushes are
+    // partial and lanes park on full outputs while owning a fused lane.
+    auto run = pipeline{pool}
+                   .source([i = std::uint64_t{0}, end = n]() mutable -> std::optional<std::uint64_t> {
+                     if (i == end) return std::nullopt;
+                     return i++;
+                   }, {.capacity = 8, .batch = 5})
+                   .stage([](std::uint64_t x) { return x; }, {.capacity = 4, .batch = 16})
+                   .stage([](std::uint64_t x) -> std::optional<std::uint64_t> {
+                     if (x % 3 == 2) return std::nullopt;
+                     return x;
+                   }, {.capacity = 2, .batch = 7})
+                   .sink([&](std::uint64_t x) {
+                     while (next % 3 == 2) ++next;  // the filtered ones
+                     if (x != next) ++order_errors;
+                     next = x + 1;
+                     ++count;
+                   }, {.batch = 3})
+                   .run();
+    REQUIRE(run.wait_for(stuck));
+    CHECK(order_errors == 0);
+    CHECK(count == n - n / 3);
+    const auto s = run.stats();
+    check_invariant(s);
+    CHECK(s.filtered == n / 3);
+    CHECK(s.stages[2].fused + s.stages[3].fused > 0);
+  }
+}
+
+TEST_CASE("fusion: errors and cancel reach fused stages and every message is counted",
+          "[pipeline][fusion]") {
+  const std::uint64_t n = runnel_test::scaled(40000);
+  for (std::size_t threads : {1, 2, 4}) {
+    INFO("pool of " << threads);
+    thread_pool pool(pool_of(threads));
+    {  // A fused sink that throws: the handler sees each failure with its node.
+      std::uint64_t handled = 0, wrong_node = 0, delivered = 0;
+      auto run = pipeline{pool}
+                     .on_error([&](const runnel::stage_failure& f) {
+                       ++handled;
+                       if (f.stage != 2 || f.message<std::uint64_t>() == nullptr) ++wrong_node;
+                     })
+                     .source([i = std::uint64_t{0}, end = n]() mutable -> std::optional<std::uint64_t> {
+                       if (i == end) return std::nullopt;
+                       return i++;
+                     })
+                     .stage([](std::uint64_t x) { return x; }, {.workers = 2, .batch = 8})
+                     .sink([&](const std::uint64_t& x) {
+                       if (x % 7 == 0) throw std::runtime_error("seven");
+                       ++delivered;
+                     })
+                     .run();
+      REQUIRE(run.wait_for(stuck));
+      const std::uint64_t sevens = (n + 6) / 7;
+      CHECK(handled == sevens);
+      CHECK(wrong_node == 0);
+      CHECK(delivered == n - sevens);
+      const auto s = run.stats();
+      CHECK(s.failed == sevens);
+      check_invariant(s);
+    }
+    {  // Cancel while fused stages run and the source never ends.
+      std::atomic<std::uint64_t> seen{0};
+      auto run = pipeline{pool}
+                     .source([i = std::uint64_t{0}]() mutable -> std::optional<std::uint64_t> { return i++; },
+                             {.capacity = 16})
+                     .stage([](std::uint64_t x) { return x + 1; }, {.workers = 2, .capacity = 4, .batch = 16})
+                     .stage([](std::uint64_t x) { return x; }, {.capacity = 4})
+                     .sink([&](std::uint64_t) {
+                       seen.fetch_add(1, std::memory_order_relaxed);  // Relaxed: a progress count.
+                     })
+                     .run();
+      while (seen.load(std::memory_order_relaxed) < n)  // Relaxed: a progress count.
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      run.cancel();
+      REQUIRE(run.wait_for(stuck));
+      const auto s = run.stats();
+      CHECK(s.cancelled);
+      CHECK(seen >= n);
+      check_invariant(s);
+    }
+  }
+}
