@@ -425,6 +425,11 @@ struct harness {
   }
   void sample_all() {
     for (const auto& c : consumers) {
+      // A consumer is sampled from its first logged line on: before it, a
+      // process just spawned after a kill has not started its client's and
+      // pool's threads yet, and its growth to them is start-up, not a leak.
+      std::error_code ec;
+      if (std::filesystem::file_size(c.log, ec) == 0 || ec) continue;
       const usage u = sample(c.pid);
       if (u.threads == 0) continue;  // gone
       auto [it, fresh] = usage_by_pid.try_emplace(c.pid, usage_span{c.index, u, u});
@@ -905,7 +910,7 @@ int main(int argc, char** argv) {
 
   int min_faults = *std::min_element(done.begin(), done.end());
   // Resources of the longest-lived consumer, first sample (after the first
-  // fault) to last (after the drain, connected and idle): no more threads, at
+  // fault, once it has logged a line) to last (after the drain, connected and idle): no more threads, at
   // most 1 more descriptor (slack for a socket that outlives its connection),
   // RSS grown by at most 16 MiB (allocator slack, not a function of the
   // messages or faults).
