@@ -62,6 +62,15 @@ void submit_all(Pool& pool, u64 n, outcome& out) {
   }
 }
 
+// Every message 0..n-1 got exactly one result, and it is its reply.
+void require_every_reply(const outcome& out, u64 n) {
+  for (u64 i = 0; i < n; ++i) {
+    REQUIRE(out.results[i] == 1);
+    REQUIRE(out.value[i].has_value());
+    REQUIRE(*out.value[i] == square_plus_one(i));
+  }
+}
+
 template <class E>
 const E* error_as(const std::exception_ptr& e, E& storage) {
   try {
@@ -92,11 +101,7 @@ TEST_CASE("process_pool: every message gets its exact result through 1, 2, 3 and
       pool.drain();
       st = pool.stats();
     }
-    for (u64 i = 0; i < n; ++i) {
-      REQUIRE(out.results[i] == 1);
-      REQUIRE(out.value[i].has_value());
-      REQUIRE(*out.value[i] == square_plus_one(i));
-    }
+    require_every_reply(out, n);
     CHECK(st.submitted == n + 1);
     CHECK(st.crashed == 0);
     CHECK(st.restarts == 0);
@@ -201,11 +206,7 @@ TEST_CASE("process_pool: SIGKILLs of random workers during a run lose no message
     killer.join();
     st = pool.stats();
   }
-  for (u64 i = 0; i < n; ++i) {
-    REQUIRE(out.results[i] == 1);
-    REQUIRE(out.value[i].has_value());
-    REQUIRE(*out.value[i] == square_plus_one(i));
-  }
+  require_every_reply(out, n);
   INFO("kills sent " << kills << ", restarts " << st.restarts << ", retried " << st.retried);
   CHECK(kills > 0);
   CHECK(st.restarts > 0);
