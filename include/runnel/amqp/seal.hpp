@@ -232,7 +232,6 @@ class sealer {
   // tag; decrypt: reads tag, writes out, false when the tag does not verify).
   // Public for the known-answer tests.
   //
-  //
   // Each thread keeps one cipher context (cipher_context below), and the
   // cipher is fetched from OpenSSL's provider once: creating a context and
   // fetching the cipher for every message cost about as much as sealing a
