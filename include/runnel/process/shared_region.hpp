@@ -35,16 +35,18 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "../detail/cache_line.hpp"
 #include "shared_futex.hpp"
 
 namespace runnel::process {
 
-inline constexpr std::size_t cache_line = 64;
+// Every part of the region starts on its own cache line.
+using runnel::detail::cache_line_size;
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::int32_t>::is_always_lock_free,
               "atomics shared between processes must be lock-free (address-free)");
 
-struct alignas(cache_line) region_header {
+struct alignas(cache_line_size) region_header {
   // Futex the parent's supervisor sleeps on; bumped by anyone with news for
   // it (a reply, a death, a started worker, a submitted message).
   std::atomic<std::uint32_t> parent_wake{0};
@@ -61,7 +63,7 @@ enum class worker_state : std::uint32_t {
   dead = 2,          // launcher reaped it; wait_status is valid
 };
 
-struct alignas(cache_line) worker_ctl {
+struct alignas(cache_line_size) worker_ctl {
   // ---- lifecycle: written by the launcher (pid, wait_status, state = alive
   // or dead) and by the parent (state = spawn_wanted, kill_wanted).
   std::atomic<std::uint32_t> state{static_cast<std::uint32_t>(worker_state::spawn_wanted)};
@@ -70,12 +72,12 @@ struct alignas(cache_line) worker_ctl {
   std::atomic<std::uint32_t> kill_wanted{0};  // parent: SIGKILL this (hung) worker
 
   // ---- request ring, written by the parent.
-  alignas(cache_line) std::atomic<std::uint64_t> tail{0};  // requests published
+  alignas(cache_line_size) std::atomic<std::uint64_t> tail{0};  // requests published
   std::atomic<std::uint32_t> wake{0};                      // futex the worker sleeps on
   std::atomic<std::uint32_t> sleeping{0};                  // 1: the worker may be asleep
 
   // ---- progress, written by the worker.
-  alignas(cache_line) std::atomic<std::uint64_t> taken{0};  // taken = i + 1: holds message i
+  alignas(cache_line_size) std::atomic<std::uint64_t> taken{0};  // taken = i + 1: holds message i
   std::atomic<std::uint64_t> done{0};                       // replies published
 };
 
@@ -143,7 +145,7 @@ class shared_region {
   std::size_t bytes() const noexcept { return size_; }
 
  private:
-  static std::size_t round_up(std::size_t n) { return (n + cache_line - 1) / cache_line * cache_line; }
+  static std::size_t round_up(std::size_t n) { return (n + cache_line_size - 1) / cache_line_size * cache_line_size; }
   slot_header* slot(std::size_t w, std::size_t k) const noexcept {
     return reinterpret_cast<slot_header*>(base_ + slots_off_ + (w * 2 * depth_ + k) * slot_stride_);
   }
