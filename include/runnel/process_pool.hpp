@@ -666,6 +666,8 @@ class process_pool {
     const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
     const std::uint64_t taken = c.taken.load(std::memory_order_acquire);
     std::vector<record> again;
+    std::optional<record> reported;  // its result goes out last: stats() then counts this restart
+    const bool hung = v.kill_sent;
     for (std::uint64_t i = v.consumed; i < v.tail; ++i) {
       auto& slot = v.inflight[i % opts_.depth];
       record rec = std::move(*slot);
@@ -673,7 +675,7 @@ class process_pool {
       if (i + 1 == taken) {  // the message it held when it died
         if (++rec.attempts >= opts_.max_attempts) {
           crashed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
-          finish(rec, crash(sig, code, rec.attempts, v.kill_sent));
+          reported = std::move(rec);
           continue;
         }
         retried_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
@@ -707,6 +709,7 @@ class process_pool {
       std::lock_guard lk(m_);
       pending_.insert(pending_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
     }
+    if (reported) finish(*reported, crash(sig, code, reported->attempts, hung));
   }
 
   // Asks the launcher to kill a worker that has held one message too long.
