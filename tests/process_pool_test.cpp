@@ -555,6 +555,28 @@ TEST_CASE("process_pool: a backed-off worker stays down until its delay, and sto
   REQUIRE_THROWS_AS(pool.call(3), runnel::process_pool_stopped);
 }
 
+TEST_CASE("process_pool: the destructor restarts a backed-off worker at once to finish the accepted messages", "[process]") {
+  std::optional<u64> reply;
+  runnel::process_pool_stats st;
+  {
+    runnel::process_pool<u64, u64> pool(
+        [](u64 x) -> u64 {
+          if (x < 2) ::raise(SIGSEGV);
+          return square_plus_one(x);
+        },
+        {.workers = 1, .max_attempts = 1, .restart_backoff = std::chrono::hours(1),
+         .restart_backoff_max = std::chrono::hours(1)});
+    REQUIRE_THROWS_AS(pool.call(0).get(), runnel::process_crash);
+    REQUIRE_THROWS_AS(pool.call(1).get(), runnel::process_crash);  // now an hour's backoff
+    // The callback runs on the supervisor thread; read after the destructor joined it.
+    pool.submit(2, [&reply](runnel::process_result<u64>&& r) { reply = r.value; });
+    st = pool.stats();
+  }  // no stop(): the destructor alone must not wait out the hour
+  CHECK(st.delayed_restarts == 1);
+  REQUIRE(reply.has_value());
+  CHECK(*reply == square_plus_one(2));
+}
+
 TEST_CASE("process_pool: after request_stop() submit and call throw process_pool_stopped, and accepted messages all get their result", "[process]") {
   constexpr u64 n = 2'000;
   outcome out;

@@ -32,6 +32,17 @@
 // messages queued behind it that it had not started are re-dispatched
 // without counting an attempt. A worker holding one message longer than
 // options.hang_timeout (0: never) is SIGKILLed and handled the same way.
+// A worker whose processes die again and again without completing a
+// message is restarted with a capped exponential delay (restart_delay);
+// stats().delayed_restarts counts those restarts.
+//
+// Graceful stop. request_stop() (async-signal-safe: call it from the
+// program's SIGTERM handler) makes submit()/call() throw
+// process_pool_stopped; every message accepted before still gets its one
+// result. stop() then waits for those results and ends the workers and the
+// launcher. The launcher and the workers ignore SIGTERM and SIGINT (see
+// process/launcher.hpp): a signal sent to the whole service or process group
+// neither kills a message in flight nor the pool; the program decides.
 //
 // Fork-safety. The constructor forks a single-threaded launcher process, and
 // the launcher forks every worker, now and at each restart (see
@@ -42,8 +53,8 @@
 // after another (a pool starts its own supervisor thread only at the first
 // submit). The function is copied into the launcher at construction; workers
 // run that copy, with the program's memory as it was then. Workers reset the
-// crash signals (SEGV, BUS, FPE, ILL, ABRT) and TERM, INT, PIPE, CHLD to
-// their default action, so a crash is seen as its signal.
+// crash signals (SEGV, BUS, FPE, ILL, ABRT) and PIPE, CHLD to their
+// default action, so a crash is seen as its signal, and ignore TERM and INT.
 //
 // Threads. submit() and call() may be called from any thread; they block
 // only while options.queue_capacity messages already wait for a worker.
