@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include <filesystem>
 #include <fstream>
 
 #include <sys/mman.h>
@@ -705,4 +706,24 @@ TEST_CASE("process_pool: SIGTERM to the whole process group drains: every accept
   CHECK(rep.st.restarts == 0);
   CHECK(rep.st.retried == 0);
   CHECK(rep.left_alive == 0);
+}
+
+TEST_CASE("process_pool: the shared region is an anonymous memfd: nothing appears in /dev/shm, so nothing can be left there", "[process]") {
+  auto shm_entries = [] {
+    std::set<std::string> names;
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) names.insert(e.path().filename().string());
+    return names;
+  };
+  const auto before = shm_entries();
+  runnel::process_pool<u64, u64> pool(square_plus_one, {.workers = 2});
+  REQUIRE(pool.call(4).get() == 17);
+  CHECK(shm_entries() == before);
+  // The mapping the launcher and workers share is the memfd (the kernel
+  // frees its pages with the last process mapping it, whoever dies first).
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  bool memfd = false;
+  while (std::getline(maps, line)) memfd |= line.find("/memfd:runnel-process-pool") != std::string::npos;
+  CHECK(memfd);
 }
