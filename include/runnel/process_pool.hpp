@@ -32,6 +32,17 @@
 // messages queued behind it that it had not started are re-dispatched
 // without counting an attempt. A worker holding one message longer than
 // options.hang_timeout (0: never) is SIGKILLed and handled the same way.
+// A worker whose processes die again and again without completing a
+// message is restarted with a capped exponential delay (restart_delay);
+// stats().delayed_restarts counts those restarts.
+//
+// Graceful stop. request_stop() (async-signal-safe: call it from the
+// program's SIGTERM handler) makes submit()/call() throw
+// process_pool_stopped; every message accepted before still gets its one
+// result. stop() then waits for those results and ends the workers and the
+// launcher. The launcher and the workers ignore SIGTERM and SIGINT (see
+// process/launcher.hpp): a signal sent to the whole service or process group
+// neither kills a message in flight nor the pool; the program decides.
 //
 // Fork-safety. The constructor forks a single-threaded launcher process, and
 // the launcher forks every worker, now and at each restart (see
@@ -42,8 +53,8 @@
 // after another (a pool starts its own supervisor thread only at the first
 // submit). The function is copied into the launcher at construction; workers
 // run that copy, with the program's memory as it was then. Workers reset the
-// crash signals (SEGV, BUS, FPE, ILL, ABRT) and TERM, INT, PIPE, CHLD to
-// their default action, so a crash is seen as its signal.
+// crash signals (SEGV, BUS, FPE, ILL, ABRT) and PIPE, CHLD to their
+// default action, so a crash is seen as its signal, and ignore TERM and INT.
 //
 // Threads. submit() and call() may be called from any thread; they block
 // only while options.queue_capacity messages already wait for a worker.
@@ -66,6 +77,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -94,8 +106,8 @@
 #include "process/codec.hpp"
 #include "process/errors.hpp"
 #include "process/launcher.hpp"
-#include "process/shared_futex.hpp"
 #include "process/shared_region.hpp"
+#include "detail/futex.hpp"
 
 namespace runnel {
 
@@ -113,6 +125,12 @@ struct process_pool_options {
   unsigned max_attempts = 2;
   // A worker holding one message this long is killed (0: never).
   std::chrono::milliseconds hang_timeout{0};
+  // A worker process that dies again before completing a message is
+  // restarted after a delay: restart_backoff after its second death in a
+  // row, doubled at each further one, at most restart_backoff_max (see
+  // process::restart_delay). The first death restarts at once.
+  std::chrono::milliseconds restart_backoff{10};
+  std::chrono::milliseconds restart_backoff_max{2000};
 };
 
 // A message's result, as submit() delivers it: value, or error.
@@ -179,6 +197,20 @@ class process_future {
   std::future<process::outcome<Out>> f_;
 };
 
+namespace process {
+// How long to wait before restarting a worker whose process died `streak`
+// times in a row without completing a message in between: 0 for the first
+// death (a crash on one poison message must not slow the pool), then
+// `first`, 2 * first, 4 * first, ..., at most `cap`.
+inline std::chrono::nanoseconds restart_delay(unsigned streak, std::chrono::nanoseconds first,
+                                              std::chrono::nanoseconds cap) noexcept {
+  if (streak <= 1 || first.count() <= 0) return std::chrono::nanoseconds(0);
+  std::chrono::nanoseconds d = std::min(first, cap);
+  for (unsigned i = 2; i < streak && d < cap; ++i) d = d > cap / 2 ? cap : 2 * d;
+  return d;
+}
+}  // namespace process
+
 struct process_pool_stats {
   std::uint64_t submitted = 0;
   std::uint64_t completed = 0;   // replies delivered
@@ -187,6 +219,7 @@ struct process_pool_stats {
   std::uint64_t retried = 0;     // re-dispatches after a crash of the holder
   std::uint64_t restarts = 0;    // worker processes that died and were replaced
   std::uint64_t hung_kills = 0;  // workers killed for making no progress
+  std::uint64_t delayed_restarts = 0;  // restarts postponed by the backoff (of `restarts`)
 };
 
 template <class In, class Out, class InCodec = process_codec<In>, class OutCodec = process_codec<Out>>
@@ -233,26 +266,38 @@ class process_pool {
 
   // Finishes every submitted message, then stops the workers and the
   // launcher and reaps the launcher.
-  ~process_pool() {
-    {
-      std::lock_guard lk(m_);
-      stopping_ = true;
-    }
+  ~process_pool() { shut_down(); }
+
+  // Graceful stop, step one, and the only step a signal handler may take
+  // (async-signal-safe: an atomic store and a futex wake): from now on
+  // submit() and call() throw process_pool_stopped, while every message
+  // accepted before keeps going, through restarts and retries, to its one
+  // result. A worker waiting out a restart backoff is restarted at once.
+  //
+  //   runnel::process_pool<Req, Rep>* the_pool;
+  //   extern "C" void on_term(int) { the_pool->request_stop(); }
+  void request_stop() noexcept {
+    stop_requested_.store(true, std::memory_order_seq_cst);  // seq_cst: before the wake below
     process::notify_parent(region_->header());
-    if (supervisor_.joinable()) supervisor_.join();
-    auto& h = region_->header();
-    h.shutdown.store(1, std::memory_order_seq_cst);  // seq_cst: before the wakes below (workers re-check it)
-    for (std::size_t w = 0; w < opts_.workers; ++w) {
-      auto& c = region_->ctl(w);
-      c.wake.fetch_add(1, std::memory_order_seq_cst);
-      process::shared_futex_wake(c.wake);
-    }
-    ring_launcher();
-    int status = 0;
-    if (!launcher_reaped_)
-      while (::waitpid(launcher_, &status, 0) < 0 && errno == EINTR) {
-      }
-    ::close(event_fd_);
+  }
+
+  // Graceful stop: request_stop(), then waits until every accepted message
+  // has had its result delivered, then lets the workers and the launcher
+  // exit and reaps them. Nothing accepted is lost or run twice (a message is
+  // run again only after a crash of its worker, as always). Not from a
+  // callback. The destructor does the same (without refusing submissions).
+  void stop() {
+    request_stop();
+    // Any submit() that locks m_ after this sees the flag (the flag was
+    // stored before this unlock); one that locked before is counted in
+    // unfinished_ and drained below.
+    { std::lock_guard lk(m_); }
+    drain();
+    shut_down();
+  }
+
+  bool stop_requested() const noexcept {
+    return stop_requested_.load(std::memory_order_relaxed);  // relaxed: a report, orders nothing
   }
 
   // Queues `in` for a worker; `done` is called once, on the supervisor
@@ -305,7 +350,7 @@ class process_pool {
     return {submitted_.load(std::memory_order_relaxed), completed_.load(std::memory_order_relaxed),
             failed_.load(std::memory_order_relaxed),    crashed_.load(std::memory_order_relaxed),
             retried_.load(std::memory_order_relaxed),   restarts_.load(std::memory_order_relaxed),
-            hung_kills_.load(std::memory_order_relaxed)};
+            hung_kills_.load(std::memory_order_relaxed), delayed_restarts_.load(std::memory_order_relaxed)};
   }
 
  private:
@@ -322,6 +367,9 @@ class process_pool {
     std::uint64_t last_taken = 0;                  // hang watch: taken when last seen changing
     std::chrono::steady_clock::time_point since{};
     bool kill_sent = false;
+    unsigned streak = 0;  // deaths in a row of this worker's processes without a reply
+    bool backing_off = false;  // dead, restart postponed until respawn_at
+    std::chrono::steady_clock::time_point respawn_at{};
   };
 
   static void check(const process_pool_options& o) {
@@ -332,6 +380,9 @@ class process_pool {
     if (o.queue_capacity == 0) throw std::invalid_argument("runnel::process_pool: queue_capacity must be at least 1");
     if (o.max_attempts == 0) throw std::invalid_argument("runnel::process_pool: max_attempts must be at least 1");
     if (o.hang_timeout.count() < 0) throw std::invalid_argument("runnel::process_pool: hang_timeout must not be negative");
+    if (o.restart_backoff.count() < 0 || o.restart_backoff_max < o.restart_backoff)
+      throw std::invalid_argument(
+          "runnel::process_pool: restart_backoff must not be negative nor above restart_backoff_max");
   }
 
   void ring_launcher() noexcept {
@@ -351,8 +402,17 @@ class process_pool {
     std::call_once(started_, [this] { supervisor_ = std::thread([this] { supervise(); }); });
     {
       std::unique_lock lk(m_);
-      space_.wait(lk, [&] { return pending_.size() < opts_.queue_capacity || broken_; });
+      // relaxed (both loads): a request_stop() is seen here at the latest
+      // after stop()'s lock of m_; one from a signal handler alone is seen
+      // at the next wake.
+      if (stop_requested_.load(std::memory_order_relaxed))
+        throw process_pool_stopped("runnel::process_pool::submit: the pool is stopping (request_stop)");
+      space_.wait(lk, [&] {
+        return pending_.size() < opts_.queue_capacity || broken_ || stop_requested_.load(std::memory_order_relaxed);
+      });
       if (broken_) throw std::runtime_error("runnel::process_pool::submit: the launcher process died");
+      if (stop_requested_.load(std::memory_order_relaxed))
+        throw process_pool_stopped("runnel::process_pool::submit: the pool is stopping (request_stop)");
       pending_.push_back(record{std::move(bytes), 0, std::move(done)});
       ++unfinished_;
     }
@@ -402,7 +462,7 @@ class process_pool {
     // seq_cst: Dekker with the parent's tail store then sleeping load.
     c.sleeping.store(1, std::memory_order_seq_cst);
     if (c.tail.load(std::memory_order_seq_cst) == next && h.shutdown.load(std::memory_order_seq_cst) == 0)
-      process::shared_futex_wait(c.wake, seq);
+      detail::futex_wait(c.wake, seq, detail::futex_scope::shared);
     c.sleeping.store(0, std::memory_order_relaxed);  // relaxed: only a hint to the parent
   }
 
@@ -444,10 +504,17 @@ class process_pool {
       // seq_cst: Dekker with every notifier (news store, then sleeping load).
       h.parent_sleeping.store(1, std::memory_order_seq_cst);
       const bool busy = step();
-      if (!busy && !finished()) process::shared_futex_wait(h.parent_wake, seq, sleep_limit());
+      if (!busy && !finished()) sleep(h.parent_wake, seq, sleep_limit());
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
       if (!busy) check_launcher();
     }
+  }
+
+  static void sleep(std::atomic<std::uint32_t>& word, std::uint32_t seq, std::chrono::nanoseconds limit) noexcept {
+    if (limit.count() < 0)
+      detail::futex_wait(word, seq, detail::futex_scope::shared);
+    else
+      detail::futex_wait_until(word, seq, std::chrono::steady_clock::now() + limit, detail::futex_scope::shared);
   }
 
   // One pass over everything; true if anything moved.
@@ -462,6 +529,7 @@ class process_pool {
         moved = true;
       }
     }
+    moved |= respawn_due();
     watch_hangs();
     moved |= dispatch();
     return moved;
@@ -477,13 +545,46 @@ class process_pool {
 
   // How long the supervisor may sleep: until a hang could be declared, or a
   // while to look at the launcher when work is outstanding; else for ever.
+  // A worker in restart backoff: until its restart is due.
   std::chrono::nanoseconds sleep_limit() const {
     bool outstanding = false;
-    for (const auto& v : views_) outstanding |= v.tail != v.consumed;
-    if (!outstanding) return std::chrono::nanoseconds(-1);
-    std::chrono::nanoseconds limit = launcher_check_period;
-    if (opts_.hang_timeout.count() > 0) limit = std::min<std::chrono::nanoseconds>(limit, opts_.hang_timeout / 4);
+    std::chrono::nanoseconds limit = std::chrono::nanoseconds::max();
+    const auto now = std::chrono::steady_clock::now();
+    for (const auto& v : views_) {
+      outstanding |= v.tail != v.consumed;
+      if (v.backing_off) limit = std::min<std::chrono::nanoseconds>(limit, v.respawn_at - now);
+    }
+    if (outstanding) {
+      limit = std::min<std::chrono::nanoseconds>(limit, launcher_check_period);
+      if (opts_.hang_timeout.count() > 0) limit = std::min<std::chrono::nanoseconds>(limit, opts_.hang_timeout / 4);
+    }
+    if (limit == std::chrono::nanoseconds::max()) return std::chrono::nanoseconds(-1);
     return std::max<std::chrono::nanoseconds>(limit, std::chrono::milliseconds(1));
+  }
+
+  // Restarts the backed-off workers whose delay is over (or all of them, on
+  // a stop: draining is not held up by a backoff).
+  bool respawn_due() {
+    bool moved = false;
+    // relaxed: either flag only shortens a wait; the wake that follows the
+    // store makes the supervisor look again.
+    const bool now_all = hurry_.load(std::memory_order_relaxed) || stop_requested_.load(std::memory_order_relaxed);
+    std::chrono::steady_clock::time_point now{};
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      auto& v = views_[w];
+      if (!v.backing_off) continue;
+      if (!now_all) {
+        if (now == std::chrono::steady_clock::time_point{}) now = std::chrono::steady_clock::now();
+        if (now < v.respawn_at) continue;
+      }
+      v.backing_off = false;
+      // release: the indices reset in bury() before the launcher forks.
+      region_->ctl(w).state.store(static_cast<std::uint32_t>(process::worker_state::spawn_wanted),
+                                  std::memory_order_release);
+      ring_launcher();
+      moved = true;
+    }
+    return moved;
   }
 
   // Reads the replies worker w has published.
@@ -493,6 +594,7 @@ class process_pool {
     // seq_cst: the other half of the worker's done store (notify_parent).
     const std::uint64_t done = c.done.load(std::memory_order_seq_cst);
     if (done == v.consumed) return false;
+    v.streak = 0;  // this process completed a message: its deaths are no longer in a row
     while (v.consumed < done) {
       process::slot_header* s = region_->reply_slot(w, v.consumed);
       auto& slot = v.inflight[v.consumed % opts_.depth];
@@ -575,6 +677,8 @@ class process_pool {
     const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
     const std::uint64_t taken = c.taken.load(std::memory_order_acquire);
     std::vector<record> again;
+    std::optional<record> reported;  // its result goes out last: stats() then counts this restart
+    const bool hung = v.kill_sent;
     for (std::uint64_t i = v.consumed; i < v.tail; ++i) {
       auto& slot = v.inflight[i % opts_.depth];
       record rec = std::move(*slot);
@@ -582,7 +686,7 @@ class process_pool {
       if (i + 1 == taken) {  // the message it held when it died
         if (++rec.attempts >= opts_.max_attempts) {
           crashed_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
-          finish(rec, crash(sig, code, rec.attempts, v.kill_sent));
+          reported = std::move(rec);
           continue;
         }
         retried_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
@@ -595,15 +699,28 @@ class process_pool {
     c.taken.store(0, std::memory_order_relaxed);
     c.done.store(0, std::memory_order_relaxed);
     c.sleeping.store(0, std::memory_order_relaxed);
+    const unsigned streak = v.streak + 1;
     v = worker_view{};
     v.inflight.resize(opts_.depth);
-    // release: the reset indices before the launcher forks the new process.
-    c.state.store(static_cast<std::uint32_t>(process::worker_state::spawn_wanted), std::memory_order_release);
-    ring_launcher();
+    v.streak = streak;
+    const auto delay = process::restart_delay(streak, opts_.restart_backoff, opts_.restart_backoff_max);
+    if (delay.count() > 0) {
+      delayed_restarts_.fetch_add(1, std::memory_order_relaxed);  // relaxed: statistic
+      v.backing_off = true;
+      v.respawn_at = std::chrono::steady_clock::now() + delay;
+      // relaxed: only the parent acts on backoff (the launcher ignores it);
+      // respawn_due() publishes the indices with its own release store.
+      c.state.store(static_cast<std::uint32_t>(process::worker_state::backoff), std::memory_order_relaxed);
+    } else {
+      // release: the reset indices before the launcher forks the new process.
+      c.state.store(static_cast<std::uint32_t>(process::worker_state::spawn_wanted), std::memory_order_release);
+      ring_launcher();
+    }
     if (!again.empty()) {
       std::lock_guard lk(m_);
       pending_.insert(pending_.begin(), std::make_move_iterator(again.begin()), std::make_move_iterator(again.end()));
     }
+    if (reported) finish(*reported, crash(sig, code, reported->attempts, hung));
   }
 
   // Asks the launcher to kill a worker that has held one message too long.
@@ -672,8 +789,36 @@ class process_pool {
     c.tail.store(v.tail, std::memory_order_seq_cst);
     if (c.sleeping.load(std::memory_order_seq_cst) != 0) {
       c.wake.fetch_add(1, std::memory_order_seq_cst);
-      process::shared_futex_wake(c.wake, 1);
+      detail::futex_wake(c.wake, 1, detail::futex_scope::shared);
     }
+  }
+
+  // Finishes every submitted message, then stops the workers and the
+  // launcher and reaps the launcher. Once only (stop(), then the destructor).
+  void shut_down() {
+    {
+      std::lock_guard lk(m_);
+      if (shut_down_) return;
+      shut_down_ = true;
+      stopping_ = true;
+    }
+    hurry_.store(true, std::memory_order_seq_cst);  // seq_cst: before the wake below
+    process::notify_parent(region_->header());
+    if (supervisor_.joinable()) supervisor_.join();
+    auto& h = region_->header();
+    h.shutdown.store(1, std::memory_order_seq_cst);  // seq_cst: before the wakes below (workers re-check it)
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      auto& c = region_->ctl(w);
+      c.wake.fetch_add(1, std::memory_order_seq_cst);
+      detail::futex_wake(c.wake, INT_MAX, detail::futex_scope::shared);
+    }
+    ring_launcher();
+    int status = 0;
+    if (!launcher_reaped_)
+      while (::waitpid(launcher_, &status, 0) < 0 && errno == EINTR) {
+      }
+    launcher_reaped_ = true;
+    ::close(event_fd_);
   }
 
   // If the launcher has died (killed from outside), nothing can run any more:
@@ -722,6 +867,7 @@ class process_pool {
   std::condition_variable idle_;  // unfinished_ reached 0
   std::deque<record> pending_;  // guarded by m_
   bool stopping_ = false;       // guarded by m_
+  bool shut_down_ = false;      // guarded by m_
   std::uint64_t unfinished_ = 0;  // guarded by m_: submitted, result not yet delivered
   bool broken_ = false;         // guarded by m_ (written by the supervisor)
   std::once_flag started_;
@@ -729,7 +875,11 @@ class process_pool {
   std::vector<worker_view> views_;  // supervisor thread only (after construction)
 
   std::atomic<std::uint64_t> submitted_{0}, completed_{0}, failed_{0}, crashed_{0}, retried_{0}, restarts_{0},
-      hung_kills_{0};
+      hung_kills_{0}, delayed_restarts_{0};
+  // Set by request_stop() (possibly in a signal handler): submit() refuses.
+  std::atomic<bool> stop_requested_{false};
+  // Set by shut_down(): the supervisor restarts backed-off workers at once.
+  std::atomic<bool> hurry_{false};
 };
 
 // A pipeline stage function that runs `pool`'s function in its worker

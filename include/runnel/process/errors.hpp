@@ -50,4 +50,11 @@ class process_message_too_large : public std::length_error {
   using std::length_error::length_error;
 };
 
+// submit() or call() after request_stop() or stop(): the pool takes no new
+// message (every message it accepted before still gets its result).
+class process_pool_stopped : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace runnel

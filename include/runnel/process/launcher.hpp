@@ -17,6 +17,9 @@
 // the launcher's children, so only it may signal them (it reaps them, so it
 // never signals a recycled pid).
 //
+// Stop signals. The launcher and the workers ignore SIGTERM and SIGINT (see
+// ignore_stop_signals): the program decides when the pool stops.
+//
 // The parent asks for work through the shared region (worker_ctl::state ==
 // spawn_wanted, kill_wanted, region_header::shutdown) and rings an eventfd;
 // the launcher sleeps in poll() on that eventfd and a signalfd for SIGCHLD.
@@ -85,6 +88,25 @@ inline void die_with_parent(pid_t expected_parent) noexcept {
   if (::getppid() != expected_parent) ::_exit(127);
 }
 
+// SIGTERM and SIGINT are the program's to act on, not the pool's processes'.
+// A service manager (systemd's default KillMode=control-group) or a terminal
+// (Ctrl-C) sends them to every process of the service or of the process
+// group at once; if a worker died of it, the message it held would be retried
+// or reported as a crash while the program is trying to drain gracefully, and
+// a dead launcher would fail every message in flight. So the launcher and
+// the workers ignore both: the program stops the pool (request_stop() from
+// its handler, then stop()), which finishes every accepted message, and the
+// workers exit when told. A worker can still be killed with SIGKILL (handled
+// as a crash), and every one of them dies with the program.
+inline void ignore_stop_signals() noexcept {
+  for (int sig : {SIGTERM, SIGINT}) {
+    struct sigaction ign {};
+    ign.sa_handler = SIG_IGN;
+    ::sigemptyset(&ign.sa_mask);
+    ::sigaction(sig, &ign, nullptr);
+  }
+}
+
 // Restores what a worker should start from: no blocked signals, and the
 // default action for the signals of a crash, so that a crash kills the worker
 // with its signal (and the parent can report it) rather than running a
@@ -97,10 +119,11 @@ inline void reset_worker_signals() noexcept {
   // and keep their own SIGSEGV handler, which would turn a crash into an
   // exit(1). An all-zero kernel sigaction is SIG_DFL, no flags, empty mask,
   // whatever the architecture's field order; the mask is 8 bytes (_NSIG / 8).
-  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTERM, SIGINT, SIGPIPE, SIGCHLD}) {
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGPIPE, SIGCHLD}) {
     unsigned long kernel_sigaction[4] = {};
     ::syscall(SYS_rt_sigaction, sig, kernel_sigaction, nullptr, 8);
   }
+  ignore_stop_signals();
 }
 
 // The function a worker process runs (never returns): worker index w.
@@ -112,6 +135,7 @@ class launcher {
       : r_(r), event_fd_(event_fd), entry_(entry), ctx_(ctx) {}
 
   [[noreturn]] void run(pid_t parent) noexcept {
+    ignore_stop_signals();  // first: the program's handler is still installed here
     die_with_parent(parent);
     sigset_t chld;
     ::sigemptyset(&chld);

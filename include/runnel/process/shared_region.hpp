@@ -3,7 +3,7 @@
 // the same pages. The memfd has no name in any file system (nothing appears
 // in /dev/shm); its pages go when the last process mapping them exits.
 //
-// Layout (every part starts on its own cache line):
+// Layout (every part starts on its own false_sharing_range block, 128 bytes):
 //
 //   region_header                      futex words of the parent, shutdown flag
 //   worker_ctl[workers]                per worker: lifecycle (launcher <-> parent),
@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstddef>
+#include <climits>
 #include <cstdint>
 #include <new>
 #include <stdexcept>
@@ -36,17 +37,20 @@
 #include <unistd.h>
 
 #include "../detail/cache_line.hpp"
-#include "shared_futex.hpp"
+#include "../detail/futex.hpp"
 
 namespace runnel::process {
 
-// Every part of the region starts on its own cache line.
+// Every part of the region starts on its own cache line; parts written by
+// different processes are false_sharing_range apart (the adjacent-line
+// prefetcher pairs 64-byte lines).
 using runnel::detail::cache_line_size;
+using runnel::detail::false_sharing_range;
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free && std::atomic<std::int32_t>::is_always_lock_free,
               "atomics shared between processes must be lock-free (address-free)");
 
-struct alignas(cache_line_size) region_header {
+struct alignas(false_sharing_range) region_header {
   // Futex the parent's supervisor sleeps on; bumped by anyone with news for
   // it (a reply, a death, a started worker, a submitted message).
   std::atomic<std::uint32_t> parent_wake{0};
@@ -61,25 +65,39 @@ enum class worker_state : std::uint32_t {
   spawn_wanted = 0,  // parent asks the launcher for a process (initial state)
   alive = 1,         // launcher forked it; pid is valid and not yet reaped
   dead = 2,          // launcher reaped it; wait_status is valid
+  backoff = 3,       // parent settled its death; restart postponed (restart_delay)
 };
 
-struct alignas(cache_line_size) worker_ctl {
+struct alignas(false_sharing_range) worker_ctl {
   // ---- lifecycle: written by the launcher (pid, wait_status, state = alive
-  // or dead) and by the parent (state = spawn_wanted, kill_wanted).
+  // or dead) and by the parent (state = spawn_wanted or backoff,
+  // kill_wanted); rare.
   std::atomic<std::uint32_t> state{static_cast<std::uint32_t>(worker_state::spawn_wanted)};
   std::atomic<std::int32_t> pid{0};
   std::atomic<std::int32_t> wait_status{0};
   std::atomic<std::uint32_t> kill_wanted{0};  // parent: SIGKILL this (hung) worker
 
-  // ---- request ring, written by the parent.
-  alignas(cache_line_size) std::atomic<std::uint64_t> tail{0};  // requests published
-  std::atomic<std::uint32_t> wake{0};                      // futex the worker sleeps on
-  std::atomic<std::uint32_t> sleeping{0};                  // 1: the worker may be asleep
+  // ---- request ring, written by the parent (once a message).
+  alignas(false_sharing_range) std::atomic<std::uint64_t> tail{0};  // requests published
+  std::atomic<std::uint32_t> wake{0};                          // futex the worker sleeps on
 
-  // ---- progress, written by the worker.
-  alignas(cache_line_size) std::atomic<std::uint64_t> taken{0};  // taken = i + 1: holds message i
-  std::atomic<std::uint64_t> done{0};                       // replies published
+  // ---- progress, written by the worker (twice a message).
+  alignas(false_sharing_range) std::atomic<std::uint64_t> taken{0};  // taken = i + 1: holds message i
+  std::atomic<std::uint64_t> done{0};                           // replies published
+  std::atomic<std::uint32_t> sleeping{0};                       // 1: the worker may be asleep
 };
+
+// The parent's hot stores (tail, wake) and the worker's (taken, done,
+// sleeping) must not share a prefetched pair of lines, nor share one with
+// the lifecycle words (launcher) or the next worker's block.
+static_assert(offsetof(worker_ctl, tail) == false_sharing_range,
+              "worker_ctl: the parent-written ring indices start false_sharing_range past the lifecycle words");
+static_assert(offsetof(worker_ctl, taken) - offsetof(worker_ctl, tail) == false_sharing_range,
+              "worker_ctl: the worker-written progress must be false_sharing_range past the parent-written tail");
+static_assert(sizeof(worker_ctl) == 3 * false_sharing_range,
+              "worker_ctl: the next worker's block starts false_sharing_range past this one's progress");
+static_assert(sizeof(region_header) % false_sharing_range == 0,
+              "region_header: the worker_ctl array after it must start on a false_sharing_range boundary");
 
 // A slot: this header, then up to slot_size bytes.
 struct slot_header {
@@ -145,7 +163,11 @@ class shared_region {
   std::size_t bytes() const noexcept { return size_; }
 
  private:
-  static std::size_t round_up(std::size_t n) { return (n + cache_line_size - 1) / cache_line_size * cache_line_size; }
+  // Slots are false_sharing_range apart: the last request slot (the parent
+  // writes it) and the first reply slot (a worker writes it) are neighbours.
+  static std::size_t round_up(std::size_t n) {
+    return (n + false_sharing_range - 1) / false_sharing_range * false_sharing_range;
+  }
   slot_header* slot(std::size_t w, std::size_t k) const noexcept {
     return reinterpret_cast<slot_header*>(base_ + slots_off_ + (w * 2 * depth_ + k) * slot_stride_);
   }
@@ -162,7 +184,7 @@ inline void notify_parent(region_header& h) noexcept {
   // (Dekker): either it sees our news or we see it sleeping.
   if (h.parent_sleeping.load(std::memory_order_seq_cst) != 0) {
     h.parent_wake.fetch_add(1, std::memory_order_seq_cst);
-    shared_futex_wake(h.parent_wake);
+    detail::futex_wake(h.parent_wake, INT_MAX, detail::futex_scope::shared);
   }
 }
 }  // namespace runnel::process
