@@ -134,6 +134,14 @@ double own_switches(int who) {
   return static_cast<double>(r.ru_nvcsw + r.ru_nivcsw);
 }
 
+// Involuntary context switches only: a thread preempted, or one that called
+// sched_yield and gave its core away (the pool's idle search yields).
+double own_involuntary_switches(int who) {
+  rusage r{};
+  ::getrusage(who, &r);
+  return static_cast<double>(r.ru_nivcsw);
+}
+
 // CPU already spent by the broker and by the client side when a timed run
 // starts. The client is this process, or (pika) the children it waits for;
 // not both, since this process also runs rabbitmqctl now and then.
@@ -143,6 +151,7 @@ struct cpu_mark {
   double broker = broker_cpu();
   double client = own_cpu(who);
   double switches = own_switches(who);
+  double involuntary = own_involuntary_switches(who);
 };
 
 // Besides the rate: the broker's and the client's CPU time a message, and
@@ -160,6 +169,7 @@ void report(benchmark::State& state, std::size_t n, double seconds, const cpu_ma
   state.counters["broker_us_per_msg"] = broker_us;
   state.counters["client_us_per_msg"] = client_us;
   state.counters["switches_per_msg"] = (own_switches(m.who) - m.switches) / msgs;
+  state.counters["invol_per_msg"] = (own_involuntary_switches(m.who) - m.involuntary) / msgs;
   if (broker_us + client_us > 0) state.counters["cpu_bound_msg_s"] = cores * 1e6 / (broker_us + client_us);
 }
 

@@ -642,3 +642,99 @@ TEST_CASE("destroying a pool on its own worker aborts with a diagnostic", "[pool
   CHECK(WIFSIGNALED(status));
   CHECK(err.find("destroyed by one of its own workers") != std::string::npos);
 }
+
+namespace {
+
+// Posts one task from outside and waits until every worker has parked again.
+void post_one_and_wait_idle(thread_pool& pool) {
+  std::atomic<int> ran{0};
+  pool.post([&ran] { ran.fetch_add(1); });
+  pool.wait_idle();
+  REQUIRE(ran.load() == 1);
+}
+
+// Posts two tasks from outside that wait for each other (so they run on two
+// different workers at once), then waits until every worker has parked.
+void post_pair_and_wait_idle(thread_pool& pool) {
+  std::atomic<int> arrived{0};
+  std::atomic<bool> gave_up{false};
+  for (int i = 0; i < 2; ++i) {
+    pool.post([&] {
+      arrived.fetch_add(1);
+      if (!eventually([&] { return arrived.load() >= 2; })) gave_up = true;
+    });
+  }
+  pool.wait_idle();
+  REQUIRE_FALSE(gave_up.load());
+}
+
+}  // namespace
+
+TEST_CASE("a worker whose searches keep running out shrinks its search budget to the floor", "[pool][spin]") {
+  // One worker, fed its next task only once it has parked (wait_idle()
+  // returns then): it takes the task from the shared FIFO without searching,
+  // runs it, and its one search afterwards finds nothing. Each such search
+  // halves its budget, 64 -> 32 -> 16 -> 8 -> 4; from then on each spends
+  // exactly the floor's rounds before parking. (Its very first search, as
+  // the pool starts, may find the first task: hence the slack.)
+  constexpr std::uint32_t floor = runnel::detail::min_spin_rounds;
+  thread_pool pool{{.threads = 1, .pin = false, .spin_rounds = 64}};
+  for (int i = 0; i < 8; ++i) post_one_and_wait_idle(pool);
+  const runnel::pool_stats before = pool.stats();
+  REQUIRE(before.spin_budgets == std::vector<std::uint32_t>{floor});
+  constexpr int cycles = 10;
+  for (int i = 0; i < cycles; ++i) post_one_and_wait_idle(pool);
+  const runnel::pool_stats after = pool.stats();
+  CHECK(after.spin_budgets == std::vector<std::uint32_t>{floor});
+  CHECK(after.searches - before.searches == cycles);
+  CHECK(after.searches_found == before.searches_found);
+  CHECK(after.parks - before.parks == cycles);
+  CHECK(after.search_rounds - before.search_rounds == cycles * floor);
+}
+
+TEST_CASE("a worker whose searches keep finding work grows its search budget back to the cap", "[pool][spin]") {
+  // Two workers. First both budgets are driven to the floor: pairs of tasks
+  // that wait for each other run on both workers, and each worker's search
+  // afterwards runs out. Then a task on one worker posts `children` tasks to
+  // its own deque and waits until all of them have run: only the other
+  // worker can run them. The first child (whose post wakes that worker)
+  // waits until every child is posted, so the rest are all queued when it
+  // ends: the worker then takes each with a search that steals it (its own
+  // deque and the shared FIFO are empty). Every such search finds work and
+  // doubles that worker's budget: 4 -> 8 -> ... -> 64, the cap.
+  constexpr std::uint32_t floor = runnel::detail::min_spin_rounds;
+  constexpr std::uint32_t cap = 64;
+  thread_pool pool{{.threads = 2, .pin = false, .spin_rounds = cap}};
+  for (int i = 0; i < 10; ++i) post_pair_and_wait_idle(pool);
+  const runnel::pool_stats before = pool.stats();
+  REQUIRE(before.spin_budgets == std::vector<std::uint32_t>{floor, floor});
+
+  constexpr int children = 16;
+  std::atomic<int> ran{0};
+  std::atomic<std::uint32_t> peak{0};  // largest budget any child saw
+  std::atomic<bool> gave_up{false};
+  std::atomic<bool> all_posted{false};
+  pool.post([&] {
+    for (int i = 0; i < children; ++i) {
+      pool.post([&] {
+        if (!eventually([&] { return all_posted.load(); })) gave_up = true;
+        const runnel::pool_stats now = pool.stats();
+        const std::uint32_t top = *std::max_element(now.spin_budgets.begin(), now.spin_budgets.end());
+        std::uint32_t seen = peak.load();
+        while (top > seen && !peak.compare_exchange_weak(seen, top)) {
+        }
+        ran.fetch_add(1);
+      });
+    }
+    all_posted = true;
+    if (!eventually([&] { return ran.load() >= children; })) gave_up = true;
+  });
+  pool.wait_idle();
+  REQUIRE_FALSE(gave_up.load());
+  REQUIRE(ran.load() == children);
+  const runnel::pool_stats after = pool.stats();
+  // Every child sits in the other worker's deque: even the first one, taken
+  // right after the wake-up, is found by a search (a steal).
+  CHECK(after.searches_found - before.searches_found == children);
+  CHECK(peak.load() == cap);
+}

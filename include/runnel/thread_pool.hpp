@@ -16,14 +16,18 @@
 // FIFO, then steals from the other workers, starting at a random victim.
 //
 // Waking. A worker that runs out of work becomes a "searcher" for a bounded
-// number of rounds (pool_options::spin_rounds), then parks on its own futex
-// word. Posting a task wakes one parked worker, and none when some worker is
-// already searching (it will find the task) or all are awake. The waker
-// takes the sleeper off the sleeper list and counts it as searching at once,
-// so posts arriving while it wakes up do not wake more workers. A worker
-// that parks re-checks every queue after announcing itself parked, so a post
-// that skipped the wake-up cannot be lost (see park()). The scheme follows
-// the "searching workers" idea of Go's and Tokio's schedulers.
+// number of rounds, then parks on its own futex word. The bound adapts per
+// worker: a search that finds work doubles the worker's budget, one that runs
+// out halves it, between detail::min_spin_rounds and pool_options::spin_rounds
+// (see search()). Rounds past half of spin_rounds yield the core instead of
+// pausing, so a shrunken budget is pauses only. Posting a task wakes one
+// parked worker, and none when some worker is already searching (it will
+// find the task) or all are awake. The waker takes the sleeper off the
+// sleeper list and counts it as searching at once, so posts arriving while
+// it wakes up do not wake more workers. A worker that parks re-checks every
+// queue after announcing itself parked, so a post that skipped the wake-up
+// cannot be lost (see park()), whatever the search budget was. The scheme
+// follows the "searching workers" idea of Go's and Tokio's schedulers.
 //
 // Errors. An exception escaping a post()ed task goes to pool_options::
 // on_error (default: a line on stderr) and is counted by error_count(); the
@@ -50,6 +54,7 @@
 // join itself: it prints a diagnostic and aborts.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -90,8 +95,14 @@ struct pool_options {
   // workers than CPUs). Unset (default): pin only when the pool has at least
   // as many workers as there are allowed CPUs, see "Pinning" above.
   std::optional<bool> pin{};
-  // Rounds of searching (steal attempts over all workers and the shared FIFO)
-  // before an idle worker sleeps; bounds idle CPU burn.
+  // The most rounds of searching (a look at the shared FIFO and every other
+  // deque, then 32 pauses, or a yield in the rounds past spin_rounds / 2)
+  // an idle worker spends before it sleeps; bounds idle CPU burn. Each
+  // worker adapts its own budget below this cap: it doubles after a search
+  // that found work and halves after one that ran out, down to
+  // min(spin_rounds, 4). A worker fed a task every few hundred microseconds
+  // thus parks almost at once instead of spinning and yielding for nothing,
+  // while one in a busy stream keeps the full budget. 0: one look, then park.
   std::uint32_t spin_rounds = 64;
   // Thread names are "<prefix>-<i>", cut to 15 characters.
   std::string name_prefix = "runnel";
@@ -103,10 +114,37 @@ struct pool_options {
   std::size_t injection_capacity = 8192;
 };
 
+// thread_pool::stats(): counts since the pool started, summed over its
+// workers, plus each worker's current search budget. Each count is exact once
+// the workers are parked (after wait_idle()); while they run it is a
+// snapshot.
+struct pool_stats {
+  std::uint64_t searches = 0;        // a worker ran out of local and shared work and searched
+  std::uint64_t searches_found = 0;  // ... and the search found a task
+  std::uint64_t search_rounds = 0;   // waiting rounds spent searching (32 pauses or one yield each)
+  std::uint64_t parks = 0;           // a worker announced itself parked (its last look may still find work)
+  std::vector<std::uint32_t> spin_budgets;  // rounds each worker's next search may wait, index = worker
+};
+
 class thread_pool;
 class task_group;
 
 namespace detail {
+
+// The floor of a worker's adaptive search budget (capped by
+// pool_options::spin_rounds): 4 rounds of 32 pauses, a few microseconds (a
+// pause took ~19 ns on the 2-core machine the benches ran on). Not zero, so
+// that work landing just after a worker ran dry is still taken without a
+// futex wake; short enough that a worker whose searches keep running out
+// costs little before it parks. The wake-up handshake does not
+// depend on it (park() re-checks every queue whatever the budget was).
+inline constexpr std::uint32_t min_spin_rounds = 4;
+
+// Adds to a counter that only its owner thread writes: a plain load and
+// store, no read-modify-write. Relaxed: a statistic; other threads only read.
+inline void bump_owned(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
+  c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
+}
 
 // Nested helping (task_group::wait running other tasks) beyond this depth
 // only pops the worker's own deque, so stealing cannot pile up frames until
@@ -124,6 +162,16 @@ struct alignas(false_sharing_range) pool_worker {
   std::uint32_t tick = 0;
   std::uint32_t help_depth = 0;
   bool searching = false;  // counted in the pool's searching workers
+  // Waiting rounds this worker's next search may spend, adapted by
+  // thread_pool::search(). Written by the owner only; atomic (relaxed) so
+  // that thread_pool::stats() can read it.
+  std::atomic<std::uint32_t> spin_budget{0};
+  // Counters for thread_pool::stats(), written by the owner only
+  // (bump_owned()); read relaxed, as statistics.
+  std::atomic<std::uint64_t> searches{0};
+  std::atomic<std::uint64_t> searches_found{0};
+  std::atomic<std::uint64_t> search_rounds{0};
+  std::atomic<std::uint64_t> parks{0};
   // Futex word a parked worker sleeps on: 0 parked, 1 woken. Set to 1 only
   // under the pool's sleep mutex, by the thread that takes the worker off the
   // sleeper list.
@@ -220,7 +268,11 @@ class thread_pool {
       for (std::size_t i = 0; i < n; ++i) cpus_.push_back(allowed[i % allowed.size()]);
     }
     workers_.reserve(n);
-    for (std::size_t i = 0; i < n; ++i) workers_.push_back(std::make_unique<detail::pool_worker>(this, i));
+    for (std::size_t i = 0; i < n; ++i) {
+      workers_.push_back(std::make_unique<detail::pool_worker>(this, i));
+      // Relaxed: published to the worker by std::thread's start.
+      workers_.back()->spin_budget.store(opts_.spin_rounds, std::memory_order_relaxed);
+    }
     // Relaxed: published to the workers by std::thread's start.
     idle_state_.store(n * one_unparked, std::memory_order_relaxed);
     sleeping_.reserve(n);  // park() then never allocates
@@ -336,6 +388,23 @@ class thread_pool {
   static thread_pool* current() noexcept {
     const detail::pool_worker* w = detail::current_worker();
     return w == nullptr ? nullptr : w->pool;
+  }
+
+  // Idle-search statistics, see pool_stats.
+  pool_stats stats() const {
+    pool_stats st;
+    st.spin_budgets.reserve(workers_.size());
+    for (const auto& w : workers_) {
+      // Relaxed: statistics, each written by its worker alone; wait_idle()
+      // (the last park's notification) orders them for a caller that wants
+      // exact counts.
+      st.searches += w->searches.load(std::memory_order_relaxed);
+      st.searches_found += w->searches_found.load(std::memory_order_relaxed);
+      st.search_rounds += w->search_rounds.load(std::memory_order_relaxed);
+      st.parks += w->parks.load(std::memory_order_relaxed);
+      st.spin_budgets.push_back(w->spin_budget.load(std::memory_order_relaxed));
+    }
+    return st;
   }
 
   std::uint64_t error_count() const noexcept {
@@ -596,25 +665,56 @@ class thread_pool {
   // Returns a task (the caller then stops searching), or nullptr when the
   // budget is spent (the caller then parks, still counted as a searcher so
   // that posts keep relying on it until its final re-check).
+  //
+  // The budget adapts per worker, as a spinning mutex adapts its spin to how
+  // long the lock is usually held: spinning pays when work shows up while we
+  // spin, and is pure cost (CPU, and with yields a context switch that hands
+  // our core to whoever waits) when the next task comes long after. So a
+  // search that finds work doubles the budget (back to the cap within a few
+  // searches of a busy stream), and one that runs out halves it, down to
+  // min_spin_rounds. A worker fed a task every few hundred microseconds then
+  // parks after a few microseconds of pauses instead of ~20 us of pauses and
+  // 32 yields; a worker in a fine-grained pipeline, whose searches mostly find
+  // the next batch, keeps spinning instead of paying a futex wake a batch.
+  // The yield phase is tied to the cap (rounds from spin_rounds / 2 on), so
+  // a budget at or below half the cap never yields.
   detail::task_node* search(detail::pool_worker& self) noexcept {
     if (!self.searching) {
       idle_state_.fetch_add(one_searching, std::memory_order_seq_cst);
       self.searching = true;
     }
-    const std::uint32_t rounds = opts_.spin_rounds;
-    for (std::uint32_t r = 0; r <= rounds; ++r) {
-      if (detail::task_node* t = find_remote(self)) return t;
-      if (r == rounds) break;
-      // Pause first; in the second half yield, so that on an oversubscribed
+    // Relaxed (spin_budget): only this thread writes it.
+    const std::uint32_t budget = self.spin_budget.load(std::memory_order_relaxed);
+    const std::uint32_t yield_from = opts_.spin_rounds / 2;
+    detail::bump_owned(self.searches);
+    for (std::uint32_t r = 0;; ++r) {
+      if (detail::task_node* t = find_remote(self)) {
+        detail::bump_owned(self.searches_found);
+        detail::bump_owned(self.search_rounds, r);
+        self.spin_budget.store(grown_budget(budget), std::memory_order_relaxed);
+        return t;
+      }
+      if (r == budget) break;
+      // Pause first; past half the cap yield, so that on an oversubscribed
       // machine the threads that hold work get the core.
-      if (r < rounds / 2) {
+      if (r < yield_from) {
         for (int i = 0; i < 32; ++i) detail::cpu_relax();
       } else {
         std::this_thread::yield();
       }
     }
+    detail::bump_owned(self.search_rounds, budget);
+    self.spin_budget.store(shrunk_budget(budget), std::memory_order_relaxed);
     return nullptr;
   }
+
+  // The budget bounds: [min(min_spin_rounds, cap), cap].
+  std::uint32_t budget_floor() const noexcept { return std::min(detail::min_spin_rounds, opts_.spin_rounds); }
+  std::uint32_t grown_budget(std::uint32_t b) const noexcept {
+    // Doubling from the floor (never 0 unless the cap is 0) reaches any cap.
+    return b >= opts_.spin_rounds / 2 ? opts_.spin_rounds : std::max(2 * b, budget_floor());
+  }
+  std::uint32_t shrunk_budget(std::uint32_t b) const noexcept { return std::max(b / 2, budget_floor()); }
 
   // Found work: no longer a searcher. The last searcher to leave hands the
   // search over to a sleeper when more work is queued (see
@@ -637,6 +737,7 @@ class thread_pool {
   // fence, so our re-check sees the task. Posters that skipped because of
   // another searcher or unparked worker are covered by that worker's park().
   bool park(detail::pool_worker& self) noexcept {
+    detail::bump_owned(self.parks);
     bool last = false;
     {
       std::lock_guard lock(sleep_mutex_);
