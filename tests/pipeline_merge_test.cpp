@@ -3,10 +3,13 @@
 // tasks on the same pool, oversubscribed), fair turns checked message by
 // message against a model, no starvation by an always-ready input, one
 // input closing while the others go on, cancel (busy and parked on idle
-// inputs), errors with and without a handler, a one-worker pool, and a
-// lost-wake-up hunt with tiny channels. A stalled run is reported by a
-// generous wait_for, never by timing a healthy one.
+// inputs), errors with and without a handler, a one-worker pool, a
+// lost-wake-up hunt with tiny channels, one message at a time while the
+// merge parks, and a wake handed on to another receiver of an input. A
+// stalled run is reported by a generous wait_for, never by timing a
+// healthy one.
 #include <runnel/pipeline.hpp>
+#include <runnel/select.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -440,6 +443,68 @@ TEST_CASE("merge: lost wake-up hunt with tiny channels and stop-and-go producers
     total += count;
   }
   CHECK(total == static_cast<std::uint64_t>(rounds) * k * per);
+}
+
+TEST_CASE("merge: a message sent while the merge parks is never left behind", "[pipeline][merge]") {
+  // One message at a time, each sent as soon as the previous one was
+  // delivered, so that sends land while the merge is parking on its eight
+  // inputs: a wake-up lost there leaves the message behind for good (no
+  // later send would come to rescue it), which the watchdog reports.
+  thread_pool pool(pool_of(2));
+  const std::uint64_t n = runnel_test::under_sanitizer ? 1500 : 20000;
+  constexpr std::size_t k = 8;
+  auto c = make_channels(k, 4);
+  std::atomic<std::uint64_t> delivered{0};
+  auto run = pipeline{pool}.from_merged(std::move(c.rx)).sink([&](std::uint64_t) { delivered.fetch_add(1); }).run();
+  std::uint64_t sent = 0;
+  bool stalled = false;
+  for (std::uint64_t i = 0; i < n && !stalled; ++i) {
+    // Mostly input 0, which the merge registers first: the widest window.
+    const std::size_t p = i % 2 == 0 ? 0 : i % k;
+    REQUIRE(c.tx[p].send(tag(p, i)).ok());
+    ++sent;
+    const auto since = std::chrono::steady_clock::now();
+    while (delivered.load() != sent && !stalled) {
+      std::this_thread::yield();
+      stalled = std::chrono::steady_clock::now() - since > stall_limit / 6;
+    }
+  }
+  c.tx.clear();  // closing every input ends the run even after a lost wake-up
+  REQUIRE(run.wait_for(stall_limit));
+  INFO("delivered " << delivered.load() << " of " << sent);
+  CHECK_FALSE(stalled);
+  CHECK(delivered.load() == n);
+  check_invariant(run.stats());
+}
+
+TEST_CASE("merge: a merge parked on its output does not keep a wake from another receiver of its input",
+          "[pipeline][merge]") {
+  // The merge's waker stays registered on input a after input b woke it;
+  // then the merge parks on its full output. A select thread sharing input a
+  // parks behind that stale waker. A send on a wakes the list's head, the
+  // stale waker: it must hand the wake on, or the select sleeps with a value
+  // waiting (until the watchdog's time-out).
+  thread_pool pool(pool_of(2));
+  auto [a_tx, a_rx] = runnel::make_channel<int>(4);
+  auto [b_tx, b_rx] = runnel::make_channel<int>(4);
+  auto [o_tx, o_rx] = runnel::make_channel<int>(2);
+  auto run = pipeline{pool}.from_merged(a_rx, b_rx).to(std::move(o_tx)).run();
+  std::this_thread::sleep_for(5ms);  // parked on a and b (else the test proves less, and still passes)
+  for (int i = 0; i < 3; ++i) REQUIRE(b_tx.send(i).ok());
+  while (o_rx.size_approx() != o_rx.capacity()) std::this_thread::yield();
+  std::this_thread::sleep_for(5ms);  // holding the third value, parked on the output
+  std::atomic<int> outcome{-1};
+  std::thread other([&outcome, rx = a_rx] {
+    auto r = runnel::select_for(stall_limit / 6, runnel::recv_arm(rx));
+    outcome = r.ok() ? *r.get<0>() : -2;
+  });
+  std::this_thread::sleep_for(5ms);  // the select is parked behind the merge's waker
+  REQUIRE(a_tx.send(42).ok());
+  other.join();
+  CHECK(outcome.load() == 42);
+  run.cancel();
+  REQUIRE(run.wait_for(stall_limit));
+  check_invariant(run.stats());
 }
 
 TEST_CASE("merge: bad arguments are reported", "[pipeline][merge]") {

@@ -35,8 +35,10 @@
 // waker i again as soon as out[i] is clear.
 //
 // Registrations outlive an activation: a waker left in a list while the
-// lane runs again is harmless (its callback clears its bit and resumes
-// nothing, armed being clear) and covers that input at the next park. When
+// lane runs again is harmless (its callback clears its bit, resumes
+// nothing, armed being clear, and hands the wake on to the channel's next
+// parked receiver, if the channel is readable, as select does) and covers
+// that input at the next park. When
 // parking, the lane registers every open input whose bit is clear (re-
 // checking it, as park_receiver does), then sets armed. No wake-up is lost:
 // a notify on input i after that RMW finds armed set and resumes the lane;
@@ -80,6 +82,7 @@ class merge_node final : public node_base {
       ch_.push_back(pipeline_access<T>::state(rx_[i]));
       wakers_[i].wake = &on_input_wake;
       wakers_[i].node = this;
+      wakers_[i].ch = ch_[i].get();
       wakers_[i].bit = out_bit(i);
     }
     buf_.reserve(batch_);
@@ -113,7 +116,8 @@ class merge_node final : public node_base {
   // One per input; registered in that input's list of parked receivers.
   struct input_waker : waker {
     merge_node* node = nullptr;
-    std::uint64_t bit = 0;  // out_bit(input)
+    channel_state<T>* ch = nullptr;  // the input's channel
+    std::uint64_t bit = 0;           // out_bit(input)
   };
 
   static constexpr std::uint64_t armed_bit = 1;
@@ -121,13 +125,23 @@ class merge_node final : public node_base {
 
   static void on_input_wake(waker* w) noexcept {
     auto* iw = static_cast<input_waker*>(w);
-    merge_node* n = iw->node;  // read before the RMW: after it the lane may reuse iw
+    // Read before the RMW: after it the lane may reuse iw.
+    merge_node* n = iw->node;
+    channel_state<T>* ch = iw->ch;
     // seq_cst RMW: the node's one arbiter of resumptions (header comment);
     // its place in word_'s order against the lane's arming decides who
     // resumes. After it, the node is touched only by a callback that took
     // the armed bit, which the lane then waits for.
     const std::uint64_t prev = n->word_.fetch_and(~(iw->bit | armed_bit));
-    if ((prev & armed_bit) != 0) n->st.resume(&n->lane_);
+    if ((prev & armed_bit) != 0) {
+      n->st.resume(&n->lane_);
+    } else {
+      // Not parked on its inputs: the lane looks at this input anyway, but
+      // another receiver of the channel (a thread, a select, a task) asleep
+      // behind this stale registration may be the one this wake was for.
+      // Hand it on, as select does; the notifier keeps the channel alive.
+      ch->pass_on_receiver_wake();
+    }
   }
 
   // Takes the armed bit back; true when it was still set (nobody else will
