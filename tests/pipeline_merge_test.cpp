@@ -493,14 +493,25 @@ TEST_CASE("merge: a merge parked on its output does not keep a wake from another
   for (int i = 0; i < 3; ++i) REQUIRE(b_tx.send(i).ok());
   while (o_rx.size_approx() != o_rx.capacity()) std::this_thread::yield();
   std::this_thread::sleep_for(5ms);  // holding the third value, parked on the output
+  auto [rescue_tx, rescue_rx] = runnel::make_channel<int>(2);
   std::atomic<int> outcome{-1};
-  std::thread other([&outcome, rx = a_rx] {
-    auto r = runnel::select_for(stall_limit / 6, runnel::recv_arm(rx));
-    outcome = r.ok() ? *r.get<0>() : -2;
+  std::thread other([&outcome, rx = a_rx, rescue = rescue_rx] {
+    auto r = runnel::select(runnel::recv_arm(rx), runnel::recv_arm(rescue));
+    outcome = r.index() == 0 && r.ok() ? *r.get<0>() : -2;
   });
   std::this_thread::sleep_for(5ms);  // the select is parked behind the merge's waker
   REQUIRE(a_tx.send(42).ok());
+  // A select that missed its wake sleeps for ever: the watchdog wakes it
+  // through its second arm and reports it.
+  bool stalled = false;
+  const auto since = std::chrono::steady_clock::now();
+  while (outcome.load() == -1 && !stalled) {
+    std::this_thread::yield();
+    stalled = std::chrono::steady_clock::now() - since > stall_limit / 6;
+  }
+  if (stalled) REQUIRE(rescue_tx.send(0).ok());
   other.join();
+  CHECK_FALSE(stalled);
   CHECK(outcome.load() == 42);
   run.cancel();
   REQUIRE(run.wait_for(stall_limit));
