@@ -258,7 +258,7 @@ TEST_CASE("merge: producer tasks on a one-worker pool, merged and staged, finish
     for (std::size_t p = 0; p < k; ++p) {
       producers.push_back(runnel::produce(
           pool, std::move(c.tx[p]),
-          [p, i = std::uint64_t{0}, per]() mutable -> std::optional<std::uint64_t> {
+          [p, i = std::uint64_t{0}]() mutable -> std::optional<std::uint64_t> {
             if (i == per) return std::nullopt;
             return tag(p, i++);
           },
@@ -288,7 +288,7 @@ TEST_CASE("merge: the outputs of several pipelines, merged", "[pipeline][merge]"
   std::vector<runnel::pipeline_handle> feeds;
   for (std::size_t p = 0; p < k; ++p) {
     feeds.push_back(pipeline{pool}
-                        .source([i = std::uint64_t{0}, per]() mutable -> std::optional<std::uint64_t> {
+                        .source([i = std::uint64_t{0}]() mutable -> std::optional<std::uint64_t> {
                           if (i == per) return std::nullopt;
                           return i++;
                         })
@@ -426,7 +426,7 @@ TEST_CASE("merge: lost wake-up hunt with tiny channels and stop-and-go producers
                    .from_merged(std::move(c.rx), {.capacity = 1, .batch = 1 + static_cast<std::size_t>(round % 3)})
                    .sink([&](std::uint64_t) { ++count; }, {.batch = 1})
                    .run();
-    runnel_test::run_threads(k, [&c, round, per](std::size_t p) {
+    runnel_test::run_threads(k, [&c, round](std::size_t p) {
       auto tx = std::move(c.tx[p]);
       // try_send and yield rather than send: a blocked send sleeps on a
       // futex, and on a loaded machine those sleeps, not the merge, would
