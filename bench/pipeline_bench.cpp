@@ -12,6 +12,15 @@
 //                 std::threads, a second queue into a sink thread that
 //                 reorders by sequence number (the source runs on the
 //                 benchmark thread).
+//   merge/<k>in/<t>T:<impl>
+//       k outside threads each send items / k messages (blocking send) to a
+//       sink (sum) on a t-worker pool:
+//         runnel_merged  a channel each, pipeline{pool}.from_merged(rx...);
+//                        the merge node is a hop of its own before the sink;
+//         from           one channel shared by the k threads,
+//                        pipeline{pool}.from(rx): the sink reads it directly.
+//       The ratio is what fair turns over k channels (and the extra hop) cost
+//       against plain fan-in through one channel.
 //   cacheline/pingpong:atomic  the physical floor of a hop between two
 //       cores: one cache line bounced between two threads (ns/transfer).
 //   pingpong:<impl>   one message to another outside thread and back:
@@ -162,6 +171,40 @@ void BM_pipeline_mutex(benchmark::State& state) {
   finish(state, items, checksum);
 }
 
+// ---- merge ---------------------------------------------------------------------
+
+void BM_merge(benchmark::State& state, bool merged) {
+  const auto k = static_cast<std::size_t>(state.range(0));
+  const auto threads = static_cast<std::size_t>(state.range(1));
+  const std::uint64_t per = items_for(0) / k;
+  runnel::thread_pool pool({.threads = threads, .pin = false});
+  std::uint64_t checksum = 0;
+  for (auto _ : state) {
+    std::vector<runnel::sender<std::uint64_t>> tx;
+    std::vector<runnel::receiver<std::uint64_t>> rx;
+    for (std::size_t i = 0; i < (merged ? k : 1); ++i) {
+      auto [t, r] = runnel::make_channel<std::uint64_t>(tokens);
+      tx.push_back(std::move(t));
+      rx.push_back(std::move(r));
+    }
+    std::uint64_t sum = 0;
+    auto sink = [&sum](std::uint64_t v) { sum += v; };
+    auto run = merged ? runnel::pipeline{pool}.from_merged(std::move(rx)).sink(sink).run()
+                      : runnel::pipeline{pool}.from(std::move(rx[0])).sink(sink).run();
+    std::vector<std::thread> producers;
+    for (std::size_t p = 0; p < k; ++p) {
+      producers.emplace_back([t = tx[merged ? p : 0], per]() mutable {
+        for (std::uint64_t i = 0; i < per; ++i) (void)t.send(i);  // never closed before the last send
+      });
+    }
+    tx.clear();
+    for (auto& t : producers) t.join();
+    run.wait();
+    checksum += sum;
+  }
+  finish(state, per * k, checksum);
+}
+
 // ---- ping-pong ----------------------------------------------------------------
 
 void BM_pingpong_runnel(benchmark::State& state) {
@@ -251,6 +294,13 @@ void register_all() {
       timed(benchmark::RegisterBenchmark((group + "tbb").c_str(), BM_pipeline_tbb)->Args({w, t}));
 #endif
       timed(benchmark::RegisterBenchmark((group + "mutex").c_str(), BM_pipeline_mutex)->Args({w, t}));
+    }
+  }
+  for (std::int64_t k : {2, 4}) {
+    for (std::int64_t t = 1; t <= n; ++t) {
+      std::string group = "merge/" + std::to_string(k) + "in/" + std::to_string(t) + "T:";
+      timed(benchmark::RegisterBenchmark((group + "runnel_merged").c_str(), BM_merge, true)->Args({k, t}));
+      timed(benchmark::RegisterBenchmark((group + "from").c_str(), BM_merge, false)->Args({k, t}));
     }
   }
   auto pingpong = [](benchmark::internal::Benchmark* b) {

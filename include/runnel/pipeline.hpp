@@ -16,7 +16,8 @@
 //       .run();
 //   run.wait();        // rethrows the first error when there is no handler
 //
-// Entry points: pipeline{pool}.source(gen) or .from(receiver); then any
+// Entry points: pipeline{pool}.source(gen), .from(receiver) or
+// .from_merged(rx1, rx2, ...) (several channels, fair turns); then any
 // number of .stage(fn, options); then .sink(fn, options) or .to(sender); then
 // .run(). .on_error(handler) may appear anywhere before run(). Several
 // pipelines may share one pool.
@@ -92,6 +93,7 @@
 #include "channel.hpp"
 #include "detail/deadline.hpp"
 #include "detail/pipeline_nodes.hpp"
+#include "pipeline/merge_node.hpp"
 #include "pipeline/message_fate.hpp"
 #include "pipeline_types.hpp"
 #include "thread_pool.hpp"
@@ -423,6 +425,45 @@ class pipeline {
       throw std::invalid_argument("runnel::pipeline::from: the receiver is empty (default-constructed or moved-from)");
     state("runnel::pipeline::from");
     return pipeline_flow<T>(std::move(st_), nullptr, std::move(rx));
+  }
+
+  // Messages come from several channels of one type (Go's fan-in "merge";
+  // a select over every receiver, in a loop, run as a pool task that parks
+  // on all of them instead of blocking a worker). The inputs take turns: a
+  // turn takes up to opts.batch messages from one input and ends early when
+  // that input is empty, so none is starved while another is always ready,
+  // and each input's messages keep their order. An input closed and drained
+  // drops out; the run ends naturally when every input is. Only
+  // opts.capacity, .batch and .name apply. At most 63 inputs.
+  template <class T>
+  pipeline_flow<T> from_merged(std::vector<receiver<T>> inputs, stage_options opts = {}) {
+    const char* who = "runnel::pipeline::from_merged";
+    if (inputs.empty()) throw std::invalid_argument(std::string(who) + ": needs at least one receiver");
+    if (inputs.size() > detail::max_merge_inputs)
+      throw std::invalid_argument(std::string(who) + ": at most " + std::to_string(detail::max_merge_inputs) +
+                                  " receivers, got " + std::to_string(inputs.size()));
+    for (const auto& rx : inputs)
+      if (!rx.valid())
+        throw std::invalid_argument(std::string(who) +
+                                    ": a receiver is empty (default-constructed or moved-from)");
+    detail::check_options(opts, true, who);
+    auto& s = state(who);
+    auto node = std::make_unique<detail::merge_node<T>>(s, std::move(inputs), opts);
+    auto* port = &node->out_port;
+    node->index = 0;
+    s.nodes.push_back(std::move(node));
+    return pipeline_flow<T>(std::move(st_), port, receiver<T>{});
+  }
+
+  // As above with default options: from_merged(rx1, rx2, ...).
+  template <class T, class... More>
+    requires(std::is_same_v<More, receiver<T>> && ...)
+  pipeline_flow<T> from_merged(receiver<T> first, More... more) {
+    std::vector<receiver<T>> inputs;
+    inputs.reserve(1 + sizeof...(More));
+    inputs.push_back(std::move(first));
+    (inputs.push_back(std::move(more)), ...);
+    return from_merged(std::move(inputs));
   }
 
  private:

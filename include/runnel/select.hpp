@@ -27,7 +27,10 @@
 //   none). Zero or negative timeouts try once; huge ones wait for ever.
 // select and select_for block the calling thread (std::logic_error on the
 // sole worker of a one-worker pool, as recv does); a select whose every arm
-// is disabled throws std::logic_error (it could never return).
+// is disabled throws std::logic_error (it could never return). Inside a
+// pool, a loop of receiving selects over several channels is
+// runnel::pipeline{pool}.from_merged(rx...) (pipeline.hpp): a task parked
+// on every channel, taking fair turns, that never blocks a worker.
 //
 // Fairness. Every scan of the arms polls them in a fresh uniformly random
 // order, so when several arms are ready each is chosen with equal
