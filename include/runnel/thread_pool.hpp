@@ -226,6 +226,7 @@ class thread_pool {
       cpus_.reserve(n);
       for (std::size_t i = 0; i < n; ++i) cpus_.push_back(allowed[i % allowed.size()]);
     }
+    check_layout();
     workers_.reserve(n);
     for (std::size_t i = 0; i < n; ++i) workers_.push_back(std::make_unique<detail::pool_worker>(this, i));
     // Relaxed: published to the workers by std::thread's start.
@@ -471,6 +472,28 @@ class thread_pool {
   static constexpr std::uint64_t one_unparked = detail::idle_counts::one_unparked;
   static std::uint32_t searching_of(std::uint64_t s) noexcept { return detail::idle_counts::searching_of(s); }
   static std::uint32_t unparked_of(std::uint64_t s) noexcept { return detail::idle_counts::unparked_of(s); }
+
+  // The padding is computed by hand: the overflow queue's producer and
+  // consumer sides, the idle state every post reads, the parking lock and
+  // the error counter each start a false-sharing range of their own.
+  // thread_pool holds members of library types, so it is not standard-
+  // layout; g++ and clang compute offsetof for it as usual (no virtual
+  // bases), and the warning is silenced for the check only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"
+  static constexpr void check_layout() noexcept {
+    constexpr std::size_t range = detail::false_sharing_range;
+    static_assert(alignof(thread_pool) >= range && offsetof(thread_pool, overflow_) % range == 0 &&
+                      offsetof(thread_pool, idle_state_) % range == 0 && offsetof(thread_pool, sleep_mutex_) % range == 0 &&
+                      offsetof(thread_pool, errors_) % range == 0,
+                  "the overflow queue, the idle state, the parking lock and the error counter each start a "
+                  "false-sharing range");
+    static_assert(offsetof(thread_pool, idle_state_) - offsetof(thread_pool, overflow_mutex_) >= range &&
+                      offsetof(thread_pool, sleep_mutex_) - offsetof(thread_pool, idle_state_) >= range &&
+                      offsetof(thread_pool, errors_) - offsetof(thread_pool, sleep_mutex_) >= range,
+                  "the idle state, the parking lock and the error counter are a false-sharing range apart");
+  }
+#pragma GCC diagnostic pop
 
   // Under sleep_mutex_: the unparked half of idle_state_ and the sleeper
   // list change together (park(), wake_one(), unpark_self(), shutdown()), so
