@@ -56,8 +56,8 @@ class spsc_queue {
 
   ~spsc_queue() {
     // Relaxed: destruction happens-after every other use of the queue.
-    const std::size_t head = head_.load(std::memory_order_relaxed);
-    const std::size_t tail = tail_.load(std::memory_order_relaxed);
+    [[maybe_unused]] const std::size_t head = head_.load(std::memory_order_relaxed);
+    [[maybe_unused]] const std::size_t tail = tail_.load(std::memory_order_relaxed);
     RUNNEL_ASSERT(tail - head <= capacity() && head == local_head_ && tail == local_tail_,
                   "at destruction at most capacity values are queued and each side's copy of its index is the "
                   "published one");

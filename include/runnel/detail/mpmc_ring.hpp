@@ -146,8 +146,8 @@ class mpmc_ring {
   // use the ring any more.
   ~mpmc_ring() {
     // Relaxed: destruction happens-after every other use of the ring.
-    const std::size_t head = head_.load(std::memory_order_relaxed);
-    const std::size_t tail = tail_.load(std::memory_order_relaxed);
+    [[maybe_unused]] const std::size_t head = head_.load(std::memory_order_relaxed);
+    [[maybe_unused]] const std::size_t tail = tail_.load(std::memory_order_relaxed);
     RUNNEL_ASSERT(sequences_at_rest(head, tail),
                   "at destruction no push or pop is in progress: cells in [head, tail) hold their value "
                   "(seq == pos + 1), the others are free (seq == pos)");
