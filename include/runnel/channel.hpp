@@ -61,6 +61,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "detail/assert.hpp"
 #include "detail/blocking_guard.hpp"
 #include "detail/channel_state.hpp"
 #include "detail/deadline.hpp"
@@ -156,7 +157,9 @@ class channel_handle {
     if (!s_) return;
     // Acq_rel: the last handle's close must come after every other handle's
     // operations (release), and see them (acquire).
-    if (((*s_).*Count).fetch_sub(1, std::memory_order_acq_rel) == 1) s_->close();
+    const std::size_t before = ((*s_).*Count).fetch_sub(1, std::memory_order_acq_rel);
+    RUNNEL_ASSERT(before != 0, "a handle is counted from its construction until its reset, once");
+    if (before == 1) s_->close();
     s_.reset();
   }
 

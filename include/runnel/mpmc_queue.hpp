@@ -46,6 +46,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "detail/assert.hpp"
 #include "detail/event_count.hpp"
 #include "detail/mpmc_ring.hpp"
 
@@ -56,7 +57,16 @@ class mpmc_queue {
  public:
   using value_type = T;
 
-  explicit mpmc_queue(std::size_t capacity) : ring_(capacity) {}
+  explicit mpmc_queue(std::size_t capacity) : ring_(capacity) {
+    // The padding is computed by hand: a sleeper's update of one event count
+    // must not take the other's line, nor the ring's head (the ring pads
+    // itself to the end of its head's range).
+    static_assert(alignof(mpmc_queue) >= detail::false_sharing_range &&
+                      offsetof(mpmc_queue, not_empty_) % detail::false_sharing_range == 0,
+                  "not_empty_ starts a false-sharing range of its own");
+    static_assert(offsetof(mpmc_queue, not_full_) - offsetof(mpmc_queue, not_empty_) >= detail::false_sharing_range,
+                  "the two event counts are a false-sharing range apart");
+  }
   mpmc_queue(const mpmc_queue&) = delete;
   mpmc_queue& operator=(const mpmc_queue&) = delete;
 
@@ -119,6 +129,7 @@ class mpmc_queue {
   template <class InputIt>
   [[nodiscard("only that many values were moved in; the rest are still yours")]] std::size_t try_push_n(InputIt first, std::size_t n) noexcept {
     const std::size_t k = ring_.try_push_n(first, n);
+    RUNNEL_ASSERT(k <= n, "a bulk push moves a prefix of the range");
     if (k != 0) k == 1 ? not_empty_.notify_one() : not_empty_.notify_all();
     return k;
   }
@@ -136,6 +147,7 @@ class mpmc_queue {
           ++out;
         },
         n);
+    RUNNEL_ASSERT(k <= n, "a bulk pop takes at most n values");
     if (k != 0) k == 1 ? not_full_.notify_one() : not_full_.notify_all();
     return k;
   }
@@ -178,6 +190,7 @@ class mpmc_queue {
     detail::spin_then_park(not_empty_, [&](auto policy) noexcept {
       return (cell = ring_.template claim_pop<policy.value>(pos)) != nullptr;
     });
+    RUNNEL_ASSERT(cell != nullptr, "spin_then_park returns once the claim succeeded");
     T* v = cell->value();
     T out(std::move(*v));
     v->~T();

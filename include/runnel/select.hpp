@@ -73,6 +73,7 @@
 #include <utility>
 
 #include "channel.hpp"
+#include "detail/assert.hpp"
 #include "detail/backoff.hpp"
 #include "detail/blocking_guard.hpp"
 #include "detail/deadline.hpp"
@@ -146,6 +147,7 @@ class send_arm {
   friend struct detail::select_core;
 
   channel_status attempt() noexcept {
+    RUNNEL_ASSERT(value_.has_value(), "a send arm holds its value until it fires");
     const channel_status st = s_->try_send(*value_);
     if (st == channel_status::ok) value_.reset();  // moved into the channel
     return st;
@@ -347,15 +349,18 @@ struct select_core {
         else ready = true;
       });
     }
-    if (!ready) parker.sleep_until(deadline);
+    [[maybe_unused]] const bool raised = !ready && parker.sleep_until(deadline);
+    [[maybe_unused]] bool taken = false;
     for (std::size_t i = 0; i < n; ++i) {
       if (!registered[i]) continue;
       const bool back = visit(r.arms_, i, [&](auto& arm) noexcept { return arm.unpark(wakers[i]); });
       if (!back) {
         select_parker::finish(wakers[i]);
         woken[i] = true;
+        taken = true;
       }
     }
+    RUNNEL_ASSERT(!raised || taken, "the parker's word is raised only by a notifier that took one of its wakers");
   }
 
   // Hands on the wakes this call took from arms other than the one that

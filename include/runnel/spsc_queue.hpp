@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "detail/assert.hpp"
 #include "detail/cache_line.hpp"
 #include "detail/event_count.hpp"
 #include "detail/ring_common.hpp"
@@ -47,16 +48,21 @@ class spsc_queue {
 
   explicit spsc_queue(std::size_t capacity)
       : mask_(detail::checked_ring_capacity(capacity, sizeof(slot), "runnel::spsc_queue") - 1),
-        slots_(std::make_unique<slot[]>(mask_ + 1)) {}
+        slots_(std::make_unique<slot[]>(mask_ + 1)) {
+    check_layout();
+  }
   spsc_queue(const spsc_queue&) = delete;
   spsc_queue& operator=(const spsc_queue&) = delete;
 
   ~spsc_queue() {
+    // Relaxed: destruction happens-after every other use of the queue.
+    [[maybe_unused]] const std::size_t head = head_.load(std::memory_order_relaxed);
+    [[maybe_unused]] const std::size_t tail = tail_.load(std::memory_order_relaxed);
+    RUNNEL_ASSERT(tail - head <= capacity() && head == local_head_ && tail == local_tail_,
+                  "at destruction at most capacity values are queued and each side's copy of its index is the "
+                  "published one");
     if constexpr (!std::is_trivially_destructible_v<T>) {
-      // Relaxed: destruction happens-after every other use of the queue.
-      const std::size_t tail = tail_.load(std::memory_order_relaxed);
-      for (std::size_t i = head_.load(std::memory_order_relaxed); i != tail; ++i)
-        slots_[i & mask_].value()->~T();
+      for (std::size_t i = head; i != tail; ++i) slots_[i & mask_].value()->~T();
     }
   }
 
@@ -198,6 +204,8 @@ class spsc_queue {
   }
 
   void publish_push(std::size_t new_tail) noexcept {
+    RUNNEL_ASSERT(new_tail - local_tail_ - 1 < capacity() && new_tail - head_cache_ <= capacity(),
+                  "the producer moves forward and never more than capacity ahead of the head it last read");
     local_tail_ = new_tail;
     // Release: the values are constructed before the consumer sees the index.
     tail_.store(new_tail, std::memory_order_release);
@@ -258,11 +266,31 @@ class spsc_queue {
   }
 
   void publish_pop(std::size_t new_head) noexcept {
+    RUNNEL_ASSERT(new_head - local_head_ - 1 < capacity() && tail_cache_ - new_head <= capacity(),
+                  "the consumer moves forward and never past the tail it last read");
     // Release: the values are moved out and destroyed before the producer
     // may reuse the slots.
     local_head_ = new_head;
     head_.store(new_head, std::memory_order_release);
     not_full_.notify_one();
+  }
+
+  // The padding below is computed by hand: each side's private line, each
+  // shared index and each event count sit a false-sharing range apart.
+  void check_layout() const noexcept {
+    constexpr std::size_t range = detail::false_sharing_range;
+    static_assert(offsetof(spsc_queue, local_tail_) - offsetof(spsc_queue, mask_) >= range,
+                  "the producer's line is a false-sharing range away from the read-only fields");
+    static_assert(offsetof(spsc_queue, local_head_) - offsetof(spsc_queue, local_tail_) >= range,
+                  "the producer's and the consumer's lines are a false-sharing range apart");
+    static_assert(offsetof(spsc_queue, tail_) - offsetof(spsc_queue, local_head_) >= range,
+                  "tail_ is a false-sharing range away from the consumer's line");
+    static_assert(offsetof(spsc_queue, head_) - offsetof(spsc_queue, tail_) >= range,
+                  "head_ and tail_ are a false-sharing range apart");
+    static_assert(offsetof(spsc_queue, not_empty_) - offsetof(spsc_queue, head_) >= range,
+                  "not_empty_ is a false-sharing range away from head_");
+    static_assert(offsetof(spsc_queue, not_full_) - offsetof(spsc_queue, not_empty_) >= range,
+                  "the two event counts are a false-sharing range apart");
   }
 
   // Slipping (see wait_at_edge): aim for two 128-byte blocks of values per

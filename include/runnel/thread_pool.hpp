@@ -74,6 +74,7 @@
 #include <utility>
 #include <vector>
 
+#include "detail/assert.hpp"
 #include "detail/asymmetric_fence.hpp"
 #include "detail/blocking_guard.hpp"
 #include "detail/backoff.hpp"
@@ -82,6 +83,7 @@
 #include "detail/deadline.hpp"
 #include "detail/event_count.hpp"
 #include "detail/mpmc_ring.hpp"
+#include "detail/overflow_queue.hpp"
 #include "detail/task.hpp"
 #include "detail/work_stealing_deque.hpp"
 
@@ -185,6 +187,9 @@ struct alignas(false_sharing_range) pool_worker {
     return rng;
   }
 };
+// Each worker's owner-thread state and futex word sit on lines of their own
+// (the workers are allocated one by one, with this alignment).
+static_assert(alignof(pool_worker) == false_sharing_range, "a pool worker starts a false-sharing range of its own");
 
 // The worker the calling thread is, in whichever pool; nullptr elsewhere.
 inline pool_worker*& current_worker() noexcept {
@@ -239,6 +244,8 @@ inline bool publisher_must_wake(const std::atomic<std::uint64_t>& state, std::si
 template <class Queued>
 bool last_searcher_sees_work(std::atomic<std::uint64_t>& state, std::size_t workers, Queued&& queued) noexcept {
   const std::uint64_t before = state.fetch_sub(idle_counts::one_searching, std::memory_order_seq_cst);
+  // An underflow would borrow from the unparked count in the high half.
+  RUNNEL_ASSERT(idle_counts::searching_of(before) != 0, "a worker stops searching only after it started");
   if (idle_counts::searching_of(before) != 1 || idle_counts::unparked_of(before) >= workers) return false;
   heavy_fence();
   return static_cast<bool>(queued());
@@ -267,6 +274,7 @@ class thread_pool {
       cpus_.reserve(n);
       for (std::size_t i = 0; i < n; ++i) cpus_.push_back(allowed[i % allowed.size()]);
     }
+    check_layout();
     workers_.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
       workers_.push_back(std::make_unique<detail::pool_worker>(this, i));
@@ -438,12 +446,11 @@ class thread_pool {
   // full. While the overflow queue holds anything, new work goes there too,
   // so it queues behind what overflowed. Never fails, never allocates.
   //
-  // The overflow queue is Dmitry Vyukov's intrusive MPSC queue: producers
-  // append with one exchange on overflow_tail_ and then link the previous
-  // node (wait-free); the single consumer is whoever holds overflow_mutex_.
-  // Producers never take the lock. The queue is empty when the tail is the
-  // stub node; between a producer's exchange and its link the consumer sees
-  // "not yet" (and any_queued() still sees work, so nobody parks on it).
+  // The overflow queue is an intrusive MPSC queue (detail/overflow_queue.hpp):
+  // producers append wait-free; the single consumer is whoever holds
+  // overflow_mutex_. Producers never take the lock. Between a producer's
+  // exchange and its link the consumer sees "not yet" (and any_queued()
+  // still sees work, so nobody parks on it).
   //
   // A full ring means the workers are behind. Before overflowing, the poster
   // waits a little (detail::backoff: a few microseconds of pauses, then a few
@@ -453,92 +460,36 @@ class thread_pool {
   // the ring full waits; once the overflow queue holds work, posts append to
   // it directly.
   void inject(detail::task_node* t) noexcept {
-    if (!overflow_nonempty()) {
+    if (!overflow_.nonempty()) {
       if (injection_.try_push(std::move(t))) return;
       detail::backoff bo;
       while (bo.spin()) {
-        if (overflow_nonempty()) break;
+        if (overflow_.nonempty()) break;
         if (injection_.try_push(std::move(t))) return;
       }
     }
-    overflow_push(t);
-  }
-
-  void overflow_push(detail::task_node* t) noexcept {
-    // Relaxed: published by the release store that links t below.
-    t->next.store(nullptr, std::memory_order_relaxed);
-    // acq_rel: acquire so that our link store into prev comes after prev's
-    // own initialisation; release is carried by the link store.
-    detail::task_node* prev = overflow_tail_.exchange(t, std::memory_order_acq_rel);
-    // Release: t (and its callable) is visible to the consumer that follows
-    // this link with an acquire load.
-    prev->next.store(t, std::memory_order_release);
-  }
-
-  bool overflow_nonempty() const noexcept {
-    // Relaxed: a hint for FIFO order and for "is there work"; in park() it
-    // runs after the heavy fence, which orders it (see park()). The head
-    // matters too: a node put back by overflow_unpop() may sit in front of a
-    // stub that is also the tail.
-    return overflow_tail_.load(std::memory_order_relaxed) != &overflow_stub_ ||
-           overflow_head_.load(std::memory_order_relaxed) != &overflow_stub_;
-  }
-
-  // Consumer side; caller holds overflow_mutex_. Oldest node, or nullptr
-  // when empty or when the oldest is still being linked.
-  detail::task_node* overflow_pop() noexcept {
-    // Relaxed (every access to overflow_head_ here): written only under the
-    // lock we hold; other threads read it as a hint only.
-    detail::task_node* head = overflow_head_.load(std::memory_order_relaxed);
-    // Acquire (all loads of `next` here): pairs with the producers' release
-    // link stores, so the node's callable is visible.
-    detail::task_node* next = head->next.load(std::memory_order_acquire);
-    if (head == &overflow_stub_) {
-      if (next == nullptr) return nullptr;
-      overflow_head_.store(next, std::memory_order_relaxed);
-      head = next;
-      next = next->next.load(std::memory_order_acquire);
-    }
-    if (next != nullptr) {
-      overflow_head_.store(next, std::memory_order_relaxed);
-      return head;
-    }
-    // head is the last linked node: take it only if no producer is between
-    // its exchange and its link, by queueing the stub behind it.
-    if (head != overflow_tail_.load(std::memory_order_acquire)) return nullptr;
-    overflow_push(&overflow_stub_);
-    next = head->next.load(std::memory_order_acquire);
-    if (next == nullptr) return nullptr;
-    overflow_head_.store(next, std::memory_order_relaxed);
-    return head;
+    overflow_.push(t);
   }
 
   detail::task_node* pop_injected() noexcept {
     detail::task_node* t = nullptr;
     if (injection_.try_pop(t)) return t;
-    if (!overflow_nonempty()) return nullptr;
+    if (!overflow_.nonempty()) return nullptr;
     std::lock_guard lock(overflow_mutex_);
-    t = overflow_pop();
+    t = overflow_.pop();
     if (t == nullptr) return nullptr;
     // Refill the ring (oldest first) so the next takers need no lock; bounded
-    // to keep the lock hold short. Stops when the ring is full, leaving the
-    // popped node in hand for the next round.
+    // to keep the lock hold short. Stops when the ring is full, putting the
+    // node in hand back at the head for the next round.
     for (int i = 0; i < 256; ++i) {
-      detail::task_node* moved = overflow_pop();
+      detail::task_node* moved = overflow_.pop();
       if (moved == nullptr) break;
       if (!injection_.try_push(std::move(moved))) {
-        overflow_unpop(moved);
+        overflow_.unpop(moved);
         break;
       }
     }
     return t;
-  }
-
-  // Puts back the node overflow_pop() just returned (still under the lock).
-  void overflow_unpop(detail::task_node* t) noexcept {
-    // t was the head before the pop: make it the head again. Its link is
-    // unchanged (the pop only read it). Relaxed: as in overflow_pop().
-    overflow_head_.store(t, std::memory_order_relaxed);
   }
 
   detail::task_node* steal_from_others(detail::pool_worker& self) noexcept {
@@ -572,7 +523,7 @@ class thread_pool {
   // Whether any queue visibly holds work (a push in progress counts).
   bool any_queued() const noexcept {
     if (injection_.size_approx() != 0) return true;
-    if (overflow_nonempty()) return true;
+    if (overflow_.nonempty()) return true;
     for (const auto& w : workers_)
       if (!w->deque.empty()) return true;
     return false;
@@ -591,6 +542,35 @@ class thread_pool {
   static std::uint32_t searching_of(std::uint64_t s) noexcept { return detail::idle_counts::searching_of(s); }
   static std::uint32_t unparked_of(std::uint64_t s) noexcept { return detail::idle_counts::unparked_of(s); }
 
+  // The padding is computed by hand: the overflow queue's producer and
+  // consumer sides, the idle state every post reads, the parking lock and
+  // the error counter each start a false-sharing range of their own.
+  // thread_pool holds members of library types, so it is not standard-
+  // layout; g++ and clang compute offsetof for it as usual (no virtual
+  // bases), and the warning is silenced for the check only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"
+  static constexpr void check_layout() noexcept {
+    constexpr std::size_t range = detail::false_sharing_range;
+    static_assert(alignof(thread_pool) >= range && offsetof(thread_pool, overflow_) % range == 0 &&
+                      offsetof(thread_pool, idle_state_) % range == 0 && offsetof(thread_pool, sleep_mutex_) % range == 0 &&
+                      offsetof(thread_pool, errors_) % range == 0,
+                  "the overflow queue, the idle state, the parking lock and the error counter each start a "
+                  "false-sharing range");
+    static_assert(offsetof(thread_pool, idle_state_) - offsetof(thread_pool, overflow_mutex_) >= range &&
+                      offsetof(thread_pool, sleep_mutex_) - offsetof(thread_pool, idle_state_) >= range &&
+                      offsetof(thread_pool, errors_) - offsetof(thread_pool, sleep_mutex_) >= range,
+                  "the idle state, the parking lock and the error counter are a false-sharing range apart");
+  }
+#pragma GCC diagnostic pop
+
+  // Under sleep_mutex_: the unparked half of idle_state_ and the sleeper
+  // list change together (park(), wake_one(), unpark_self(), shutdown()), so
+  // every worker is in exactly one of them.
+  bool sleepers_counted(std::uint64_t s) const noexcept {
+    return unparked_of(s) + sleeping_.size() == workers_.size();
+  }
+
   // After publishing work: wake one sleeper unless a searcher will find it.
   void notify_one_if_needed() noexcept {
     if (detail::publisher_must_wake(idle_state_, workers_.size())) wake_one();
@@ -603,6 +583,7 @@ class thread_pool {
       // Relaxed: parking happens under this lock; a searcher that started
       // since our first look only makes this wake-up unnecessary.
       const std::uint64_t s = idle_state_.load(std::memory_order_relaxed);
+      RUNNEL_ASSERT(sleepers_counted(s), "every worker is either counted as unparked or on the sleeper list");
       if (searching_of(s) != 0 || sleeping_.empty()) return;
       w = sleeping_.back();
       sleeping_.pop_back();
@@ -720,6 +701,7 @@ class thread_pool {
   // search over to a sleeper when more work is queued (see
   // detail::last_searcher_sees_work() for the handshake).
   void stop_searching(detail::pool_worker& self) noexcept {
+    RUNNEL_ASSERT(self.searching, "only a worker counted as searching stops searching");
     self.searching = false;
     if (detail::last_searcher_sees_work(idle_state_, workers_.size(), [this] { return any_queued(); }))
       notify_one_if_needed();
@@ -780,6 +762,9 @@ class thread_pool {
     std::vector<detail::pool_worker*> woken;
     {
       std::lock_guard lock(sleep_mutex_);
+      // Relaxed: the unparked half changes only under the lock we hold.
+      RUNNEL_ASSERT(sleepers_counted(idle_state_.load(std::memory_order_relaxed)),
+                    "every worker is either counted as unparked or on the sleeper list");
       for (detail::pool_worker* w : sleeping_) {
         idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
         // Release: as in wake_one().
@@ -790,6 +775,8 @@ class thread_pool {
     for (detail::pool_worker* w : woken) detail::futex_wake(w->wake_word, 1);
     for (auto& w : workers_)
       if (w->thread.joinable()) w->thread.join();
+    // The joins order every worker's last park() before this read.
+    RUNNEL_ASSERT(sleeping_.empty(), "a worker leaves the sleeper list before it exits");
     // Work injected concurrently with destruction (a contract violation by
     // the poster) still runs rather than leaking.
     while (detail::task_node* t = pop_injected()) execute(t);
@@ -800,14 +787,9 @@ class thread_pool {
   std::vector<std::unique_ptr<detail::pool_worker>> workers_;
 
   detail::mpmc_ring<detail::task_node*> injection_;
-  // Overflow queue (see inject()): the stub node is never run.
-  detail::task_node overflow_stub_{};
-  // Last node appended; producers exchange it.
-  alignas(detail::false_sharing_range) std::atomic<detail::task_node*> overflow_tail_{&overflow_stub_};
-  // Consumer side: the lock makes whoever holds it the single consumer.
-  alignas(detail::false_sharing_range) std::mutex overflow_mutex_;
-  // Oldest node (or the stub); written only under overflow_mutex_.
-  std::atomic<detail::task_node*> overflow_head_{&overflow_stub_};
+  // Overflow queue (see inject()); its consumer is whoever holds the lock.
+  detail::overflow_queue<detail::task_node> overflow_;
+  std::mutex overflow_mutex_;
 
   // Searching and unparked worker counts (see one_searching). Read by every
   // post; written only when a worker runs dry, parks or is woken, so the

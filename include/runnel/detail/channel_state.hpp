@@ -40,6 +40,7 @@
 #include <optional>
 #include <utility>
 
+#include "assert.hpp"
 #include "event_count.hpp"
 #include "mpmc_ring.hpp"
 #include "task_waiters.hpp"
@@ -66,7 +67,14 @@ class channel_state {
   // task_heavy: pool tasks park on this channel often (a channel between
   // pipeline nodes); see task_waiters for the fence trade-off.
   explicit channel_state(std::size_t capacity, bool task_heavy = false)
-      : ring_(capacity), recv_tasks_(task_heavy), send_tasks_(task_heavy) {}
+      : ring_(capacity), recv_tasks_(task_heavy), send_tasks_(task_heavy) {
+    check_layout();
+  }
+  // Every handle and every pipeline end holds the state alive while it
+  // sends, so none can be in flight here.
+  ~channel_state() {
+    RUNNEL_ASSERT((state_.load() & ~closed_bit) == 0, "no send is in flight when a channel is destroyed");
+  }
   channel_state(const channel_state&) = delete;
   channel_state& operator=(const channel_state&) = delete;
 
@@ -122,6 +130,7 @@ class channel_state {
   template <claimed_cell Policy = claimed_cell::wait, class Sink>
   std::optional<std::size_t> try_recv_n(Sink&& sink, std::size_t n) noexcept {
     std::size_t k = ring_.template try_consume_n<Policy>(sink, n);
+    RUNNEL_ASSERT(k <= n, "a bulk receive takes at most n values");
     if (k == 0) {
       if (!drained_if_closed()) return std::size_t{0};
       // Closed with no send in flight: whatever is in the ring now is all
@@ -242,6 +251,7 @@ class channel_state {
     // seq_cst RMW (release would do for the hand-over of the pushed value;
     // the extra order is free on x86 and keeps the reasoning simple).
     const std::uint64_t prev = state_.fetch_sub(one_sender);
+    RUNNEL_ASSERT(prev >= one_sender, "a send withdraws only after it announced itself");
     if ((prev & closed_bit) != 0 && prev - one_sender == closed_bit) [[unlikely]] {
       wake_receivers_after_last_send();
     }
@@ -263,7 +273,11 @@ class channel_state {
     // Relaxed: ended_ is only set after a seq_cst read of state_ saw the
     // channel closed with nothing in flight, which never changes again; a
     // reader that misses the flag falls back to that same read.
-    if (ended_.load(std::memory_order_relaxed)) return true;
+    if (ended_.load(std::memory_order_relaxed)) {
+      // Relaxed: a check; closed is never cleared and no send enters after.
+      RUNNEL_ASSERT((state_.load(std::memory_order_relaxed) & closed_bit) != 0, "a channel seen drained stays closed");
+      return true;
+    }
     if (state_.load() != closed_bit) return false;
     return true;
   }
@@ -277,6 +291,24 @@ class channel_state {
   bool writable_or_closed() const noexcept {
     return ring_.size_approx() < ring_.capacity() || is_closed();
   }
+
+  // The padding is computed by hand: the sends' word and each side's
+  // waiters start a false-sharing range of their own, past the ring's
+  // padded head. channel_state mixes public and private members, so it is
+  // not standard-layout; g++ and clang compute offsetof for it as usual (no
+  // virtual bases), and the warning is silenced for the check only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"
+  static constexpr void check_layout() noexcept {
+    constexpr std::size_t range = false_sharing_range;
+    static_assert(alignof(channel_state) >= range && offsetof(channel_state, state_) % range == 0 &&
+                      offsetof(channel_state, not_empty_) % range == 0 && offsetof(channel_state, not_full_) % range == 0,
+                  "the sends' word and each side's waiters start a false-sharing range");
+    static_assert(offsetof(channel_state, not_empty_) - offsetof(channel_state, state_) >= range &&
+                      offsetof(channel_state, not_full_) - offsetof(channel_state, not_empty_) >= range,
+                  "the sends' word and each side's waiters are a false-sharing range apart");
+  }
+#pragma GCC diagnostic pop
 
   template <class Cond>
   static bool park(task_waiters& list, waker& w, Cond cond) noexcept {

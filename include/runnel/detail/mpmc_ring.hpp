@@ -53,6 +53,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "assert.hpp"
 #include "atomic_family.hpp"
 #include "cache_line.hpp"
 #include "claimed_cell.hpp"
@@ -85,6 +86,13 @@ class mpmc_ring {
     T* value() noexcept { return std::launder(reinterpret_cast<T*>(this->storage)); }
   };
   static constexpr std::size_t cells_per_line = cell_align < cache_line_size ? cache_line_size / cell_align : 1;
+  // at() maps positions to lines assuming packed cells tile a line exactly
+  // and bigger ones start on a line each.
+  static_assert(std::has_single_bit(cell_align), "the cell alignment is a power of two");
+  static_assert(alignof(cell) == cell_align, "cells are aligned as computed");
+  static_assert(cell_align >= cache_line_size ? sizeof(cell) % cache_line_size == 0
+                                              : sizeof(cell) * cells_per_line == cache_line_size,
+                "packed cells tile a cache line exactly; bigger cells fill whole lines");
   // The array starts on a line boundary, so that each line holds exactly
   // cells_per_line cells.
   static constexpr std::size_t array_align = cell_align > cache_line_size ? cell_align : cache_line_size;
@@ -123,6 +131,7 @@ class mpmc_ring {
         line_bits_(static_cast<unsigned>(std::countr_zero(mask_ + 1)) - slot_bits_),
         line_mask_((std::size_t{1} << line_bits_) - 1),
         cells_(allocate_cells(mask_ + 1)) {
+    check_layout();
     for (std::size_t pos = 0; pos <= mask_; ++pos) {
       // Relaxed: the ring is published to other threads by whatever hands
       // them its address, which happens after construction.
@@ -136,11 +145,16 @@ class mpmc_ring {
   // Destroys the values still queued, each exactly once. No other thread may
   // use the ring any more.
   ~mpmc_ring() {
+    // Relaxed: destruction happens-after every other use of the ring.
+    [[maybe_unused]] const std::size_t head = head_.load(std::memory_order_relaxed);
+    [[maybe_unused]] const std::size_t tail = tail_.load(std::memory_order_relaxed);
+    RUNNEL_ASSERT(sequences_at_rest(head, tail),
+                  "at destruction no push or pop is in progress: cells in [head, tail) hold their value "
+                  "(seq == pos + 1), the others are free (seq == pos)");
     if constexpr (!std::is_trivially_destructible_v<T>) {
-      // Relaxed: destruction happens-after every other use of the ring.
-      const std::size_t tail = tail_.load(std::memory_order_relaxed);
-      for (std::size_t pos = head_.load(std::memory_order_relaxed); pos != tail; ++pos) {
+      for (std::size_t pos = head; pos != tail; ++pos) {
         cell& c = at(pos);
+        // Relaxed: as above.
         if (c.seq.load(std::memory_order_relaxed) == pos + 1) c.value()->~T();
       }
     }
@@ -187,6 +201,8 @@ class mpmc_ring {
   }
 
   void publish(cell* c, std::size_t pos) noexcept {
+    // Relaxed: our own claim's cell; nobody else writes it until we publish.
+    RUNNEL_ASSERT(c->seq.load(std::memory_order_relaxed) == pos, "a push publishes the cell it claimed, once");
     // Release: the value is constructed before a consumer can see the cell full.
     c->seq.store(pos + 1, std::memory_order_release);
   }
@@ -285,6 +301,8 @@ class mpmc_ring {
   }
 
   void release_pop(cell* c, std::size_t pos) noexcept {
+    // Relaxed: our own claim's cell, as in publish().
+    RUNNEL_ASSERT(c->seq.load(std::memory_order_relaxed) == pos + 1, "a pop releases the cell it claimed, once");
     // Release: the value is destroyed before the next lap's producer reuses
     // the cell.
     c->seq.store(pos + mask_ + 1, std::memory_order_release);
@@ -372,6 +390,39 @@ class mpmc_ring {
   }
 
  private:
+  // The padding below is computed by hand: the read-only line, the
+  // producers' tail_ and the consumers' head_ are a false-sharing range apart,
+  // and nothing after head_ shares its range. With clang's view of
+  // std::unique_ptr the ring is not standard-layout; g++ and clang compute
+  // offsetof for it as usual (no virtual bases), and the warning is silenced
+  // for the check only. A model checker's atomics are left unchecked.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winvalid-offsetof"
+  void check_layout() const noexcept {
+    if constexpr (std::is_same_v<Atomics, std_atomics>) {
+      static_assert(offsetof(mpmc_ring, tail_) - offsetof(mpmc_ring, mask_) >= false_sharing_range,
+                    "tail_ is a false-sharing range away from the read-only fields");
+      static_assert(offsetof(mpmc_ring, head_) - offsetof(mpmc_ring, tail_) >= false_sharing_range,
+                    "head_ and tail_ are a false-sharing range apart");
+      static_assert(sizeof(mpmc_ring) - offsetof(mpmc_ring, head_) >= false_sharing_range,
+                    "head_ is padded to the end of its false-sharing range");
+    }
+  }
+#pragma GCC diagnostic pop
+
+  // At destruction: every value in [head, tail) published, every other cell
+  // released for its next lap, and no more than capacity values queued.
+  bool sequences_at_rest(std::size_t head, std::size_t tail) const noexcept {
+    if (tail - head > capacity()) return false;
+    for (std::size_t pos = head; pos != head + capacity(); ++pos) {
+      // Relaxed: destruction happens-after every other use of the ring.
+      const std::size_t seq = at(pos).seq.load(std::memory_order_relaxed);
+      const bool queued = pos - head < tail - head;
+      if (seq != (queued ? pos + 1 : pos)) return false;
+    }
+    return true;
+  }
+
   // The cell at head position `pos` is not ready: has a push claimed it (it
   // is then on its way), or is the ring empty?
   bool push_in_progress_at(std::size_t pos) const noexcept {

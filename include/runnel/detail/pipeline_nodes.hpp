@@ -77,6 +77,7 @@
 #include "../thread_pool.hpp"
 #include "../pipeline_types.hpp"
 #include "../pipeline/message_fate.hpp"
+#include "assert.hpp"
 #include "asymmetric_fence.hpp"
 #include "channel_state.hpp"
 #include "ring_common.hpp"
@@ -132,11 +133,21 @@ class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
 
   // Posts the lane again (after a wake-up: it continues where it parked).
   void resume(lane* l) {
+    assert_unregistered(*l);
     pool.post([self = shared_from_this(), l] { l->run(); });
   }
   // Re-posts behind other waiting work (yield after a busy activation).
   void yield(lane* l) {
+    assert_unregistered(*l);
     pool.post_fair([self = shared_from_this(), l] { l->run(); });
+  }
+  // The lane's one activation (header comment) belongs to whoever schedules
+  // it: a lane still registered in a waiter list could also be scheduled by
+  // that list's notifier, and would then run twice at once.
+  static void assert_unregistered([[maybe_unused]] const lane& l) noexcept {
+    // Relaxed: a lane in no list is written by nobody but its scheduler.
+    RUNNEL_ASSERT(l.owner_.load(std::memory_order_relaxed) == nullptr,
+                  "a lane is scheduled only while it is registered in no waiter list");
   }
 
   bool cancelled() const noexcept { return cancelled_.load(); }
@@ -183,7 +194,9 @@ class pipeline_state : public std::enable_shared_from_this<pipeline_state> {
   }
 
   void node_done() noexcept {
-    if (live_.fetch_sub(1) != 1) return;
+    const std::size_t before = live_.fetch_sub(1);
+    RUNNEL_ASSERT(before != 0, "each node of a started run reports done once");
+    if (before != 1) return;
     std::shared_ptr<pipeline_state> self;
     {
       std::lock_guard lock(m_);
@@ -530,6 +543,7 @@ class source_node final : public node_base {
   }
 
   void finish() noexcept {
+    RUNNEL_ASSERT(pos_ <= buf_.size(), "the source's accepted prefix lies within its buffer");
     discarded.add(buf_.size() - pos_);
     drop_tail(buf_, pos_, message_fate::discarded);
     buf_.clear();
@@ -752,6 +766,7 @@ class stage_node final : public node_base {
       bool complete = false;
       {
         std::lock_guard lock(wm_);
+        RUNNEL_ASSERT(lanes_done_ < workers, "each lane finishes once");
         ++lanes_done_;
         complete = lanes_done_ == workers && !emitting_ && base_ == next_seq_;
         if (complete) emitting_ = true;  // nobody may emit any more
@@ -759,10 +774,18 @@ class stage_node final : public node_base {
       if (complete) node_complete();
       return;
     }
-    if (lanes_done_atomic_.fetch_add(1) + 1 == workers) node_complete();
+    const std::size_t done_before = lanes_done_atomic_.fetch_add(1);
+    RUNNEL_ASSERT(done_before < workers, "each lane finishes once");
+    if (done_before + 1 == workers) node_complete();
   }
 
   void node_complete() noexcept {
+    // Every lane has finished (and the emitter, if any, is done): whatever
+    // the node took in has been sent on, filtered, failed or discarded. The
+    // lanes' relaxed counts are ordered before this by the completion
+    // handshake (the last lane's RMW on the lanes count, or wm_).
+    RUNNEL_ASSERT(in.get() == out.get() + filtered.get() + failed.get() + discarded.get(),
+                  "a completed node accounts for every message it took: in == out + filtered + failed + discarded");
     if constexpr (!is_sink) out_port.finish();
     in_.external.reset();
     st.node_done();
@@ -774,8 +797,10 @@ class stage_node final : public node_base {
     bool become_emitter = false;
     {
       std::lock_guard lock(wm_);
+      RUNNEL_ASSERT(seq0 + l.results.size() - base_ <= window_size_, "results fall inside the reorder window");
       for (std::size_t i = 0; i < l.results.size(); ++i) {
         slot& s = slots_[(seq0 + i) & (window_size_ - 1)];
+        RUNNEL_ASSERT(!s.ready, "each sequence number's slot is filled once before it is emitted");
         s.value = std::move(l.results[i]);
         s.ready = true;
       }
@@ -801,6 +826,7 @@ class stage_node final : public node_base {
         bool complete = false, idle = false;
         {
           std::lock_guard lock(wm_);
+          RUNNEL_ASSERT(emitting_, "emit() runs with the emitter token held");
           std::size_t taken = 0;
           while (taken < batch_ && base_ != next_seq_) {
             slot& s = slots_[base_ & (window_size_ - 1)];

@@ -7,10 +7,14 @@
 #include <string>
 #include <type_traits>
 
+#include "assert.hpp"
+
 namespace runnel::detail {
 
 // Smallest power of two >= n; n must be in (0, 2^63].
 constexpr std::size_t round_up_pow2(std::size_t n) noexcept {
+  // Beyond 2^63 the loop below would shift p out and never end.
+  RUNNEL_ASSERT(n != 0 && n <= (std::size_t{1} << 63), "round_up_pow2 takes n in (0, 2^63]");
   std::size_t p = 1;
   while (p < n) p <<= 1;
   return p;

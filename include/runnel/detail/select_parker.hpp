@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <thread>
 
+#include "assert.hpp"
 #include "backoff.hpp"
 #include "futex.hpp"
 #include "task_waiters.hpp"
@@ -35,6 +36,8 @@ class select_parker {
 
   // Readies w for registration on behalf of this parker.
   void prepare(arm_waker& w) noexcept {
+    // Relaxed: w is not registered, so only this thread touches it.
+    RUNNEL_ASSERT(w.owner_.load(std::memory_order_relaxed) == nullptr, "a waker is readied while it is in no list");
     w.wake = &on_wake;
     w.parker = this;
     // Relaxed: w is not registered anywhere yet; the list's mutex publishes it.
@@ -68,6 +71,10 @@ class select_parker {
   static void on_wake(waker* base) noexcept {
     auto* w = static_cast<arm_waker*>(base);
     select_parker* p = w->parker;
+    // Relaxed: done is written by this function and by prepare(), which the
+    // list's mutex orders before us.
+    RUNNEL_ASSERT(p != nullptr && !w->done.load(std::memory_order_relaxed),
+                  "a readied waker is woken once per registration");
     // Release: the notifier's publish (before its notify) happens-before the
     // sleeper's acquire load of the word.
     p->word_.store(1, std::memory_order_release);

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "assert.hpp"
 #include "cache_line.hpp"
 
 namespace runnel::detail {
@@ -40,10 +41,23 @@ struct alignas(16) task_node {
   std::atomic<task_node*> next;
   alignas(inline_align) unsigned char storage[inline_size];
 
-  void run() { invoke(this, true); }
-  void discard() noexcept { invoke(this, false); }
+  // A node is run or discarded once: invoke() frees it, and in a checked
+  // build the free clears `invoke` (see task_node_cache::deallocate()).
+  void run() {
+    RUNNEL_ASSERT(invoke != nullptr, "a task is run or discarded once");
+    invoke(this, true);
+  }
+  void discard() noexcept {
+    RUNNEL_ASSERT(invoke != nullptr, "a task is run or discarded once");
+    invoke(this, false);
+  }
 };
-static_assert(sizeof(task_node) == cache_line_size);
+// One line per node, the callable's buffer filling it after the two
+// pointers, and no more than the ordinary malloc alignment.
+static_assert(sizeof(task_node) == cache_line_size, "a task node is one cache line");
+static_assert(alignof(task_node) == task_node::inline_align, "a task node needs no over-aligned allocation");
+static_assert(offsetof(task_node, storage) + task_node::inline_size == sizeof(task_node),
+              "the inline buffer fills the node after its two pointers");
 
 // A batch of free nodes: an array of pointers, so taking a node from a batch
 // never reads the node itself (it was most likely last written by another
@@ -80,6 +94,7 @@ class task_node_depot {
 
   // Trades a full batch for an empty one (nullptr: the caller allocates).
   task_node_batch* put_full(task_node_batch* full) noexcept {
+    RUNNEL_ASSERT(full != nullptr && full->count != 0, "only batches holding nodes go to the depot");
     std::lock_guard lock(m_);
     task_node_batch* empty = nullptr;
     if (!empty_.empty()) {
@@ -103,6 +118,7 @@ class task_node_depot {
     if (full_.empty()) return nullptr;
     task_node_batch* full = full_.back();
     full_.pop_back();
+    RUNNEL_ASSERT(full->count != 0, "a batch taken from the depot holds nodes");
     if (empty != nullptr) {
       if (empty_.size() < empty_.capacity()) {
         empty_.push_back(empty);  // capacity reserved: cannot throw
@@ -174,6 +190,9 @@ class task_node_cache {
         return;
       }
     }
+#if RUNNEL_ASSERTS
+    n->invoke = nullptr;  // a second run() or discard() of n now stops at its assert
+#endif
     batch_->items[batch_->count++] = n;
   }
 

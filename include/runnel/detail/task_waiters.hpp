@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <mutex>
 
+#include "assert.hpp"
 #include "asymmetric_fence.hpp"
 
 namespace runnel::detail {
@@ -48,6 +49,12 @@ class task_waiters {
   //             tasks, which park and wake all the time: membarrier would
   //             interrupt every running worker on every park).
   explicit task_waiters(bool symmetric = false) noexcept : symmetric_(symmetric) {}
+  // A waker still registered would be left pointing at a dead list (and its
+  // task never resumed): every owner takes its wakers back or is woken first.
+  ~task_waiters() {
+    RUNNEL_ASSERT(head_ == nullptr && count_.load(std::memory_order_relaxed) == 0,
+                  "a waiter list is destroyed with no waker registered");
+  }
   task_waiters(const task_waiters&) = delete;
   task_waiters& operator=(const task_waiters&) = delete;
 
@@ -56,6 +63,10 @@ class task_waiters {
   void add(waker& w) noexcept {
     {
       std::lock_guard lock(m_);
+      // Relaxed: only list mutex holders write owner_, and a waker that is
+      // not registered is written by nobody but its owner (the caller).
+      RUNNEL_ASSERT(w.owner_.load(std::memory_order_relaxed) == nullptr && w.wake != nullptr,
+                    "a waker is registered in one list at a time, once, with its wake set");
       w.prev_ = tail_;
       w.next_ = nullptr;
       if (tail_ != nullptr) tail_->next_ = &w; else head_ = &w;
@@ -121,13 +132,16 @@ class task_waiters {
   }
 
   void unlink(waker& w) noexcept {
+    // Relaxed: under m_, see add().
+    RUNNEL_ASSERT(w.owner_.load(std::memory_order_relaxed) == this, "a waker is removed from its own list, once");
     if (w.prev_ != nullptr) w.prev_->next_ = w.next_; else head_ = w.next_;
     if (w.next_ != nullptr) w.next_->prev_ = w.prev_; else tail_ = w.prev_;
     w.prev_ = w.next_ = nullptr;
     // Relaxed: under m_, see add().
     w.owner_.store(nullptr, std::memory_order_relaxed);
     // Relaxed: a notifier reading a stale non-zero count only takes the lock.
-    count_.fetch_sub(1, std::memory_order_relaxed);
+    [[maybe_unused]] const std::uint32_t before = count_.fetch_sub(1, std::memory_order_relaxed);
+    RUNNEL_ASSERT(before != 0, "the count of registered wakers never goes below zero");
   }
 
   const bool symmetric_;
