@@ -8,8 +8,12 @@
 // takes those macros away again.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <source_location>
+
+#include <runnel/detail/chrono.hpp>
 
 #include <relacy/relacy.hpp>
 
@@ -46,13 +50,25 @@ inline rl::memory_order to_rl(std::memory_order mo) {
   return rl::mo_seq_cst;
 }
 
-// Weaken: a release store becomes relaxed, an acquire load relaxed. The
-// checker must then report a data race on the values handed over (the test
-// of the test, see relacy_ring_test.cpp).
-enum class weaken { none, release_stores, acquire_loads };
+// Weaken, the tests of the tests (relacy_*_test.cpp): the code under test
+// runs with one kind of ordering taken away, and the checker must then
+// report a failure.
+//   release_stores   a release store becomes relaxed;
+//   acquire_loads    an acquire load becomes relaxed;
+//   seq_cst_thread0  model thread 0's seq_cst operations become
+//                    acquire/release/acq_rel (no StoreLoad order);
+//   seq_cst_others   the same for every other thread;
+//   fences           seq_cst fences become acq_rel fences (no StoreLoad).
+enum class weaken { none, release_stores, acquire_loads, seq_cst_thread0, seq_cst_others, fences };
 
 template <weaken Weaken = weaken::none>
 struct relacy_atomics {
+  // Whether the calling model thread's seq_cst operations are weakened.
+  static bool weak_seq_cst() {
+    if (Weaken != weaken::seq_cst_thread0 && Weaken != weaken::seq_cst_others) return false;
+    return (rl::ctx().current_thread() == 0) == (Weaken == weaken::seq_cst_thread0);
+  }
+
   template <class U>
   class atomic {
    public:
@@ -63,21 +79,65 @@ struct relacy_atomics {
 
     U load(std::memory_order mo, std::source_location l = std::source_location::current()) const {
       if (Weaken == weaken::acquire_loads && mo == std::memory_order_acquire) mo = std::memory_order_relaxed;
+      if (mo == std::memory_order_seq_cst && weak_seq_cst()) mo = std::memory_order_acquire;
       return a_.load(to_rl(mo), where(l));
     }
     void store(U v, std::memory_order mo, std::source_location l = std::source_location::current()) {
       if (Weaken == weaken::release_stores && mo == std::memory_order_release) mo = std::memory_order_relaxed;
+      if (mo == std::memory_order_seq_cst && weak_seq_cst()) mo = std::memory_order_release;
       a_.store(v, to_rl(mo), where(l));
     }
     bool compare_exchange_weak(U& expected, U desired, std::memory_order mo,
                                std::source_location l = std::source_location::current()) {
-      return a_.compare_exchange_weak(expected, desired, to_rl(mo), where(l));
+      return a_.compare_exchange_weak(expected, desired, to_rl(rmw(mo)), where(l));
+    }
+    bool compare_exchange_strong(U& expected, U desired, std::memory_order mo, std::memory_order failure,
+                                 std::source_location l = std::source_location::current()) {
+      if (failure == std::memory_order_seq_cst && weak_seq_cst()) failure = std::memory_order_acquire;
+      return a_.compare_exchange_strong(expected, desired, to_rl(rmw(mo)), where(l), to_rl(failure), where(l));
     }
     U fetch_add(U v, std::memory_order mo, std::source_location l = std::source_location::current()) {
-      return a_.fetch_add(v, to_rl(mo), where(l));
+      return a_.fetch_add(v, to_rl(rmw(mo)), where(l));
+    }
+    U fetch_sub(U v, std::memory_order mo, std::source_location l = std::source_location::current()) {
+      return a_.fetch_sub(v, to_rl(rmw(mo)), where(l));
+    }
+
+    // A modelled futex on this word, as Relacy's own futex(2) model (which
+    // only takes atomic<int>): FUTEX_WAIT makes a full fence, reads the word
+    // and parks in one step (no wake can come between the read and the
+    // park), and may wake spuriously; FUTEX_WAKE makes a full fence and
+    // unparks up to `count` sleepers, who then happen after the waker. This
+    // is the kernel's contract (its futex_wait/futex_wake pair an smp_mb()
+    // each and meet under the hash-bucket lock). A timed wait may time out
+    // at any point the scheduler chooses. Returns false on a time-out.
+    bool futex_wait(U expected, bool timed, std::source_location l) {
+      rl::context& c = rl::ctx();
+      c.sched();
+      c.atomic_thread_fence_seq_cst();
+      U now;
+      {
+        rl::preemption_disabler pd(c);
+        now = a_.load(rl::mo_acquire, where(l));
+      }
+      if (now != expected) return true;
+      return a_.wait(c, timed, true, where(l)) != rl::unpark_reason_timeout;
+    }
+    void futex_wake(int count, std::source_location l) {
+      if (count <= 0) return;
+      rl::context& c = rl::ctx();
+      c.sched();
+      c.atomic_thread_fence_seq_cst();
+      const int most = std::min(count, static_cast<int>(c.get_thread_count()));
+      a_.wake(c, static_cast<rl::thread_id_t>(most), where(l));
     }
 
    private:
+    static std::memory_order rmw(std::memory_order mo) {
+      if (mo == std::memory_order_seq_cst && weak_seq_cst()) return std::memory_order_acq_rel;
+      return mo;
+    }
+
     // mutable: Relacy's load is const, its history bookkeeping is not ours.
     mutable rl::atomic<U> a_;
   };
@@ -85,6 +145,38 @@ struct relacy_atomics {
   // A wait for another thread's claimed cell is a spin: tell the scheduler,
   // so that it runs the other thread instead of exploring the spin forever.
   static void pause_for_claim(unsigned&) { rl::yield(1, RL_INFO); }
+
+  // event_count's handshake. membarrier has no counterpart in the model, so
+  // the model runs the fallback: a seq_cst fence on both sides. (The
+  // membarrier pair is at least as strong: the heavy side makes every
+  // running thread execute a full barrier, which is the fence the light
+  // side leaves out; that step is the kernel's promise, not checked here.)
+  static bool membarrier_ready() { return false; }
+  static void heavy_fence(std::source_location l = std::source_location::current()) { full_fence(l); }
+  static void full_fence(std::source_location l = std::source_location::current()) {
+    rl::atomic_thread_fence(Weaken == weaken::fences ? rl::mo_acq_rel : rl::mo_seq_cst, where(l));
+  }
+
+  static void futex_wait(atomic<std::uint32_t>& word, std::uint32_t expected,
+                         std::source_location l = std::source_location::current()) {
+    word.futex_wait(expected, false, l);
+  }
+  static bool futex_wait_until(atomic<std::uint32_t>& word, std::uint32_t expected,
+                               std::chrono::steady_clock::time_point,
+                               std::source_location l = std::source_location::current()) {
+    return word.futex_wait(expected, true, l);
+  }
+  static void futex_wake(atomic<std::uint32_t>& word, int count,
+                         std::source_location l = std::source_location::current()) {
+    word.futex_wake(count, l);
+  }
 };
+
+// RUNNEL_ASSERT under the model: a broken invariant of the code under test
+// fails the model (with Relacy's history of the run) instead of aborting.
+// See relacy_invariants.hpp.
+inline void invariant_failed(const char* what, const std::source_location& l) {
+  rl::ctx().fail_test(what, rl::test_result_user_assert_failed, where(l));
+}
 
 }  // namespace runnel_model

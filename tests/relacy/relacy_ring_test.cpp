@@ -16,23 +16,20 @@
 // the `give_up` policy where `wait` is needed must each be reported as
 // failing; a checker that passed them would prove nothing.
 //
-// Usage: relacy_ring_test [-v]   (-v prints Relacy's per-model statistics)
+// Usage: relacy_ring_test [-v] [name-part]   (see relacy_check.hpp)
+#include "relacy_invariants.hpp"  // first: see there
+
 #include <runnel/detail/mpmc_ring.hpp>
 
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
-#include <fstream>
-#include <iostream>
-#include <string>
 
-#include "relacy_atomics.hpp"
+#include "relacy_check.hpp"
 
 namespace {
 
 using runnel::detail::claimed_cell;
 using runnel::detail::mpmc_ring;
+using runnel_model::check;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -240,72 +237,33 @@ struct full_empty_edges : rl::test_suite<full_empty_edges, 2> {
   }
 };
 
-bool verbose = false;
-const char* only = nullptr;  // run only the models whose name contains this
-
-// Runs one model; `expect` is the result the checker must report.
-template <class Test>
-bool check(const char* name, rl::scheduler_type_e search, rl::test_result_e expect,
-           unsigned context_bound = 1, rl::iteration_t iterations = 0) {
-  if (only != nullptr && std::strstr(name, only) == nullptr) return true;
-  // A deeper search than CI's, e.g. RUNNEL_RELACY_BOUND=3 (minutes).
-  if (const char* b = std::getenv("RUNNEL_RELACY_BOUND"); b != nullptr && search == rl::fair_context_bound_scheduler_type)
-    context_bound = static_cast<unsigned>(std::atoi(b));
-  // Relacy replaces operator new/delete while a model runs, so its report
-  // cannot go to a growing std::ostringstream: it goes to stdout (-v, or
-  // on an unexpected result, rerun) or to /dev/null.
-  auto run = [&](std::ostream& out) {
-    rl::test_params p;
-    p.search_type = search;
-    p.context_bound = context_bound;
-    if (iterations != 0) p.iteration_count = iterations;
-    p.output_stream = &out;
-    p.progress_stream = &out;
-    rl::simulate<Test>(p);
-    std::fflush(stdout);
-    return p;
-  };
-  std::ofstream null("/dev/null");
-  const rl::test_params p = verbose ? run(std::cout) : run(null);
-  const bool ok = p.test_result == expect;
-  std::printf("%-56s %-6s %s after %llu interleavings (expected %s)\n", name, ok ? "ok" : "FAILED",
-              rl::test_result_str(p.test_result), static_cast<unsigned long long>(p.stop_iteration),
-              rl::test_result_str(expect));
-  if (!ok && !verbose) run(std::cout);
-  std::fflush(stdout);
-  return ok;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "-v") == 0) verbose = true;
-    else only = argv[i];
-  }
+  const runnel_model::check_options o(argc, argv);
   const auto bound = rl::fair_context_bound_scheduler_type;
   const auto random = rl::random_scheduler_type;
   const auto success = rl::test_result_success;
   bool ok = true;
 
-  ok &= check<spsc<weaken::none>>("spsc, 2 cells, 4 values", bound, success, 2);
+  ok &= check<spsc<weaken::none>>(o, "spsc, 2 cells, 4 values", bound, success, 2);
   // Four threads are too many for a systematic search in seconds (context
   // bound 1 runs for minutes): random schedules instead.
-  ok &= check<mpmc_2p2c<weaken::none>>("2P2C, 2 cells, 2 values each (random)", random, success, 0, 100000);
-  ok &= check<try_pop_after_completed_push<true>>("try_pop<wait> after a completed push", bound, success, 2);
-  ok &= check<try_push_after_completed_pop<true>>("try_push<wait> after a completed pop", bound, success, 2);
-  ok &= check<full_empty_edges>("full/empty edges, linearizable tries", bound, success, 2);
+  ok &= check<mpmc_2p2c<weaken::none>>(o, "2P2C, 2 cells, 2 values each (random)", random, success, 0, 100000);
+  ok &= check<try_pop_after_completed_push<true>>(o, "try_pop<wait> after a completed push", bound, success, 2);
+  ok &= check<try_push_after_completed_pop<true>>(o, "try_push<wait> after a completed pop", bound, success, 2);
+  ok &= check<full_empty_edges>(o, "full/empty edges, linearizable tries", bound, success, 2);
 
   // Tests of the tests: each must be caught.
-  ok &= check<spsc<weaken::release_stores>>("[mutant] release stores relaxed: spsc", bound,
+  ok &= check<spsc<weaken::release_stores>>(o, "[mutant] release stores relaxed: spsc", bound,
                                             rl::test_result_data_race);
-  ok &= check<spsc<weaken::acquire_loads>>("[mutant] acquire loads relaxed: spsc", bound,
+  ok &= check<spsc<weaken::acquire_loads>>(o, "[mutant] acquire loads relaxed: spsc", bound,
                                            rl::test_result_data_race);
-  ok &= check<mpmc_2p2c<weaken::release_stores>>("[mutant] release stores relaxed: 2P2C", random,
+  ok &= check<mpmc_2p2c<weaken::release_stores>>(o, "[mutant] release stores relaxed: 2P2C", random,
                                                  rl::test_result_data_race, 0, 20000);
-  ok &= check<try_pop_after_completed_push<false>>("[mutant] try_pop<give_up> after a completed push", bound,
+  ok &= check<try_pop_after_completed_push<false>>(o, "[mutant] try_pop<give_up> after a completed push", bound,
                                                    rl::test_result_user_assert_failed);
-  ok &= check<try_push_after_completed_pop<false>>("[mutant] try_push<give_up> after a completed pop", bound,
+  ok &= check<try_push_after_completed_pop<false>>(o, "[mutant] try_push<give_up> after a completed pop", bound,
                                                    rl::test_result_user_assert_failed);
   return ok ? 0 : 1;
 }

@@ -9,11 +9,22 @@
 //   static void pause_for_claim(unsigned&);  one step of waiting for another
 //                                            thread's claimed cell (a model
 //                                            checker must see it as a yield)
+// and, for event_count's handshake and sleep (event_count.hpp):
+//   static bool membarrier_ready();          whether the asymmetric fence pair
+//                                            is available
+//   static void heavy_fence(), full_fence(); the fences of asymmetric_fence.hpp
+//   static void futex_wait(atomic<std::uint32_t>&, std::uint32_t);
+//   static bool futex_wait_until(atomic<std::uint32_t>&, std::uint32_t, time_point);
+//   static void futex_wake(atomic<std::uint32_t>&, int);   as in futex.hpp
 #pragma once
 
 #include <atomic>
+#include "chrono.hpp"  // not <chrono>: see there
+#include <cstdint>
 
+#include "asymmetric_fence.hpp"
 #include "claimed_cell.hpp"
+#include "futex.hpp"
 
 namespace runnel::detail {
 
@@ -22,6 +33,19 @@ struct std_atomics {
   using atomic = std::atomic<U>;
 
   static void pause_for_claim(unsigned& round) noexcept { detail::pause_for_claim(round); }
+
+  static bool membarrier_ready() noexcept { return detail::membarrier_ready(); }
+  static void heavy_fence() noexcept { detail::heavy_fence(); }
+  static void full_fence() noexcept { detail::full_fence(); }
+
+  static void futex_wait(atomic<std::uint32_t>& word, std::uint32_t expected) noexcept {
+    detail::futex_wait(word, expected);
+  }
+  static bool futex_wait_until(atomic<std::uint32_t>& word, std::uint32_t expected,
+                               std::chrono::steady_clock::time_point deadline) noexcept {
+    return detail::futex_wait_until(word, expected, deadline);
+  }
+  static void futex_wake(atomic<std::uint32_t>& word, int count) noexcept { detail::futex_wake(word, count); }
 };
 
 }  // namespace runnel::detail

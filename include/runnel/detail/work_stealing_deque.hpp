@@ -18,7 +18,12 @@
 //   bottom_ is written only by the owner;
 //   [top_, bottom_) are the live elements of the current buffer;
 //   a buffer replaced by growth stays allocated until the deque dies, since
-//   a thief may still read an element from it (it holds the same values).
+//   a thief may still read an element from it (it holds the same values);
+//   elements are never null (null is the "nothing" answer).
+// The checks that cost nothing but a compare are RUNNEL_ASSERTs.
+//
+// Atomics: the atomic family (detail/atomic_family.hpp); std_atomics except
+// under the model checker (tests/relacy/relacy_deque_test.cpp).
 #pragma once
 
 #include <atomic>
@@ -28,16 +33,23 @@
 #include <type_traits>
 #include <vector>
 
+#include "assert.hpp"
+#include "atomic_family.hpp"
 #include "cache_line.hpp"
 
 namespace runnel::detail {
 
-template <class T>
+template <class T, class Atomics = std_atomics>
 class work_stealing_deque {
   static_assert(std::is_pointer_v<T>, "elements are pointers (null means 'nothing')");
 
+  template <class U>
+  using atomic = typename Atomics::template atomic<U>;
+
   struct buffer {
-    explicit buffer(std::int64_t cap) : mask(cap - 1), slots(new std::atomic<T>[static_cast<std::size_t>(cap)]) {}
+    explicit buffer(std::int64_t cap) : mask(cap - 1), slots(new atomic<T>[static_cast<std::size_t>(cap)]) {
+      RUNNEL_ASSERT(cap >= 2 && (cap & (cap - 1)) == 0, "a buffer's capacity is a power of two");
+    }
     std::int64_t capacity() const noexcept { return mask + 1; }
     // Slots are atomics only because a thief may read a slot the owner is
     // overwriting after a wrap-around (the thief's CAS then fails and the
@@ -47,7 +59,7 @@ class work_stealing_deque {
     void put(std::int64_t i, T v) noexcept { slots[static_cast<std::size_t>(i & mask)].store(v, std::memory_order_relaxed); }
 
     const std::int64_t mask;
-    const std::unique_ptr<std::atomic<T>[]> slots;
+    const std::unique_ptr<atomic<T>[]> slots;
   };
 
  public:
@@ -66,6 +78,7 @@ class work_stealing_deque {
   // Owner only. Never fails (grows instead); may throw std::bad_alloc while
   // growing, in which case the deque is unchanged.
   void push(T v) {
+    RUNNEL_ASSERT(v != nullptr, "null is the 'nothing' answer, never an element");
     // Relaxed: bottom_ is written only by this thread.
     const std::int64_t b = bottom_.load(std::memory_order_relaxed);
     // Acquire: pairs with a thief's CAS on top_, so its read of a slot is
@@ -73,7 +86,10 @@ class work_stealing_deque {
     const std::int64_t t = top_.load(std::memory_order_acquire);
     // Relaxed: buffer_ is written only by this thread.
     buffer* buf = buffer_.load(std::memory_order_relaxed);
+    // Outside pop() top_ never passes bottom_; our t may be stale, so smaller.
+    RUNNEL_ASSERT(t <= b, "top passed bottom outside pop()");
     if (b - t > buf->capacity() - 1) buf = grow(buf, t, b);
+    RUNNEL_ASSERT(b - t < buf->capacity(), "the live elements and the new one fit the buffer");
     buf->put(b, v);
     // Release: the element (and what it points to) is visible to a thief
     // that reads the new bottom.
@@ -94,6 +110,8 @@ class work_stealing_deque {
     // fence. Thieves that read top_ later than our load see this bottom.
     bottom_.store(b, std::memory_order_seq_cst);
     std::int64_t t = top_.load(std::memory_order_seq_cst);
+    // Thieves move top_ only up to the bottom_ they read, at most b + 1.
+    RUNNEL_ASSERT(t <= b + 1, "top passed the old bottom");
     if (t > b) {
       // Empty. Release: keeps every store of bottom_ a release, so a thief
       // reading any of them also sees all earlier pushes.
@@ -101,6 +119,7 @@ class work_stealing_deque {
       return nullptr;
     }
     T v = buf->get(b);
+    RUNNEL_ASSERT(v != nullptr, "a live slot holds an element");
     if (t == b) {
       // The last element: race the thieves for it on top_.
       // Relaxed on failure: we return nothing and read nothing more.
@@ -125,6 +144,8 @@ class work_stealing_deque {
     // Relaxed on failure: the value is discarded.
     if (!top_.compare_exchange_strong(t, t + 1, std::memory_order_seq_cst, std::memory_order_relaxed))
       return nullptr;
+    // Our CAS won slot t while t < b, so the slot held a pushed element.
+    RUNNEL_ASSERT(v != nullptr, "a stolen slot holds an element");
     return v;
   }
 
@@ -147,11 +168,14 @@ class work_stealing_deque {
     return nb;
   }
 
-  alignas(false_sharing_range) std::atomic<std::int64_t> top_{0};
-  alignas(false_sharing_range) std::atomic<std::int64_t> bottom_{0};
-  std::atomic<buffer*> buffer_{nullptr};
+  static constexpr std::size_t tail_bytes = sizeof(atomic<buffer*>) + sizeof(std::vector<int>);
+
+  alignas(false_sharing_range) atomic<std::int64_t> top_{0};
+  alignas(false_sharing_range) atomic<std::int64_t> bottom_{0};
+  atomic<buffer*> buffer_{nullptr};
   std::vector<std::unique_ptr<buffer>> buffers_;  // owner only; all buffers ever used
-  char pad_[false_sharing_range - sizeof(std::atomic<buffer*>) - sizeof(std::vector<int>)]{};
+  // (A model checker's atomics outgrow a line; they need no padding.)
+  char pad_[tail_bytes < false_sharing_range ? false_sharing_range - tail_bytes : 1]{};
 };
 
 }  // namespace runnel::detail
