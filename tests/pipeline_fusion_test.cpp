@@ -1,4 +1,4 @@
-// Tests for fusion (detail/pipeline_nodes.hpp): a stage lane that has just
+// Tests for fusion (pipeline/nodes.hpp): a stage lane that has just
 // pushed a batch into the channel of a serial node runs that node's parked
 // lane in its own task. What must not change: a lone message is passed on
 // at once (no batch waits to fill), order through serial nodes is kept
