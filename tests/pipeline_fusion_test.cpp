@@ -1,4 +1,4 @@
-// Tests for fusion (detail/pipeline_nodes.hpp): a stage lane that has just
+// Tests for fusion (pipeline/nodes.hpp): a stage lane that has just
 // pushed a batch into the channel of a serial node runs that node's parked
 // lane in its own task. What must not change: a lone message is passed on
 // at once (no batch waits to fill), order through serial nodes is kept
@@ -16,27 +16,16 @@
 #include <thread>
 #include <utility>
 
+#include "pipeline_test_support.hpp"
 #include "test_support.hpp"
 
 using runnel::pipeline;
 using runnel::thread_pool;
 
+using runnel_test::check_invariant;
+using runnel_test::pool_of;
+
 namespace {
-
-runnel::pool_options pool_of(std::size_t threads) {
-  runnel::pool_options o;
-  o.threads = threads;
-  o.pin = false;
-  return o;
-}
-
-void check_invariant(const runnel::pipeline_stats& s) {
-  INFO("produced " << s.produced << " delivered " << s.delivered << " filtered " << s.filtered
-                   << " failed " << s.failed << " discarded " << s.discarded);
-  CHECK(s.finished);
-  CHECK(s.produced == s.delivered + s.filtered + s.failed + s.discarded);
-  for (std::size_t i = 0; i + 1 < s.stages.size(); ++i) CHECK(s.stages[i].out == s.stages[i + 1].in);
-}
 
 // A liveness bound, not a timing claim: far beyond any scheduling delay, so
 // it only ends a run that would otherwise hang.

@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "pipeline_test_support.hpp"
 #include "test_support.hpp"
 
 using namespace std::chrono_literals;
@@ -32,30 +33,13 @@ using runnel::receiver;
 using runnel::sender;
 using runnel::thread_pool;
 
+using runnel_test::check_invariant;
+using runnel_test::pool_of;
+
 namespace {
 
 // Far above any healthy run: only a hang reaches it.
 constexpr auto stall_limit = 60s;
-
-runnel::pool_options pool_of(std::size_t threads) {
-  runnel::pool_options o;
-  o.threads = threads;
-  o.pin = false;
-  return o;
-}
-
-void check_invariant(const runnel::pipeline_stats& s) {
-  INFO("produced " << s.produced << " delivered " << s.delivered << " filtered " << s.filtered << " failed "
-                   << s.failed << " discarded " << s.discarded);
-  CHECK(s.finished);
-  CHECK(s.produced == s.delivered + s.filtered + s.failed + s.discarded);
-  for (std::size_t i = 0; i < s.stages.size(); ++i) {
-    const auto& n = s.stages[i];
-    INFO("node " << i << " (" << n.name << ")");
-    CHECK(n.in == n.out + n.filtered + n.failed + n.discarded);
-    if (i + 1 < s.stages.size()) CHECK(n.out == s.stages[i + 1].in);
-  }
-}
 
 // A message: input (producer) p, its i-th value.
 constexpr std::uint64_t tag(std::uint64_t p, std::uint64_t i) { return (p << 32) | i; }

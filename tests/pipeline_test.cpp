@@ -19,30 +19,17 @@
 #include <utility>
 #include <vector>
 
+#include "pipeline_test_support.hpp"
 #include "test_support.hpp"
 
 using runnel::pipeline;
 using runnel::stage_options;
 using runnel::thread_pool;
 
-namespace {
+using runnel_test::check_invariant;
+using runnel_test::pool_of;
 
-void check_invariant(const runnel::pipeline_stats& s) {
-  INFO("produced " << s.produced << " delivered " << s.delivered << " filtered " << s.filtered
-                   << " failed " << s.failed << " discarded " << s.discarded);
-  CHECK(s.finished);
-  CHECK(s.produced == s.delivered + s.filtered + s.failed + s.discarded);
-  for (std::size_t i = 0; i < s.stages.size(); ++i) {
-    const auto& n = s.stages[i];
-    INFO("node " << i << " (" << n.name << ")");
-    if (i == 0 && n.name == "source") {
-      CHECK(n.in == n.out + n.discarded);
-    } else {
-      CHECK(n.in == n.out + n.filtered + n.failed + n.discarded);
-    }
-    if (i + 1 < s.stages.size()) CHECK(n.out == s.stages[i + 1].in);
-  }
-}
+namespace {
 
 // A counting source of n values 0..n-1.
 auto counter(std::uint64_t n) {
@@ -50,13 +37,6 @@ auto counter(std::uint64_t n) {
     if (i == n) return std::nullopt;
     return i++;
   };
-}
-
-runnel::pool_options pool_of(std::size_t threads) {
-  runnel::pool_options o;
-  o.threads = threads;
-  o.pin = false;
-  return o;
 }
 
 }  // namespace

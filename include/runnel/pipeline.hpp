@@ -34,7 +34,7 @@
 // messages. A serial node (workers = 1) that is idle may be run by its
 // upstream stage's task right after that task pushed it a batch ("fusion":
 // no pool post; same order, counts and backpressure; see
-// detail/pipeline_nodes.hpp). Results are passed on before a task parks or
+// pipeline/nodes.hpp). Results are passed on before a task parks or
 // yields, so a lone message never waits for a batch to fill.
 //
 // Backpressure. Each node's output channel holds `capacity` messages; a full
@@ -92,7 +92,7 @@
 
 #include "channel.hpp"
 #include "detail/deadline.hpp"
-#include "detail/pipeline_nodes.hpp"
+#include "pipeline/nodes.hpp"
 #include "pipeline/merge_node.hpp"
 #include "pipeline/message_fate.hpp"
 #include "pipeline_types.hpp"
@@ -213,7 +213,7 @@ namespace detail {
 
 // What a callable takes, to name it in a diagnostic: the parameter of a
 // function (pointer) or of a lone non-template operator() (message_param,
-// detail/pipeline_nodes.hpp); for anything else (generic lambda, overloads)
+// pipeline/nodes.hpp); for anything else (generic lambda, overloads)
 // the callable's own type.
 template <class F> struct param_of { using type = F; };
 template <class F>
@@ -364,7 +364,7 @@ class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipelin
   }
 
   // A serial node after an internal channel may be run by its upstream's
-  // lanes in their own tasks (fusion, detail/pipeline_nodes.hpp).
+  // lanes in their own tasks (fusion, pipeline/nodes.hpp).
   template <class Node>
   void link_downstream(Node& node) noexcept {
     if (port_ == nullptr) return;

@@ -1,6 +1,6 @@
 // The public value types of runnel::pipeline (options, failure report,
 // statistics), kept apart from the node machinery so that both
-// pipeline.hpp and detail/pipeline_nodes.hpp can use them. Users include
+// pipeline.hpp and pipeline/nodes.hpp can use them. Users include
 // <runnel/pipeline.hpp>, which includes this header.
 #pragma once
 

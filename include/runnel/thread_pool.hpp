@@ -11,9 +11,10 @@
 // Scheduling. A task posted on a worker of this pool goes to the bottom of
 // that worker's deque (LIFO for the owner, FIFO for thieves). A task posted
 // from any other thread, and every post_fair() task, goes to the shared FIFO.
-// A worker takes, in order: every 61st time the shared FIFO (so post_fair work
-// is never starved by a deque that keeps refilling), its own deque, the shared
-// FIFO, then steals from the other workers, starting at a random victim.
+// A worker takes, in order: every 61st time (detail::fair_poll_interval) the
+// shared FIFO (so post_fair work is never starved by a deque that keeps
+// refilling), its own deque, the shared FIFO, then steals from the other
+// workers, starting at a random victim.
 //
 // Waking. A worker that runs out of work becomes a "searcher" for a bounded
 // number of rounds, then parks on its own futex word. The bound adapts per
@@ -147,6 +148,22 @@ inline constexpr std::uint32_t min_spin_rounds = 4;
 inline void bump_owned(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
   c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
+
+// A worker looks at the shared FIFO before its own deque every this many
+// tasks, so post_fair() work is not starved by a deque that keeps refilling.
+// Prime, so that it does not fall into step with a program's own periodic
+// pattern (a batch of 64 follow-ups, say) and always land on the same task.
+inline constexpr std::uint32_t fair_poll_interval = 61;
+
+// Pauses in one waiting round of an idle search: ~0.6 us here (a pause took
+// ~19 ns), long enough that a round is not just cache traffic on the other
+// workers' deques, short enough that work posted meanwhile waits little.
+inline constexpr int pauses_per_round = 32;
+
+// The most overflow nodes moved back into the shared ring under the overflow
+// lock per take: bounds how long the lock is held while still emptying the
+// overflow queue in a few takes.
+inline constexpr int overflow_refill_batch = 256;
 
 // Nested helping (task_group::wait running other tasks) beyond this depth
 // only pops the worker's own deque, so stealing cannot pile up frames until
@@ -481,7 +498,7 @@ class thread_pool {
     // Refill the ring (oldest first) so the next takers need no lock; bounded
     // to keep the lock hold short. Stops when the ring is full, putting the
     // node in hand back at the head for the next round.
-    for (int i = 0; i < 256; ++i) {
+    for (int i = 0; i < detail::overflow_refill_batch; ++i) {
       detail::task_node* moved = overflow_.pop();
       if (moved == nullptr) break;
       if (!injection_.try_push(std::move(moved))) {
@@ -511,7 +528,7 @@ class thread_pool {
   }
 
   detail::task_node* next_task(detail::pool_worker& self) noexcept {
-    if (++self.tick % 61 == 0) {
+    if (++self.tick % detail::fair_poll_interval == 0) {
       if (detail::task_node* t = pop_injected()) return t;
     }
     if (detail::task_node* t = self.deque.pop()) return t;
@@ -679,7 +696,7 @@ class thread_pool {
       // Pause first; past half the cap yield, so that on an oversubscribed
       // machine the threads that hold work get the core.
       if (r < yield_from) {
-        for (int i = 0; i < 32; ++i) detail::cpu_relax();
+        for (int i = 0; i < detail::pauses_per_round; ++i) detail::cpu_relax();
       } else {
         std::this_thread::yield();
       }

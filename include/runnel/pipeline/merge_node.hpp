@@ -59,7 +59,7 @@
 #include <vector>
 
 #include "../channel.hpp"
-#include "../detail/pipeline_nodes.hpp"
+#include "nodes.hpp"
 
 namespace runnel::detail {
 

@@ -74,14 +74,14 @@
 #include <vector>
 
 #include "../channel.hpp"
-#include "../thread_pool.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/asymmetric_fence.hpp"
+#include "../detail/channel_state.hpp"
+#include "../detail/ring_common.hpp"
+#include "../detail/task_waiters.hpp"
 #include "../pipeline_types.hpp"
-#include "../pipeline/message_fate.hpp"
-#include "assert.hpp"
-#include "asymmetric_fence.hpp"
-#include "channel_state.hpp"
-#include "ring_common.hpp"
-#include "task_waiters.hpp"
+#include "../thread_pool.hpp"
+#include "message_fate.hpp"
 
 namespace runnel::detail {
 
