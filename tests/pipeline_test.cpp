@@ -392,7 +392,7 @@ TEST_CASE("pipeline: the source is not called while its output is full", "[pipel
                    return generated++;
                  }, {.capacity = 4})
                  .sink([&](std::uint64_t) {
-                   for (int i = 0; i < 50; ++i) std::this_thread::yield();  // slow consumer
+                   for (int i = 0; i < 5; ++i) std::this_thread::yield();  // slow consumer
                    ++consumed;
                  }, {.batch = 1})
                  .run();
