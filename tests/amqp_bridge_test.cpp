@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -1120,6 +1121,57 @@ TEST_CASE("the broker gone for a while, then back: the consumer reconnects and n
   CHECK(s.redelivered >= redelivered);
   CHECK(copies.size() == n + dups);
   CHECK(s.unacked == 0);
+}
+
+// A broker that stops answering in the middle of a request (its VM frozen
+// with SIGSTOP: the connection stays open, nothing replies, so the queue
+// declaration and basic.consume time out after connect_timeout) is a lost
+// connection, not a refusal: consume() must not throw. The consumer is kept
+// and started on the next connection, as every consumer is after a
+// reconnect. (The fault harness met this as a consumer process exiting with
+// "consuming from queue 'faults': request timed out" while a quorum queue
+// elected a new leader after a node kill.)
+TEST_CASE("a consume cut by the broker freezing mid-request is kept and starts on the next connection",
+          "[amqp][broker][faults]") {
+  broker* b = broker::get();
+  if (b == nullptr) return;
+  const long vm = b->vm_pid();
+  REQUIRE(vm > 0);
+  const std::size_t n = 500;
+  const std::string q = runnel_test::unique_name("frozen");
+  {
+    raw r(b->port());
+    r.fresh_queue(q);
+    r.publish_n(q, n, [](std::size_t i) { return std::to_string(i); });
+  }
+  auto o = amqp::connection_options::from_url(b->url("connect_timeout=1"));
+  o.reconnect_max_ms = 500;
+  amqp::client c{o};
+  std::optional<runnel::receiver<amqp::delivery>> rx;
+  {
+    struct thaw {  // the broker runs again however this block ends
+      pid_t pid;
+      ~thaw() { ::kill(pid, SIGCONT); }
+    };
+    REQUIRE(::kill(static_cast<pid_t>(vm), SIGSTOP) == 0);
+    const thaw t{static_cast<pid_t>(vm)};
+    REQUIRE_NOTHROW(rx.emplace(c.consume({.queue = q, .prefetch = 50})));
+  }
+  runnel::thread_pool pool{runnel::pool_options{.threads = 2, .pin = false}};
+  seen_log seen;
+  auto run = runnel::pipeline{pool}
+                 .from(std::move(*rx))
+                 .sink([&](amqp::delivery d) { seen.add(std::stoul(d.body), d.redelivered); }, {.workers = 2})
+                 .run();
+  const bool all = eventually([&] { return seen.distinct() == n && c.stats().unacked == 0; });
+  const auto s = c.stats();
+  INFO("delivered " << s.delivered << " acked " << s.acked << " reconnects " << s.reconnects);
+  CHECK(all);
+  CHECK(s.reconnects >= 1);  // the frozen connection was given up and a new one consumed
+  c.close();
+  run.wait();
+  CHECK(seen.get().size() == n);  // the consumer started once: no delivery came twice
+  CHECK(runnel_test::queue_counts(*b, q) == std::pair<long, long>{0, 0});
 }
 
 // Counts this process's open file descriptors: a client that is never

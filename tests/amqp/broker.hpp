@@ -43,6 +43,9 @@ class broker {
     while (!v.empty() && (v.back() == '\n' || v.back() == '\r')) v.pop_back();
     return v;
   }
+  // The pid of the node's Erlang VM (broker.sh writes it to dir()/beam.pid),
+  // for tests that freeze the broker with SIGSTOP; 0 when unknown.
+  long vm_pid() const { return std::atol(run("cat " + dir_ + "/beam.pid 2>/dev/null").c_str()); }
   // rabbitmqctl against this node; returns its output.
   std::string ctl(const std::string& args) const {
     return run(std::string("bash ") + RUNNEL_BROKER_SCRIPT + " ctl " + dir_ + " " + args);

@@ -522,7 +522,7 @@ class core : public std::enable_shared_from_this<core> {
       try {
         if (r->kind == request::consume) add_consumer(*r);
         else if (r->kind == request::publish) add_publisher(*r);
-        else declare(r->copts.queue);
+        else declare_request(r->copts.queue);
       } catch (...) {
         failed = std::current_exception();
       }
@@ -551,7 +551,33 @@ class core : public std::enable_shared_from_this<core> {
   void declare(const std::string& q) {
     amqp_queue_declare(conn_, chan_, amqp_cstring_bytes(q.c_str()), 0, 1, 0, 0, amqp_empty_table);
     check("runnel::amqp: declaring queue '" + q + "'");
+    remember_declared(q);
+  }
+
+  void remember_declared(const std::string& q) {
     if (std::find(declared_.begin(), declared_.end(), q) == declared_.end()) declared_.push_back(q);
+  }
+
+  // True when a request failed because the connection failed under it (an
+  // RPC timed out, the socket closed, the broker forced the connection shut,
+  // as close_all_connections and a node going down do), not because the
+  // broker refused it (a channel closed with 404, 403, ...). Such a request
+  // has not been answered: it is kept and carried out by restore() on the
+  // next connection, as after any reconnect; the I/O loop sees the lost
+  // connection and reconnects under the usual policy.
+  bool cut_off(const error& e) const noexcept {
+    return !connected_ && (e.reply_code() == 0 || e.reply_code() == AMQP_CONNECTION_FORCED);
+  }
+
+  void declare_request(const std::string& q) {
+    try {
+      declare(q);
+    } catch (const error& e) {
+      if (!cut_off(e)) throw;
+      remember_declared(q);  // declared by restore() on the next connection
+      last_error_ = e.what();
+      last_code_ = e.reply_code();
+    }
   }
 
   void start_consumer(consumer& c) {
@@ -570,7 +596,14 @@ class core : public std::enable_shared_from_this<core> {
     c->ch = r.ch;
     c->waker->owner = this;
     c->waker->wake = &core::on_channel_wake;
-    start_consumer(*c);
+    try {
+      start_consumer(*c);
+    } catch (const error& e) {
+      if (!cut_off(e)) throw;
+      // Registered all the same: restore() starts it on the next connection.
+      last_error_ = e.what();
+      last_code_ = e.reply_code();
+    }
     c->ch->senders.fetch_add(1, std::memory_order_relaxed);  // relaxed: no other sender exists yet
     consumers_.push_back(std::move(c));
   }
