@@ -16,17 +16,26 @@
 //                   unit "s" of an inverted rate)
 // Peers: rabbitmq_c_loop, the obvious hand-written single-thread program
 // (consume, compute, publish, ack multiple every 64; no publisher confirms);
+// rabbitmq_c_loop_confirms, the same loop with runnel's guarantee (confirms,
+// pipelined; inputs acked multiple only up to confirmed results);
 // pika_threadpool, pika with a ThreadPoolExecutor(2) and acks via
 // add_callback_threadsafe; pika_2proc, two single-threaded pika processes with
 // a connection each. runnel publishes with confirms and acks only confirmed
 // results. "amqp/idle" reports the CPU use of an idle runnel consumer.
+// Every row counts the CPU a message of the client, of the broker and both;
+// the rows are printed at the end, runnel's with the bounds of its ratios
+// (see bounds_reporter), followed by the ratio table and a table of the
+// targets (W = 0: >= 1.0x rabbitmq_c_loop, >= 20x pika_threadpool; heavy W:
+// >= 1.7x rabbitmq_c_loop) beside the ratios reached and their bounds.
 //
 //   amqp_bench [--smoke] [Google Benchmark flags]   (N: RUNNEL_AMQP_BENCH_N,
 //   default 200000; --smoke: 2000 and no pika peers)
 #include <runnel/amqp.hpp>
 #include <runnel/pipeline.hpp>
 #include <runnel/thread_pool.hpp>
+#include <sched.h>
 #include <sys/resource.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -38,6 +47,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "amqp/bridge_bench.hpp"
 #include "bench_support.hpp"
@@ -154,20 +164,55 @@ struct cpu_mark {
   double involuntary = own_involuntary_switches(who);
 };
 
-// Besides the rate: the broker's and the client's CPU time a message, and
-// the rate the two would allow if together they had every core of the
-// machine and nothing else ran (cores / (broker + client CPU a message)).
-// Where broker and client share the cores, no client of that CPU cost can
-// pass that bound; the ratio rate / bound says how close a run came.
-void report(benchmark::State& state, std::size_t n, double seconds, const cpu_mark& m) {
+// The CPUs this process (and the broker it started, which inherits its
+// affinity) may run on.
+double cpu_count() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) return std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<double>(CPU_COUNT(&set));
+}
+
+// CPU µs the work of one message (W rounds on a 64-byte body) costs this
+// thread, measured over enough messages to be read off the thread's CPU
+// clock (so other load on the machine does not inflate it).
+double work_cpu_us(std::uint64_t w) {
+  const std::size_t reps = w > 100 ? 500 : 200000;
+  std::string body(64, 'x');
+  auto now = [] {
+    timespec t{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return static_cast<double>(t.tv_sec) * 1e6 + static_cast<double>(t.tv_nsec) / 1e3;
+  };
+  const double t0 = now();
+  std::uint64_t sum = 0;
+  for (std::size_t i = 0; i < reps; ++i) {
+    std::memcpy(body.data(), &i, sizeof i);
+    sum += work(body.data(), body.size(), w);
+  }
+  benchmark::DoNotOptimize(sum);
+  return (now() - t0) / static_cast<double>(reps);
+}
+
+// Besides the rate, a message's CPU: the client's (this process, or the pika
+// children), the broker's (its Erlang VM, from /proc), their total, and of
+// the client's the part the work W itself costs (w_cpu_us); ncpu, the CPUs
+// both share. cpu_bound_msg_s = ncpu / total: where broker and client share
+// the CPUs, no client of that cost can pass it. The summary at the end
+// (bounds_reporter) adds, for runnel's rows, the bound a client costing
+// nothing but W could reach.
+void report(benchmark::State& state, std::size_t n, double seconds, const cpu_mark& m, std::uint64_t w) {
   state.SetIterationTime(seconds);
   const double msgs = static_cast<double>(n);
   const double broker_us = 1e6 * (broker_cpu() - m.broker) / msgs;
   const double client_us = 1e6 * (own_cpu(m.who) - m.client) / msgs;
-  const double cores = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
+  const double cores = cpu_count();
   state.counters["items_per_second"] = msgs / seconds;
   state.counters["broker_us_per_msg"] = broker_us;
   state.counters["client_us_per_msg"] = client_us;
+  state.counters["total_us_per_msg"] = broker_us + client_us;
+  state.counters["w_cpu_us"] = work_cpu_us(w);
+  state.counters["ncpu"] = cores;
   state.counters["switches_per_msg"] = (own_switches(m.who) - m.switches) / msgs;
   state.counters["invol_per_msg"] = (own_involuntary_switches(m.who) - m.involuntary) / msgs;
   if (broker_us + client_us > 0) state.counters["cpu_bound_msg_s"] = cores * 1e6 / (broker_us + client_us);
@@ -178,7 +223,7 @@ void report(benchmark::State& state, std::size_t n, double seconds, const cpu_ma
 // reports the rate and CPU and returns the client's final stats.
 template <class Fn>
 runnel::amqp::client_stats run_bridge(benchmark::State& state, std::size_t n, const runnel::amqp::consume_options& co,
-                                      const runnel::amqp::publish_options& po, Fn fn) {
+                                      const runnel::amqp::publish_options& po, std::uint64_t w, Fn fn) {
   const cpu_mark m0;
   runnel::thread_pool pool({.threads = 2, .pin = false});
   runnel::amqp::client c{runnel::amqp::connection_options::from_url(
@@ -198,7 +243,7 @@ runnel::amqp::client_stats run_bridge(benchmark::State& state, std::size_t n, co
   const auto last = clock_type::now();
   c.close();
   run.wait();
-  report(state, n, std::chrono::duration<double>(last - first).count(), m0);
+  report(state, n, std::chrono::duration<double>(last - first).count(), m0, w);
   const runnel::amqp::client_stats st = c.stats();
   state.counters["msgs_per_ack"] = static_cast<double>(n) / static_cast<double>(std::max<std::uint64_t>(1, st.ack_frames));
   return st;
@@ -209,7 +254,7 @@ void bm_runnel(benchmark::State& state, std::uint64_t w) {
   for (auto _ : state) {
     const auto [in, out] = preload(n);
     const auto st = run_bridge(state, n, {.queue = in, .prefetch = bench_prefetch()},
-                               {.routing_key = out, .persistent = false}, [w](runnel::amqp::delivery& d) {
+                               {.routing_key = out, .persistent = false}, w, [w](runnel::amqp::delivery& d) {
                                  const std::uint64_t x = work(d.body.data(), d.body.size(), w);
                                  d.body.assign(reinterpret_cast<const char*>(&x), sizeof x);
                                });
@@ -253,7 +298,7 @@ void bm_kib(benchmark::State& state, bool sealed) {
     const auto [in, out] = preload_kib(n, s);
     runnel::amqp::consume_options co{.queue = in, .prefetch = bench_prefetch()};
     co.open = s;
-    const auto st = run_bridge(state, n, co, {.routing_key = out, .persistent = false, .seal = s},
+    const auto st = run_bridge(state, n, co, {.routing_key = out, .persistent = false, .seal = s}, 0,
                                [](runnel::amqp::delivery&) {});
     state.counters["unopened"] = static_cast<double>(st.unopened);
     check_out(state, out, n);
@@ -313,7 +358,95 @@ void bm_c_loop(benchmark::State& state, std::uint64_t w) {
     amqp_channel_close(conn, 1, AMQP_REPLY_SUCCESS);
     amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(conn);
-    report(state, n, std::chrono::duration<double>(last - first).count(), m0);
+    report(state, n, std::chrono::duration<double>(last - first).count(), m0, w);
+    check_out(state, out, n);
+  }
+}
+
+// (a') The same single-thread loop with the guarantee runnel gives: the
+// channel is in confirm mode, publishes are pipelined (never one confirm
+// awaited per message), and an input is acked (multiple = true, once at
+// least 64 more are settled) only up to the last input whose result the
+// broker confirmed. Confirms arrive between deliveries; the loop reads them
+// where rabbitmq-c hands back a non-delivery frame.
+void bm_c_loop_confirms(benchmark::State& state, std::uint64_t w) {
+  const std::size_t n = n_messages();
+  for (auto _ : state) {
+    const auto [in, out] = preload(n);
+    const cpu_mark m0;
+    amqp_connection_state_t conn = amqp_new_connection();
+    amqp_socket_t* sock = amqp_tcp_socket_new(conn);
+    amqp_socket_open(sock, "127.0.0.1", the_broker().port());
+    amqp_login(conn, "/", 0, 131072, 30, AMQP_SASL_METHOD_PLAIN, "guest", "guest");
+    amqp_channel_open(conn, 1);
+    amqp_confirm_select(conn, 1);
+    amqp_basic_qos(conn, 1, 0, 256, 0);
+    amqp_basic_consume(conn, 1, amqp_cstring_bytes(in.c_str()), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    amqp_basic_properties_t props{};
+    props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
+    props.delivery_mode = 1;
+    clock_type::time_point first{};
+    // input_of[s]: the delivery tag of the input whose result went out as
+    // publish sequence number s (1-based, as the broker counts confirms).
+    std::vector<std::uint64_t> input_of(n + 1, 0);
+    std::vector<bool> single(n + 1, false);  // confirmed singly, above the watermark
+    std::uint64_t published = 0, confirmed = 0, acked_tag = 0, ack_frames = 0;
+    bool failed = false;
+    auto ack_confirmed = [&](std::uint64_t batch) {
+      if (confirmed == 0 || input_of[confirmed] < acked_tag + batch) return;
+      acked_tag = input_of[confirmed];
+      amqp_basic_ack(conn, 1, acked_tag, 1);
+      ++ack_frames;
+    };
+    // Reads the next non-delivery frame: a confirm (advance the watermark
+    // and ack what it covers) or anything else (a failure here).
+    auto read_confirm = [&] {
+      amqp_frame_t f;
+      if (amqp_simple_wait_frame(conn, &f) != AMQP_STATUS_OK || f.frame_type != AMQP_FRAME_METHOD ||
+          f.payload.method.id != AMQP_BASIC_ACK_METHOD) {
+        failed = true;
+        return;
+      }
+      const auto* a = static_cast<const amqp_basic_ack_t*>(f.payload.method.decoded);
+      if (a->multiple) {
+        confirmed = std::max<std::uint64_t>(confirmed, a->delivery_tag);
+      } else if (a->delivery_tag <= n) {
+        single[a->delivery_tag] = true;
+      }
+      while (confirmed < n && single[confirmed + 1]) ++confirmed;
+      ack_confirmed(64);
+    };
+    for (std::size_t i = 0; i < n && !failed;) {
+      amqp_envelope_t env;
+      amqp_maybe_release_buffers(conn);
+      const amqp_rpc_reply_t r = amqp_consume_message(conn, &env, nullptr, 0);
+      if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_UNEXPECTED_STATE) {
+        read_confirm();
+        continue;
+      }
+      if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        failed = true;
+        break;
+      }
+      if (i++ == 0) first = clock_type::now();
+      const std::uint64_t x = work(static_cast<const char*>(env.message.body.bytes), env.message.body.len, w);
+      amqp_bytes_t result{sizeof x, const_cast<std::uint64_t*>(&x)};
+      amqp_basic_publish(conn, 1, amqp_empty_bytes, amqp_cstring_bytes(out.c_str()), 0, 0, &props, result);
+      input_of[++published] = env.delivery_tag;
+      amqp_destroy_envelope(&env);
+    }
+    while (!failed && confirmed < published) read_confirm();
+    if (!failed) ack_confirmed(1);
+    const auto last = clock_type::now();
+    amqp_channel_close(conn, 1, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(conn, AMQP_REPLY_SUCCESS);
+    amqp_destroy_connection(conn);
+    if (failed) {
+      state.SkipWithError("consume or confirm failed");
+      continue;
+    }
+    report(state, n, std::chrono::duration<double>(last - first).count(), m0, w);
+    state.counters["msgs_per_ack"] = static_cast<double>(n) / static_cast<double>(std::max<std::uint64_t>(1, ack_frames));
     check_out(state, out, n);
   }
 }
@@ -347,7 +480,7 @@ void bm_pika(benchmark::State& state, const char* mode, int procs) {
       state.SkipWithError(("pika peer handled " + std::to_string(done) + " of " + std::to_string(n)).c_str());
       continue;
     }
-    report(state, n, last - first, m0);
+    report(state, n, last - first, m0, 0);
     check_out(state, out, n);
   }
 }
@@ -380,18 +513,164 @@ void bm_idle(benchmark::State& state) {
   }
 }
 
+std::string load_average() {
+  FILE* f = std::fopen("/proc/loadavg", "r");
+  if (f == nullptr) return "?";
+  char buf[128] = {};
+  const bool ok = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  if (!ok) return "?";
+  std::string s(buf);
+  // The three averages only.
+  std::size_t cut = 0;
+  for (int fields = 0; cut < s.size() && fields < 3; ++cut)
+    if (s[cut] == ' ') ++fields;
+  return s.substr(0, cut > 0 ? cut - 1 : 0);
+}
+
+// Holds every row to the end of the run, then adds to runnel's rows of the
+// 64-byte groups (amqp/W=0, amqp/W=heavy) the bound a client could reach
+// in this run if it cost nothing but the work W itself and the CPUs were
+// the broker's and its alone:
+//   bound_msg_s   = ncpu / (w_cpu_us + broker_min_us)
+//   bound_vs_loop = bound_msg_s / msg/s of rabbitmq_c_loop in the same group
+//   bound_vs_pika = bound_msg_s / msg/s of pika_threadpool in the same group
+// broker_min_us is the lowest broker CPU a message any client publishing
+// with confirms (runnel, rabbitmq_c_loop_confirms) reached in these groups
+// in this run: the broker's cost a message moves with the client's pace and
+// batching (acks, confirms), so the lowest seen is the most generous
+// estimate of what this traffic needs. No client of that traffic can pass
+// bound_msg_s, so a target above bound_vs_* is out of reach in this run.
+// On a shared machine the peer's rate was measured with part of the CPUs
+// only, which makes bound_vs_* loose; share_bound_vs_* gives runnel the
+// same CPU share the peer's client and broker used in its row instead:
+//   share_bound_vs_loop = total CPU a message of rabbitmq_c_loop / (w_cpu_us + broker_min_us)
+// (an estimate, not a proof: a peer that cannot use every CPU, e.g. one
+// waiting on the broker, leaves a larger share to a client that can).
+// Then prints the rows, the ratio table and a table of the targets, the
+// ratios reached and both bounds.
+class bounds_reporter : public runnel_bench::ratio_reporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    held_.push_back(runs);
+    for (const Run& r : runs)
+      if (r.run_type == Run::RT_Iteration)
+        std::fprintf(stderr, "done %s%s\n", r.run_name.str().c_str(), r.error_occurred ? " (failed)" : "");
+  }
+
+  void Finalize() override {
+    struct row {
+      std::string group, impl;
+      Run* run;
+      double at(const char* k) const {
+        const auto it = run->counters.find(k);
+        return it == run->counters.end() ? 0.0 : it->second.value;
+      }
+    };
+    std::vector<row> rows;
+    for (auto& batch : held_) {
+      for (Run& r : batch) {
+        const bool aggregate = r.run_type == Run::RT_Aggregate;
+        if (r.error_occurred || (r.repetitions > 1 ? !(aggregate && r.aggregate_name == "median") : aggregate)) continue;
+        const std::string& name = r.run_name.function_name;
+        const auto colon = name.rfind(':');
+        if (colon == std::string::npos || !(name.rfind("amqp/W=0:", 0) == 0 || name.rfind("amqp/W=heavy:", 0) == 0))
+          continue;
+        rows.push_back({name.substr(0, colon), name.substr(colon + 1), &r});
+      }
+    }
+    auto confirming = [](const std::string& impl) {
+      return impl.rfind("runnel", 0) == 0 || impl.find("_confirms") != std::string::npos;
+    };
+    auto find = [&rows](const std::string& group, const std::string& impl) -> const row* {
+      for (const row& x : rows)
+        if (x.group == group && x.impl == impl) return &x;
+      return nullptr;
+    };
+    double broker_min = 0;
+    for (const row& x : rows)
+      if (confirming(x.impl) && x.at("broker_us_per_msg") > 0 &&
+          (broker_min == 0 || x.at("broker_us_per_msg") < broker_min))
+        broker_min = x.at("broker_us_per_msg");
+    for (row& x : rows) {
+      if (x.impl.rfind("runnel", 0) != 0 || broker_min <= 0) continue;
+      const double bound = x.at("ncpu") * 1e6 / (x.at("w_cpu_us") + broker_min);
+      x.run->counters["broker_min_us"] = broker_min;
+      x.run->counters["bound_msg_s"] = bound;
+      for (const auto& [peer, key] : {std::pair{"rabbitmq_c_loop", "loop"}, std::pair{"pika_threadpool", "pika"}}) {
+        const row* p = find(x.group, peer);
+        if (p == nullptr || p->at("items_per_second") <= 0) continue;
+        x.run->counters[std::string("bound_vs_") + key] = bound / p->at("items_per_second");
+        x.run->counters[std::string("share_bound_vs_") + key] =
+            p->at("total_us_per_msg") / (x.at("w_cpu_us") + broker_min);
+      }
+    }
+    for (const auto& batch : held_) ratio_reporter::ReportRuns(batch);
+    ratio_reporter::Finalize();
+    if (rows.empty()) return;
+
+    std::printf("\nCPU a message in this run (us; client = this process or the pika processes, broker = its Erlang VM)\n");
+    std::printf("%-14s %-26s %10s %8s %8s %8s %8s %5s\n", "group", "impl", "msg/s", "client", "broker", "total",
+                "W", "ncpu");
+    for (const row& x : rows)
+      std::printf("%-14s %-26s %10.0f %8.1f %8.1f %8.1f %8.2f %5.0f\n", x.group.c_str(), x.impl.c_str(),
+                  x.at("items_per_second"), x.at("client_us_per_msg"), x.at("broker_us_per_msg"),
+                  x.at("total_us_per_msg"), x.at("w_cpu_us"), x.at("ncpu"));
+
+    std::printf("\ntargets: runnel msg/s / peer msg/s reached in this run, and the bounds of that ratio for a client\n"
+                "costing nothing but W (the broker needing %.1f us a message, the least of any client with\n"
+                "confirms here): 'all CPUs' = ncpu / (W + %.1f us) / peer msg/s (cannot be passed in this run);\n"
+                "'same share' = peer's total CPU a message / (W + %.1f us) (runnel given the CPU share the peer\n"
+                "got); load average %s\n",
+                broker_min, broker_min, broker_min, load_average().c_str());
+    std::printf("%-14s %-26s %7s %8s %9s %11s  %s\n", "group", "peer", "target", "reached", "all CPUs", "same share",
+                "");
+    struct target {
+      const char* group;
+      const char* peer;
+      double ratio;
+    };
+    for (const target& t : {target{"amqp/W=0", "rabbitmq_c_loop", 1.0}, target{"amqp/W=0", "pika_threadpool", 20.0},
+                            target{"amqp/W=0", "rabbitmq_c_loop_confirms", 0},
+                            target{"amqp/W=heavy", "rabbitmq_c_loop", 1.7},
+                            target{"amqp/W=heavy", "rabbitmq_c_loop_confirms", 0}}) {
+      const row* ours = find(t.group, "runnel");
+      const row* peer = find(t.group, t.peer);
+      if (ours == nullptr || peer == nullptr || peer->at("items_per_second") <= 0 || broker_min <= 0) continue;
+      const double reached = ours->at("items_per_second") / peer->at("items_per_second");
+      const double w = ours->at("w_cpu_us");
+      const double all = ours->at("ncpu") * 1e6 / (w + broker_min) / peer->at("items_per_second");
+      const double share = peer->at("total_us_per_msg") / (w + broker_min);
+      char tgt[16] = "-";
+      if (t.ratio > 0) std::snprintf(tgt, sizeof tgt, "%.2f", t.ratio);
+      const char* verdict = t.ratio <= 0          ? ""
+                            : reached >= t.ratio  ? "met"
+                            : t.ratio > all       ? "not met: beyond the bound"
+                            : t.ratio > share     ? "not met: beyond the same-share bound"
+                                                  : "not met: within both bounds";
+      std::printf("%-14s %-26s %7s %8.2f %9.2f %11.2f  %s\n", t.group, t.peer, tgt, reached, all, share, verdict);
+    }
+    std::fflush(stdout);
+  }
+
+ private:
+  std::vector<std::vector<Run>> held_;
+};
+
 void register_all() {
   auto reg = [](const std::string& name, auto fn) {
     benchmark::RegisterBenchmark(name.c_str(), fn)->Iterations(1)->UseManualTime()->Unit(benchmark::kMillisecond);
   };
   reg("amqp/W=0:runnel", [](benchmark::State& s) { bm_runnel(s, 0); });
   reg("amqp/W=0:rabbitmq_c_loop", [](benchmark::State& s) { bm_c_loop(s, 0); });
+  reg("amqp/W=0:rabbitmq_c_loop_confirms", [](benchmark::State& s) { bm_c_loop_confirms(s, 0); });
   if (!runnel_bench::smoke) {
     reg("amqp/W=0:pika_threadpool", [](benchmark::State& s) { bm_pika(s, "pool", 1); });
     reg("amqp/W=0:pika_2proc", [](benchmark::State& s) { bm_pika(s, "proc", 2); });
   }
   reg("amqp/W=heavy:runnel", [](benchmark::State& s) { bm_runnel(s, heavy_w()); });
   reg("amqp/W=heavy:rabbitmq_c_loop", [](benchmark::State& s) { bm_c_loop(s, heavy_w()); });
+  reg("amqp/W=heavy:rabbitmq_c_loop_confirms", [](benchmark::State& s) { bm_c_loop_confirms(s, heavy_w()); });
   reg("amqp/W=0,1KiB:runnel_sealed", [](benchmark::State& s) { bm_kib(s, true); });
   reg("amqp/W=0,1KiB:unsealed", [](benchmark::State& s) { bm_kib(s, false); });
   benchmark::RegisterBenchmark("seal/1KiB:runnel_seal_open", bm_seal_kib);
@@ -401,7 +680,8 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::printf("N = %zu messages, heavy W = %llu LCG rounds (~20 us)\n", n_messages(),
-              static_cast<unsigned long long>(heavy_w()));
-  return runnel_bench::run_main(argc, argv, register_all);
+  std::printf("N = %zu messages, heavy W = %llu LCG rounds (~20 us), %.0f CPUs, load average %s\n", n_messages(),
+              static_cast<unsigned long long>(heavy_w()), cpu_count(), load_average().c_str());
+  bounds_reporter reporter;
+  return runnel_bench::run_main(argc, argv, register_all, reporter);
 }

@@ -79,8 +79,9 @@ class ratio_reporter : public benchmark::ConsoleReporter {
 
 // Parses --smoke (ours) and Google Benchmark's flags, calls `register_all`
 // (which may read `smoke` to size the work), then runs every registered
-// benchmark with the ratio table at the end.
-inline int run_main(int argc, char** argv, void (*register_all)()) {
+// benchmark with `reporter` (a ratio_reporter, or one built on it that adds
+// its own summary).
+inline int run_main(int argc, char** argv, void (*register_all)(), ratio_reporter& reporter) {
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::strcmp(argv[i], "--smoke") == 0) {
@@ -93,10 +94,15 @@ inline int run_main(int argc, char** argv, void (*register_all)()) {
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
   if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
-  ratio_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
   return 0;
+}
+
+// The same with the ratio table at the end.
+inline int run_main(int argc, char** argv, void (*register_all)()) {
+  ratio_reporter reporter;
+  return run_main(argc, argv, register_all, reporter);
 }
 
 }  // namespace runnel_bench

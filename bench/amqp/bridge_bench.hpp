@@ -2,7 +2,8 @@
 // message costs, its calibration, and the private broker they run against.
 #pragma once
 
-#include <chrono>
+#include <time.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -20,16 +21,21 @@ inline std::uint64_t work(const char* body, std::size_t len, std::uint64_t w) {
   return x;
 }
 
-// The W that costs about 20 us on this machine, measured once at start-up
-// (so under load it is smaller: the figure is a time, not a count).
+// The W that costs about 20 us of CPU on this machine, measured once at
+// start-up on the thread's CPU clock (a wall-clock probe would shrink W
+// whenever other load on the shared machine preempts it).
 inline std::uint64_t heavy_w() {
   static const std::uint64_t w = [] {
-    using clock_type = std::chrono::steady_clock;
+    auto cpu_ns = [] {
+      timespec t{};
+      ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+      return static_cast<double>(t.tv_sec) * 1e9 + static_cast<double>(t.tv_nsec);
+    };
     const std::uint64_t probe = 2000000;
-    const auto t0 = clock_type::now();
+    const double t0 = cpu_ns();
     volatile std::uint64_t sink = work("calibrate", 9, probe);
     (void)sink;
-    const double ns = std::chrono::duration<double, std::nano>(clock_type::now() - t0).count();
+    const double ns = cpu_ns() - t0;
     return static_cast<std::uint64_t>(20000.0 * static_cast<double>(probe) / ns);  // ~20 us
   }();
   return w;
