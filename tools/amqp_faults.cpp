@@ -378,8 +378,12 @@ std::string self_exe() {
 // the producers all inherit it, so the iptables rules of a network cut never
 // reach the host's namespace. False (and why) where that is not permitted.
 bool enter_private_netns(std::string& why) {
+  // The namespace we are in, to go back to if the new one cannot be used
+  // (a namespace without its loopback would strand the whole run).
+  const int home = ::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
   if (::unshare(CLONE_NEWNET) != 0) {
     why = std::string("unshare(CLONE_NEWNET): ") + std::strerror(errno);
+    if (home >= 0) ::close(home);
     return false;
   }
   const int s = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -390,8 +394,15 @@ bool enter_private_netns(std::string& why) {
     ifr.ifr_flags = static_cast<short>(ifr.ifr_flags | IFF_UP);
     ok = ::ioctl(s, SIOCSIFFLAGS, &ifr) == 0;
   }
-  if (!ok) why = std::string("bringing up lo in the new namespace: ") + std::strerror(errno);
+  if (!ok) {
+    why = std::string("bringing up lo in the new namespace: ") + std::strerror(errno);
+    if (home < 0 || ::setns(home, CLONE_NEWNET) != 0) {
+      std::fprintf(stderr, "amqp_faults: cannot return to the original network namespace: %s\n", std::strerror(errno));
+      std::exit(3);
+    }
+  }
   if (s >= 0) ::close(s);
+  if (home >= 0) ::close(home);
   return ok;
 }
 
