@@ -18,14 +18,23 @@
 // node's Erlang VM (restarted 1-2 s later, in the background; the next node
 // kill waits for it); a memory alarm (set_vm_memory_high_watermark 0 on a
 // random node for 1-2 s, then 0.4), which blocks every publisher in the
-// cluster.
+// cluster; a network cut of one node: iptables DROP rules on its AMQP port
+// (both directions; never the distribution ports, so the cluster is not
+// partitioned) for at least 2.5 heartbeats (2 s) and until every consumer
+// that was connected to it consumes on another node, at most 15 s. The whole
+// run lives in a network namespace of its own (unshare(CLONE_NEWNET) before
+// anything starts; every child inherits it), so the rules never touch the
+// host's; where that or iptables is not permitted, network_cut is SKIPPED
+// (said loudly) and the other kinds run.
 //
 // Then: producers stop, the queue is drained, consumers are stopped with
 // SIGTERM (each must exit within 40 s: else it "hung"), and the logs are
 // checked: every confirmed id processed at least once (lost = 0); nothing
 // processed that was never attempted; duplicates counted, and whether every
-// repeat was marked redelivered; the queue and its dead-letter queue empty.
-// Exit status 0 only when all of that holds. A one-screen summary goes to
+// repeat was marked redelivered; the queue and its dead-letter queue empty;
+// every consumer a network cut silenced consumed on another node before the
+// cut was lifted (the heartbeat noticed the silence). Exit status 0 only
+// when all of that holds. A one-screen summary goes to
 // stdout and the figures to --json.
 //
 // --throughput 1,2,4 measures instead (no faults): a filled queue drained by
@@ -33,6 +42,9 @@
 //
 // --mutant buffered-log makes the consumers log through a stdio buffer that
 // a SIGKILL throws away (acked, never logged): lost > 0, exit status 1.
+// --mutant no-heartbeat runs the consumers with heartbeat=0: a cut consumer
+// never notices the silence, so it is still on the cut node when the cut is
+// lifted: exit status 1.
 #include <runnel/amqp.hpp>
 #include <runnel/pipeline.hpp>
 #include <runnel/thread_pool.hpp>
@@ -41,8 +53,12 @@
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 #include <fcntl.h>
+#include <net/if.h>
 #include <nlohmann/json.hpp>
+#include <sched.h>
 #include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -50,6 +66,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -60,6 +77,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -78,6 +96,11 @@ long long now_ms() {
 }
 
 void sleep_ms(long long ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+// The heartbeat (seconds) of the consumers and producers: a silent peer is
+// noticed after 2 of them (rabbitmq-c's AMQP_STATUS_HEARTBEAT_TIMEOUT), so a
+// cut must last longer than that.
+constexpr int heartbeat_s = 2;
 
 // ---------------------------------------------------------------- consumer
 
@@ -189,7 +212,7 @@ struct producer {
       bool ok = sock != nullptr && amqp_socket_open_noblock(sock, ep.host.c_str(), ep.port, &tv) == AMQP_STATUS_OK;
       if (ok) {
         amqp_set_rpc_timeout(conn, &tv);
-        ok = amqp_login(conn, "/", 0, 131072, 5, AMQP_SASL_METHOD_PLAIN, "guest", "guest").reply_type ==
+        ok = amqp_login(conn, "/", 0, 131072, heartbeat_s, AMQP_SASL_METHOD_PLAIN, "guest", "guest").reply_type ==
              AMQP_RESPONSE_NORMAL;
       }
       if (ok) ok = amqp_channel_open(conn, 1) != nullptr && amqp_get_rpc_reply(conn).reply_type == AMQP_RESPONSE_NORMAL;
@@ -348,6 +371,143 @@ std::string self_exe() {
   return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("amqp_faults");
 }
 
+// ---------------------------------------------------------------- network cut
+
+// Moves this process (before it starts any thread or child) into a network
+// namespace of its own with its loopback up; the cluster, the consumers and
+// the producers all inherit it, so the iptables rules of a network cut never
+// reach the host's namespace. False (and why) where that is not permitted.
+bool enter_private_netns(std::string& why) {
+  // The namespace we are in, to go back to if the new one cannot be used
+  // (a namespace without its loopback would strand the whole run).
+  const int home = ::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+  if (::unshare(CLONE_NEWNET) != 0) {
+    why = std::string("unshare(CLONE_NEWNET): ") + std::strerror(errno);
+    if (home >= 0) ::close(home);
+    return false;
+  }
+  const int s = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+  bool ok = s >= 0 && ::ioctl(s, SIOCGIFFLAGS, &ifr) == 0;
+  if (ok) {
+    ifr.ifr_flags = static_cast<short>(ifr.ifr_flags | IFF_UP);
+    ok = ::ioctl(s, SIOCSIFFLAGS, &ifr) == 0;
+  }
+  if (!ok) {
+    why = std::string("bringing up lo in the new namespace: ") + std::strerror(errno);
+    if (home < 0 || ::setns(home, CLONE_NEWNET) != 0) {
+      std::fprintf(stderr, "amqp_faults: cannot return to the original network namespace: %s\n", std::strerror(errno));
+      std::exit(3);
+    }
+  }
+  if (s >= 0) ::close(s);
+  if (home >= 0) ::close(home);
+  return ok;
+}
+
+// Runs a shell command; its exit status, its output in *out.
+int shell(const std::string& cmd, std::string* out = nullptr) {
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return -1;
+  std::string text;
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, p) != nullptr) text += buf;
+  const int st = ::pclose(p);
+  if (out != nullptr) *out = text;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// The four DROP rules that silence one node's AMQP port (both directions,
+// both chains), and nothing else: its distribution port stays open, so the
+// cluster itself is not partitioned. op is "-I" (insert) or "-D" (delete
+// exactly that rule). Returns how many of the four succeeded.
+int cut_rules(const char* op, int port, std::string& err) {
+  int ok = 0;
+  for (const char* chain : {"INPUT", "OUTPUT"})
+    for (const char* dir : {"--dport", "--sport"}) {
+      std::string out;
+      const std::string cmd = std::string("iptables -w ") + op + " " + chain + " -p tcp " + dir + " " +
+                              std::to_string(port) + " -j DROP";
+      if (shell(cmd, &out) == 0) ++ok;
+      else err += cmd + ": " + out;
+    }
+  return ok;
+}
+
+// The TCP sockets of this network namespace: inode -> (remote port, state),
+// from /proc/net/tcp (every address here is 127.0.0.1).
+struct tcp_socket {
+  int remote_port = 0;
+  int state = 0;  // 1 = ESTABLISHED
+};
+std::map<unsigned long, tcp_socket> tcp_sockets() {
+  std::map<unsigned long, tcp_socket> m;
+  std::ifstream in("/proc/net/tcp");
+  std::string line;
+  std::getline(in, line);  // the header
+  while (std::getline(in, line)) {
+    std::istringstream f(line);
+    std::string sl, local, remote, st, txrx, tr, retr, uid, timeout;
+    unsigned long inode = 0;
+    if (!(f >> sl >> local >> remote >> st >> txrx >> tr >> retr >> uid >> timeout >> inode) || inode == 0) continue;
+    const auto colon = remote.find(':');
+    if (colon == std::string::npos) continue;
+    m[inode] = {static_cast<int>(std::stoul(remote.substr(colon + 1), nullptr, 16)),
+                static_cast<int>(std::stoul(st, nullptr, 16))};
+  }
+  return m;
+}
+
+// The inodes of the sockets process pid holds open.
+std::set<unsigned long> socket_inodes(pid_t pid) {
+  std::set<unsigned long> s;
+  std::error_code ec;
+  for (auto it = std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec);
+       !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    char buf[64];
+    const ssize_t n = ::readlink(it->path().c_str(), buf, sizeof buf - 1);
+    if (n <= 0) continue;
+    const std::string target(buf, static_cast<std::size_t>(n));
+    if (target.rfind("socket:[", 0) == 0) s.insert(std::stoul(target.substr(8)));
+  }
+  return s;
+}
+
+// The remote port of process pid's established connection to one of
+// `ports` (0: none); with established_only = false, any socket of it to one
+// of them (a connection being opened or closed counts too).
+int connected_port(pid_t pid, const std::set<int>& ports, bool established_only = true) {
+  const auto socks = tcp_sockets();
+  for (const auto inode : socket_inodes(pid)) {
+    const auto it = socks.find(inode);
+    if (it != socks.end() && ports.count(it->second.remote_port) != 0 && (!established_only || it->second.state == 1))
+      return it->second.remote_port;
+  }
+  return 0;
+}
+
+// The epoch of the last complete line of a consumer log (0: none yet) and
+// the log's size.
+std::pair<std::uint64_t, std::uint64_t> last_epoch(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return {0, 0};
+  const auto size = static_cast<std::uint64_t>(in.tellg());
+  const std::uint64_t from = size > 4096 ? size - 4096 : 0;
+  in.seekg(static_cast<std::streamoff>(from));
+  std::string tail(size - from, '\0');
+  in.read(tail.data(), static_cast<std::streamsize>(tail.size()));
+  const auto end = tail.rfind('\n');
+  if (end == std::string::npos) return {0, size};
+  const auto begin = tail.rfind('\n', end == 0 ? 0 : end - 1);
+  std::istringstream line(tail.substr(begin == std::string::npos || begin >= end ? 0 : begin + 1));
+  unsigned p = 0;
+  unsigned long long seq = 0, epoch = 0;
+  int redelivered = 0;
+  if (line >> p >> seq >> redelivered >> epoch) return {epoch, size};
+  return {0, size};
+}
+
 struct harness {
   std::string work;  // logs here
   std::string queue = "faults";
@@ -366,7 +526,9 @@ struct harness {
       if (i) u += ",";
       u += e.host + ":" + std::to_string(e.port);
     }
-    return u + "/%2f?heartbeat=4&connect_timeout=3";
+    // The mutant no-heartbeat: heartbeats off, so a silent peer is never
+    // noticed (rabbitmq-c's heartbeat timeout never fires).
+    return u + "/%2f?heartbeat=" + std::to_string(mutant == "no-heartbeat" ? 0 : heartbeat_s) + "&connect_timeout=3";
   }
 
   void spawn(consumer_proc& c) {
@@ -604,8 +766,8 @@ int main(int argc, char** argv) {
   app.add_option("--json", json_path, "where the JSON report goes")->capture_default_str();
   app.add_option("--mutant", mutant,
                  "buffered-log: consumers ack before their log is written; leak-fd: consumers lose a descriptor "
-                 "per reconnect (both must fail)")
-      ->check(CLI::IsMember({"buffered-log", "leak-fd"}));
+                 "per reconnect; no-heartbeat: consumers run with heartbeats off (each must fail)")
+      ->check(CLI::IsMember({"buffered-log", "leak-fd", "no-heartbeat"}));
   app.add_option("--queue-type", queue_type, "quorum or classic")->check(CLI::IsMember({"quorum", "classic"}));
   app.add_option("--cluster-script", script, "examples/cluster/cluster.sh")->capture_default_str();
   app.add_option("--keep", keep_dir, "keep the logs in this directory (default: a temp dir, removed)");
@@ -617,6 +779,27 @@ int main(int argc, char** argv) {
   app.add_option("--throughput-messages", tp_messages, "messages per --throughput case")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (consume->parsed()) return run_consumer(ca);
+
+  // The fault run lives in a network namespace of its own (entered before
+  // any thread or child exists), where the network cut's iptables rules go;
+  // where that is not permitted, network_cut is skipped, loudly, and the
+  // other kinds run on the host's loopback.
+  std::string cut_skipped;  // why network_cut cannot run here (empty: it runs)
+  if (throughput.empty()) {
+    if (!enter_private_netns(cut_skipped)) {
+      cut_skipped = "no private network namespace here (" + cut_skipped + ")";
+    } else if (std::string out; shell("iptables -w -L -n", &out) != 0) {
+      cut_skipped = "iptables is not usable in the private network namespace: " + out;
+    }
+    if (!cut_skipped.empty()) {
+      while (!cut_skipped.empty() && cut_skipped.back() == '\n') cut_skipped.pop_back();
+      std::printf("amqp_faults: SKIPPED network_cut: %s; the other kinds of fault run\n", cut_skipped.c_str());
+      if (mutant == "no-heartbeat") std::printf("amqp_faults: the no-heartbeat mutant cannot be caught without the cut\n");
+    } else {
+      std::printf("amqp_faults: in a private network namespace (network_cut: iptables DROP on one node's AMQP port)\n");
+    }
+    std::fflush(stdout);
+  }
 
   if (seed == 0) seed = static_cast<unsigned>(now_ms());
   std::mt19937 rng(seed);
@@ -697,8 +880,9 @@ int main(int argc, char** argv) {
   for (auto& p : producers) producer_threads.emplace_back([&p] { p->run(); });
 
   // ---- faults
-  enum kind { consumer_kill, close_all, node_kill, mem_alarm, kinds };
-  const char* kind_name[kinds] = {"consumer_kill", "close_all_connections", "node_kill", "memory_alarm"};
+  enum kind { consumer_kill, close_all, node_kill, mem_alarm, net_cut, kinds };
+  const char* kind_name[kinds] = {"consumer_kill", "close_all_connections", "node_kill", "memory_alarm",
+                                  "network_cut"};
   std::array<int, kinds> done{};
   std::vector<long long> node_kill_times;  // ms, when each node was killed
   std::vector<long long> fault_times;      // ms, when each fault began (any kind)
@@ -744,11 +928,118 @@ int main(int argc, char** argv) {
     restarting = -1;
     down_node = 0;
   };
+  // A network cut of one node: its AMQP port silenced (iptables DROP, no
+  // reset) for at least 2.5 heartbeats, and then until every consumer that
+  // was connected to it has processed a message on a new connection (to
+  // another node: none to the cut one can open), at most cut_max_ms. A
+  // consumer that has not by then is a failure: it did not notice the
+  // silence (the heartbeat) or did not fail over.
+  constexpr long long cut_min_ms = 2500LL * heartbeat_s, cut_max_ms = 15000;
+  std::vector<long long> cut_recovery;  // per cut that cut a consumer: its slowest consumer's recovery
+  std::vector<long long> cut_lengths;   // ms, each cut from its rules in to its rules out
+  int cut_unrecovered = 0;              // consumers not consuming elsewhere when a cut was lifted
+  int cut_consumers = 0;                // consumers whose connection a cut silenced
+  std::set<int> node_ports;
+  for (const auto& e : h.endpoints) node_ports.insert(e.port);
+  auto network_cut = [&](int node) {
+    // The node to cut: the one a random consumer is connected to (so that
+    // every cut silences a consumer), else the given one.
+    std::vector<int> ports;
+    for (const auto& c : h.consumers)
+      if (const int p = connected_port(c.pid, node_ports); p != 0) ports.push_back(p);
+    const int port = ports.empty() ? h.endpoints[static_cast<std::size_t>(node - 1)].port
+                                   : ports[static_cast<std::size_t>(uniform(0, static_cast<long long>(ports.size()) - 1))];
+    const long long min_ms = cut_min_ms + uniform(0, 1000);
+    std::string err;
+    const long long t0 = now_ms();
+    if (cut_rules("-I", port, err) != 4) {
+      std::fprintf(stderr, "amqp_faults: inserting the cut's rules failed:\n%s\n", err.c_str());
+      ++fault_failures;
+      std::string ignored;
+      cut_rules("-D", port, ignored);
+      return;
+    }
+    struct cut_consumer {
+      pid_t pid;
+      std::string log;
+      std::uint64_t epoch_before, offset;
+      long long still_connected_at;  // the last poll that saw its socket to the cut port
+      long long recovered_at = -1;
+      std::string partial;
+    };
+    std::vector<cut_consumer> cut;
+    const std::set<int> cut_port{port};
+    for (const auto& c : h.consumers)
+      if (connected_port(c.pid, cut_port) != 0) {
+        const auto [epoch, size] = last_epoch(c.log);
+        cut.push_back({c.pid, c.log, epoch, size, t0, -1, {}});
+      }
+    cut_consumers += static_cast<int>(cut.size());
+    for (;;) {
+      const long long now = now_ms();
+      bool all = true;
+      for (auto& c : cut) {
+        if (c.recovered_at >= 0) continue;
+        all = false;
+        if (connected_port(c.pid, cut_port, false) != 0) {
+          c.still_connected_at = now;
+          continue;
+        }
+        // Its connection to the cut node is gone: the first line after that
+        // of a newer epoch is its first message on the new connection.
+        std::ifstream in(c.log, std::ios::binary);
+        in.seekg(static_cast<std::streamoff>(c.offset));
+        std::string chunk((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        c.offset += chunk.size();
+        c.partial += chunk;
+        std::size_t start = 0;
+        for (std::size_t nl; (nl = c.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+          std::istringstream line(c.partial.substr(start, nl - start));
+          unsigned pr = 0;
+          unsigned long long seq = 0, epoch = 0;
+          int redelivered = 0;
+          long long t = 0;
+          if (line >> pr >> seq >> redelivered >> epoch >> t && c.recovered_at < 0 && epoch > c.epoch_before &&
+              t > c.still_connected_at)
+            c.recovered_at = t;
+        }
+        c.partial.erase(0, start);
+      }
+      if ((all && now - t0 >= min_ms) || now - t0 >= cut_max_ms) break;
+      sleep_ms(50);
+    }
+    // Recovery counts only before the first rule goes (each iptables call
+    // takes a while on a loaded machine); the cut's length is the whole time
+    // any of its rules was in.
+    const long long t_lift = now_ms();
+    err.clear();
+    if (cut_rules("-D", port, err) != 4) {
+      std::fprintf(stderr, "amqp_faults: deleting the cut's rules failed:\n%s\n", err.c_str());
+      ++fault_failures;
+    }
+    cut_lengths.push_back(now_ms() - t0);
+    long long worst = -1;
+    int unrecovered = 0;
+    for (const auto& c : cut) {
+      if (c.recovered_at < 0 || c.recovered_at >= t_lift) ++unrecovered;
+      else worst = std::max(worst, c.recovered_at - t0);
+    }
+    cut_unrecovered += unrecovered;
+    if (unrecovered == 0 && worst >= 0) cut_recovery.push_back(worst);
+    const std::string how = cut.empty() ? std::string("no consumer was connected to it")
+                            : unrecovered == 0
+                                ? "the slowest consuming elsewhere after " + std::to_string(worst) + " ms"
+                                : std::to_string(unrecovered) + " NOT consuming elsewhere when it was lifted";
+    std::printf("  network cut of port %d lifted after %.1f s (its rules gone after %.1f s): %zu consumer(s) cut, %s\n",
+                port, static_cast<double>(t_lift - t0) / 1000.0, static_cast<double>(cut_lengths.back()) / 1000.0,
+                cut.size(), how.c_str());
+  };
   const auto t_faults = clock_type::now();
   for (int r = 0; r < rounds; ++r) {
-    std::array<int, kinds> order{consumer_kill, close_all, node_kill, mem_alarm};
+    std::array<int, kinds> order{consumer_kill, close_all, node_kill, mem_alarm, net_cut};
     std::shuffle(order.begin(), order.end(), rng);
     for (int k : order) {
+      if (k == net_cut && !cut_skipped.empty()) continue;
       sleep_ms(uniform(gap_ms / 2, gap_ms * 3 / 2));
       h.reap();
       if (k == node_kill) await_restart();
@@ -779,6 +1070,9 @@ int main(int argc, char** argv) {
           if (!fault_ctl(node, {"set_vm_memory_high_watermark", "0"}, fault_retries)) ++fault_failures;
           sleep_ms(uniform(1000, 2000));
           if (!fault_ctl(node, {"set_vm_memory_high_watermark", "0.4"}, fault_retries)) ++fault_failures;
+          break;
+        case net_cut:
+          network_cut(node);
           break;
         default:
           break;
@@ -942,7 +1236,16 @@ int main(int argc, char** argv) {
   std::uint64_t producer_reconnects = 0, nacked = 0;
   for (auto& p : producers) producer_reconnects += p->reconnects, nacked += p->nacked;
 
-  int min_faults = *std::min_element(done.begin(), done.end());
+  int min_faults = -1;  // of the kinds that ran
+  for (int k = 0; k < kinds; ++k)
+    if (k != net_cut || cut_skipped.empty())
+      min_faults = min_faults < 0 ? done[static_cast<std::size_t>(k)] : std::min(min_faults, done[static_cast<std::size_t>(k)]);
+  std::vector<long long> cut_sorted = cut_recovery;
+  std::sort(cut_sorted.begin(), cut_sorted.end());
+  const long long cut_median = cut_sorted.empty() ? -1 : cut_sorted[cut_sorted.size() / 2];
+  const long long cut_worst = cut_sorted.empty() ? -1 : cut_sorted.back();
+  const long long cut_shortest = cut_lengths.empty() ? -1 : *std::min_element(cut_lengths.begin(), cut_lengths.end());
+  const long long cut_longest = cut_lengths.empty() ? -1 : *std::max_element(cut_lengths.begin(), cut_lengths.end());
   // Resources of the longest-lived consumer, first sample (after the first
   // fault, once it has logged a line) to last (after the drain, connected and idle): no more threads, at
   // most 1 more descriptor (slack for a socket that outlives its connection),
@@ -952,7 +1255,8 @@ int main(int argc, char** argv) {
                               longest.last.fds <= longest.first.fds + 1 &&
                               longest.last.rss_kb <= longest.first.rss_kb + 16 * 1024;
   const bool pass = lost == 0 && phantom == 0 && depth == 0 && dead_depth == 0 && hung == 0 &&
-                    fault_failures == 0 && h.unexpected_exits == 0 && dup_unflagged == 0 && resources_flat;
+                    fault_failures == 0 && h.unexpected_exits == 0 && dup_unflagged == 0 && resources_flat &&
+                    cut_unrecovered == 0;
   const double total_s = std::chrono::duration<double>(clock_type::now() - t_begin).count();
 
   std::printf("\n== amqp_faults: %s queue on a 3-node cluster, %d consumer processes, %d producers, seed %u%s\n",
@@ -961,7 +1265,11 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(attempted), static_cast<unsigned long long>(confirmed),
               static_cast<unsigned long long>(processed_lines));
   std::printf("faults     ");
-  for (int k = 0; k < kinds; ++k) std::printf("%s %d%s", kind_name[k], done[static_cast<std::size_t>(k)], k + 1 < kinds ? ", " : "\n");
+  for (int k = 0; k < kinds; ++k) {
+    if (k == net_cut && !cut_skipped.empty()) std::printf("%s SKIPPED", kind_name[k]);
+    else std::printf("%s %d", kind_name[k], done[static_cast<std::size_t>(k)]);
+    std::printf("%s", k + 1 < kinds ? ", " : "\n");
+  }
   std::printf("lost       %llu confirmed ids never processed (%llu unconfirmed ids never processed: allowed)\n",
               static_cast<unsigned long long>(lost), static_cast<unsigned long long>(lost_unconfirmed));
   std::printf("phantom    %llu processed ids never attempted\n", static_cast<unsigned long long>(phantom));
@@ -976,6 +1284,15 @@ int main(int argc, char** argv) {
   std::printf("recovery   node loss -> its consumers consuming again: median %lld ms, worst %lld ms (%zu of %zu "
               "kills cut a consumer); longest pause of all consumption after a kill: median %lld ms, worst %lld ms\n",
               rec_median, rec_worst, recovery.size(), node_kill_times.size(), pause_median, pause_worst);
+  if (cut_skipped.empty())
+    std::printf("           network cut -> its consumers consuming on another node, before the cut was lifted: "
+                "median %lld ms, worst %lld ms (%d consumer connections cut in %zu cuts of %.1f-%.1f s, heartbeat "
+                "%d s); NOT recovered before the lift: %d\n",
+                cut_median, cut_worst, cut_consumers, cut_lengths.size(), static_cast<double>(cut_shortest) / 1000.0,
+                static_cast<double>(cut_longest) / 1000.0, mutant == "no-heartbeat" ? 0 : heartbeat_s,
+                cut_unrecovered);
+  else
+    std::printf("           network cut SKIPPED: %s\n", cut_skipped.c_str());
   std::printf("end        queue depth %lld, dead-letter depth %lld, hung consumers %d, consumers that exited on "
               "their own %d, failed fault commands %d (retried %d)\n",
               depth, dead_depth, hung, h.unexpected_exits, fault_failures, fault_retries);
@@ -1016,6 +1333,15 @@ int main(int argc, char** argv) {
                    {"pause_median_ms", pause_median},
                    {"pause_worst_ms", pause_worst},
                    {"node_restart_ms", node_restart_ms},
+                   {"network_cut",
+                    {{"skipped", cut_skipped.empty() ? nlohmann::json(nullptr) : nlohmann::json(cut_skipped)},
+                     {"heartbeat_s", mutant == "no-heartbeat" ? 0 : heartbeat_s},
+                     {"cut_ms", cut_lengths},
+                     {"consumer_connections_cut", cut_consumers},
+                     {"recovery_ms", cut_recovery},
+                     {"recovery_median_ms", cut_median},
+                     {"recovery_worst_ms", cut_worst},
+                     {"not_recovered_before_lift", cut_unrecovered}}},
                    {"queue_depth_end", depth},
                    {"dead_letter_depth_end", dead_depth},
                    {"hung_consumers", hung},
@@ -1029,7 +1355,9 @@ int main(int argc, char** argv) {
                      {"rss_kib", {longest.first.rss_kb, longest.last.rss_kb}}}},
                    {"seconds", {{"total", total_s}, {"cluster_start", startup_s}, {"faults", fault_phase_s}, {"drain", drain_s_taken}}},
                    {"pass", pass}};
-  for (int k = 0; k < kinds; ++k) j["faults"][kind_name[k]] = done[static_cast<std::size_t>(k)];
+  for (int k = 0; k < kinds; ++k)
+    j["faults"][kind_name[k]] = k == net_cut && !cut_skipped.empty() ? nlohmann::json("skipped")
+                                                                      : nlohmann::json(done[static_cast<std::size_t>(k)]);
   std::ofstream(json_path) << j.dump(2) << "\n";
   if (keep_dir.empty()) {
     std::error_code ec;
