@@ -58,8 +58,20 @@ inline rl::memory_order to_rl(std::memory_order mo) {
 //   seq_cst_thread0  model thread 0's seq_cst operations become
 //                    acquire/release/acq_rel (no StoreLoad order);
 //   seq_cst_others   the same for every other thread;
-//   fences           seq_cst fences become acq_rel fences (no StoreLoad).
-enum class weaken { none, release_stores, acquire_loads, seq_cst_thread0, seq_cst_others, fences };
+//   fences           seq_cst fences become acq_rel fences (no StoreLoad);
+//   rmw_release      a read-modify-write loses its release half (seq_cst
+//                    and acq_rel become acquire, release becomes relaxed);
+//   seq_cst_loads    a seq_cst load becomes relaxed.
+enum class weaken {
+  none,
+  release_stores,
+  acquire_loads,
+  seq_cst_thread0,
+  seq_cst_others,
+  fences,
+  rmw_release,
+  seq_cst_loads
+};
 
 template <weaken Weaken = weaken::none>
 struct relacy_atomics {
@@ -79,6 +91,7 @@ struct relacy_atomics {
 
     U load(std::memory_order mo, std::source_location l = std::source_location::current()) const {
       if (Weaken == weaken::acquire_loads && mo == std::memory_order_acquire) mo = std::memory_order_relaxed;
+      if (Weaken == weaken::seq_cst_loads && mo == std::memory_order_seq_cst) mo = std::memory_order_relaxed;
       if (mo == std::memory_order_seq_cst && weak_seq_cst()) mo = std::memory_order_acquire;
       return a_.load(to_rl(mo), where(l));
     }
@@ -101,6 +114,9 @@ struct relacy_atomics {
     }
     U fetch_sub(U v, std::memory_order mo, std::source_location l = std::source_location::current()) {
       return a_.fetch_sub(v, to_rl(rmw(mo)), where(l));
+    }
+    U fetch_or(U v, std::memory_order mo, std::source_location l = std::source_location::current()) {
+      return a_.fetch_or(v, to_rl(rmw(mo)), where(l));
     }
 
     // A modelled futex on this word, as Relacy's own futex(2) model (which
@@ -135,6 +151,10 @@ struct relacy_atomics {
    private:
     static std::memory_order rmw(std::memory_order mo) {
       if (mo == std::memory_order_seq_cst && weak_seq_cst()) return std::memory_order_acq_rel;
+      if (Weaken == weaken::rmw_release) {
+        if (mo == std::memory_order_seq_cst || mo == std::memory_order_acq_rel) return std::memory_order_acquire;
+        if (mo == std::memory_order_release) return std::memory_order_relaxed;
+      }
       return mo;
     }
 
@@ -145,6 +165,15 @@ struct relacy_atomics {
   // A wait for another thread's claimed cell is a spin: tell the scheduler,
   // so that it runs the other thread instead of exploring the spin forever.
   static void pause_for_claim(unsigned&) { rl::yield(1, RL_INFO); }
+
+  // No spin before a sleep: every retry of a spin would multiply the
+  // interleavings to explore, and the spin is only an optimisation (each
+  // round of a spin-then-park still makes its lock-free attempt, then the
+  // exact one after preparing to sleep; detail/event_count.hpp).
+  struct backoff {
+    bool spin() { return false; }
+    void reset() {}
+  };
 
   // event_count's handshake. membarrier has no counterpart in the model, so
   // the model runs the fallback: a seq_cst fence on both sides. (The

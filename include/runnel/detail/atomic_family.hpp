@@ -9,6 +9,11 @@
 //   static void pause_for_claim(unsigned&);  one step of waiting for another
 //                                            thread's claimed cell (a model
 //                                            checker must see it as a yield)
+//   using backoff = ...;                     the spin before a thread sleeps
+//                                            (detail/backoff.hpp's interface:
+//                                            spin(), reset()); a model checker
+//                                            spins not at all, since every
+//                                            retry multiplies its interleavings
 // and, for event_count's handshake and sleep (event_count.hpp):
 //   static bool membarrier_ready();          whether the asymmetric fence pair
 //                                            is available
@@ -23,6 +28,7 @@
 #include <cstdint>
 
 #include "asymmetric_fence.hpp"
+#include "backoff.hpp"
 #include "claimed_cell.hpp"
 #include "futex.hpp"
 
@@ -33,6 +39,7 @@ struct std_atomics {
   using atomic = std::atomic<U>;
 
   static void pause_for_claim(unsigned& round) noexcept { detail::pause_for_claim(round); }
+  using backoff = detail::backoff;
 
   static bool membarrier_ready() noexcept { return detail::membarrier_ready(); }
   static void heavy_fence() noexcept { detail::heavy_fence(); }

@@ -31,6 +31,12 @@
 // operation (and a *_for past its deadline) can wait as long as another
 // thread's move of one value takes, but only for a value already on its
 // way.
+//
+// Atomics: the atomic family (detail/atomic_family.hpp) of the state word,
+// the ring and the threads' event counts; std_atomics except under the
+// model checker (tests/relacy/relacy_channel_close_test.cpp checks the close
+// race above). The pool tasks' waiter lists and the handle counts are
+// always std: the model parks no task.
 #pragma once
 
 #include <atomic>
@@ -38,9 +44,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "assert.hpp"
+#include "atomic_family.hpp"
 #include "event_count.hpp"
 #include "mpmc_ring.hpp"
 #include "task_waiters.hpp"
@@ -61,8 +69,12 @@ enum class channel_status {
 
 namespace runnel::detail {
 
-template <class T>
+template <class T, class Atomics = std_atomics>
 class channel_state {
+  template <class U>
+  using atomic = typename Atomics::template atomic<U>;
+  using event_count = basic_event_count<Atomics>;
+
  public:
   // task_heavy: pool tasks park on this channel often (a channel between
   // pipeline nodes); see task_waiters for the fence trade-off.
@@ -73,7 +85,9 @@ class channel_state {
   // Every handle and every pipeline end holds the state alive while it
   // sends, so none can be in flight here.
   ~channel_state() {
-    RUNNEL_ASSERT((state_.load() & ~closed_bit) == 0, "no send is in flight when a channel is destroyed");
+    // Relaxed: destruction happens after every other use of the state.
+    RUNNEL_ASSERT((state_.load(std::memory_order_relaxed) & ~closed_bit) == 0,
+                  "no send is in flight when a channel is destroyed");
   }
   channel_state(const channel_state&) = delete;
   channel_state& operator=(const channel_state&) = delete;
@@ -81,11 +95,18 @@ class channel_state {
   std::size_t capacity() const noexcept { return ring_.capacity(); }
   std::size_t size_approx() const noexcept { return ring_.size_approx(); }
 
-  bool is_closed() const noexcept { return (state_.load() & closed_bit) != 0; }
+  bool is_closed() const noexcept {
+    // seq_cst: a hint to callers (and the fast refusal of enter_send); the
+    // order is free on x86 and keeps the close race's reasoning in one total
+    // order (header comment).
+    return (state_.load(std::memory_order_seq_cst) & closed_bit) != 0;
+  }
 
   // Closes the channel (idempotent) and wakes every waiter on both sides.
   void close() noexcept {
-    const std::uint64_t prev = state_.fetch_or(closed_bit);
+    // seq_cst RMW: its place in state_'s modification order against the
+    // sends' announcements decides which sends count (header comment).
+    const std::uint64_t prev = state_.fetch_or(closed_bit, std::memory_order_seq_cst);
     if ((prev & closed_bit) != 0) return;
     wake_all();
   }
@@ -137,8 +158,8 @@ class channel_state {
       // there will ever be. Look once more (see the header comment).
       k = ring_.template try_consume_n<Policy>(sink, n);
       if (k == 0) {
-        // Relaxed: see drained_if_closed().
-        ended_.store(true, std::memory_order_relaxed);
+        // Release: see drained_if_closed().
+        ended_.store(true, std::memory_order_release);
         return std::nullopt;
       }
     }
@@ -242,15 +263,17 @@ class channel_state {
     if (is_closed()) return false;
     // seq_cst RMW: its place in state_'s modification order relative to
     // close()'s fetch_or decides whether this send counts (header comment).
-    if ((state_.fetch_add(one_sender) & closed_bit) == 0) return true;
+    if ((state_.fetch_add(one_sender, std::memory_order_seq_cst) & closed_bit) == 0) return true;
     leave_send();
     return false;
   }
 
   void leave_send() noexcept {
-    // seq_cst RMW (release would do for the hand-over of the pushed value;
-    // the extra order is free on x86 and keeps the reasoning simple).
-    const std::uint64_t prev = state_.fetch_sub(one_sender);
+    // seq_cst RMW: its release half hands the pushed value over to a
+    // receiver that then reads "closed, nothing in flight" (release alone
+    // would do; the extra order is free on x86 and keeps the reasoning
+    // simple).
+    const std::uint64_t prev = state_.fetch_sub(one_sender, std::memory_order_seq_cst);
     RUNNEL_ASSERT(prev >= one_sender, "a send withdraws only after it announced itself");
     if ((prev & closed_bit) != 0 && prev - one_sender == closed_bit) [[unlikely]] {
       wake_receivers_after_last_send();
@@ -270,15 +293,21 @@ class channel_state {
   // remembers a positive answer so that "closed and drained", once reported,
   // stays reported.
   bool drained_if_closed() const noexcept {
-    // Relaxed: ended_ is only set after a seq_cst read of state_ saw the
-    // channel closed with nothing in flight, which never changes again; a
-    // reader that misses the flag falls back to that same read.
-    if (ended_.load(std::memory_order_relaxed)) {
-      // Relaxed: a check; closed is never cleared and no send enters after.
+    // Acquire, pairing with the release that sets it: ended_ is only set
+    // after a read of state_ saw the channel closed with nothing in flight,
+    // and a reader of the flag must see that closed state_ too (the check
+    // below; the model checker found a relaxed flag let it read an older
+    // state_). A reader that misses the flag falls back to the read below.
+    if (ended_.load(std::memory_order_acquire)) {
+      // Relaxed: a check; the acquire above makes the closed state_ visible,
+      // and closed is never cleared.
       RUNNEL_ASSERT((state_.load(std::memory_order_relaxed) & closed_bit) != 0, "a channel seen drained stays closed");
       return true;
     }
-    if (state_.load() != closed_bit) return false;
+    // seq_cst load: its acquire half takes over every value pushed by the
+    // sends whose withdrawal it follows, so the look at the ring after it
+    // sees them (header comment).
+    if (state_.load(std::memory_order_seq_cst) != closed_bit) return false;
     return true;
   }
 
@@ -300,13 +329,17 @@ class channel_state {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Winvalid-offsetof"
   static constexpr void check_layout() noexcept {
-    constexpr std::size_t range = false_sharing_range;
-    static_assert(alignof(channel_state) >= range && offsetof(channel_state, state_) % range == 0 &&
-                      offsetof(channel_state, not_empty_) % range == 0 && offsetof(channel_state, not_full_) % range == 0,
-                  "the sends' word and each side's waiters start a false-sharing range");
-    static_assert(offsetof(channel_state, not_empty_) - offsetof(channel_state, state_) >= range &&
-                      offsetof(channel_state, not_full_) - offsetof(channel_state, not_empty_) >= range,
-                  "the sends' word and each side's waiters are a false-sharing range apart");
+    // A model checker's atomics are left unchecked.
+    if constexpr (std::is_same_v<Atomics, std_atomics>) {
+      constexpr std::size_t range = false_sharing_range;
+      static_assert(alignof(channel_state) >= range && offsetof(channel_state, state_) % range == 0 &&
+                        offsetof(channel_state, not_empty_) % range == 0 &&
+                        offsetof(channel_state, not_full_) % range == 0,
+                    "the sends' word and each side's waiters start a false-sharing range");
+      static_assert(offsetof(channel_state, not_empty_) - offsetof(channel_state, state_) >= range &&
+                        offsetof(channel_state, not_full_) - offsetof(channel_state, not_empty_) >= range,
+                    "the sends' word and each side's waiters are a false-sharing range apart");
+    }
   }
 #pragma GCC diagnostic pop
 
@@ -320,7 +353,7 @@ class channel_state {
   template <class Attempt>
   static channel_status wait_until(event_count& ec, std::chrono::steady_clock::time_point deadline,
                                    Attempt attempt, channel_status busy) noexcept {
-    backoff bo;
+    typename Atomics::backoff bo;
     for (;;) {
       const channel_status st = attempt();
       if (st != busy) return st;
@@ -344,12 +377,12 @@ class channel_state {
     send_tasks_.notify_all();
   }
 
-  mpmc_ring<T> ring_;
+  mpmc_ring<T, Atomics> ring_;
   // in_flight_sends * 2 | closed. See the header comment.
-  alignas(false_sharing_range) std::atomic<std::uint64_t> state_{0};
+  alignas(false_sharing_range) atomic<std::uint64_t> state_{0};
   // Set once some receiver saw the channel closed and drained (see
   // drained_if_closed()); never cleared.
-  std::atomic<bool> ended_{false};
+  atomic<bool> ended_{false};
   // Receivers (threads / tasks) wait on the first pair, senders on the second.
   alignas(false_sharing_range) event_count not_empty_;
   task_waiters recv_tasks_;

@@ -129,7 +129,7 @@ using event_count = basic_event_count<>;
 // the one that decides whether to sleep.
 template <class Atomics, class Attempt, class LastAttempt>
 void spin_then_park_slow(basic_event_count<Atomics>& ec, Attempt& attempt, LastAttempt& last_attempt) noexcept {
-  backoff bo;
+  typename Atomics::backoff bo;
   for (;;) {
     if (attempt()) return;
     if (bo.spin()) continue;
