@@ -107,6 +107,7 @@
 #include "process/errors.hpp"
 #include "process/launcher.hpp"
 #include "process/shared_region.hpp"
+#include "process/stage_node.hpp"
 #include "detail/futex.hpp"
 
 namespace runnel {
@@ -236,6 +237,8 @@ class process_pool {
 
  public:
   using callback = std::function<void(process_result<Out>&&)>;
+  using in_type = In;
+  using out_type = Out;
 
   template <class F>
     requires std::is_invocable_r_v<Out, F&, In&&>
@@ -324,6 +327,7 @@ class process_pool {
   }
 
   std::size_t size() const noexcept { return opts_.workers; }
+  const process_pool_options& options() const noexcept { return opts_; }
   pid_t launcher_pid() const noexcept { return launcher_; }
 
   // The worker processes alive now (for diagnostics and tests).
@@ -920,20 +924,46 @@ class process_pool {
   std::atomic<bool> hurry_{false};
 };
 
-// A pipeline stage function that runs `pool`'s function in its worker
-// processes: .stage(runnel::process_stage(pool), {.workers = K}).
-// A crash is thrown as process_crash (and a throw in the worker as
-// process_error) to the pipeline's error handler, with the whole message
-// (the stage takes it by const reference).
-//
-// Blocking, plainly: each call waits for its reply, so it occupies the
-// pipeline lane (a thread_pool worker) while the worker process computes.
-// Give the stage more lanes than the pool has processes (workers = 2-4x
-// pool.size()) to keep every process busy, and expect the thread_pool's
-// threads to sit in a futex wait meanwhile. A non-blocking node is future work.
+// What process_stage(pool) returns: given to pipeline_flow::stage(), it
+// builds a detail::process_stage_node (process/stage_node.hpp).
+template <class Pool>
+struct process_stage_t {
+  template <class T>
+  using node_type = detail::process_stage_node<T, Pool>;
+
+  Pool* pool;
+  std::size_t max_inflight;  // 0: the default (inflight_limit)
+
+  // Messages the node keeps submitted at once: max_inflight, or twice what
+  // the workers' rings hold (so a ring is refilled while it drains); never
+  // more than the pool's queue_capacity, so that the node alone never makes
+  // submit() block.
+  std::size_t inflight_limit() const noexcept {
+    const auto& o = pool->options();
+    const std::size_t want = max_inflight != 0 ? max_inflight : 2 * o.workers * o.depth;
+    return std::max<std::size_t>(1, std::min({want, o.queue_capacity, std::size_t{1} << 31}));
+  }
+};
+
+// A pipeline stage that runs `pool`'s function in its worker processes:
+//   .stage(runnel::process_stage(pool))            // T must be the pool's In
+// The node submits messages and passes the replies on as they come back:
+// no pool thread waits for a reply (see process/stage_node.hpp). At most
+// `max_inflight` messages (default: 2 * workers * depth, at most
+// queue_capacity) are submitted and not yet passed on, which bounds its
+// memory. A crash is reported as process_crash (a throw in the worker as
+// process_error; a refused submit as its exception) to the pipeline's error
+// handler, with the whole message (the node keeps it until its result).
+// Replies leave in the order they arrive, not in input order (ordered =
+// true is refused); stage_options::workers does not apply (the pool's
+// processes are the workers); capacity, batch and name do. Messages cross
+// as the pool's codec says (the node copies each into the pool's queue).
+// The pool must outlive the run; other users may share it, but if they fill
+// its queue, the node's submit() waits like theirs.
 template <class In, class Out, class IC, class OC>
-auto process_stage(process_pool<In, Out, IC, OC>& pool) {
-  return [&pool](const In& in) -> Out { return pool.call(in).get(); };
+process_stage_t<process_pool<In, Out, IC, OC>> process_stage(process_pool<In, Out, IC, OC>& pool,
+                                                             std::size_t max_inflight = 0) {
+  return {&pool, max_inflight};
 }
 
 }  // namespace runnel
