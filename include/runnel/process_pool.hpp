@@ -9,7 +9,7 @@
 //     ...
 //     runnel::process_future<Reply> r = pool.call(req);  // or submit(req, callback)
 //     runnel::pipeline{threads}.source(gen)
-//         .stage(runnel::process_stage(pool), {.workers = 8})
+//         .stage(runnel::process_stage(pool))    // no lane waits for a reply
 //         .sink(use).on_error(report).run().wait();
 //   }
 //
@@ -61,8 +61,12 @@
 // One supervisor thread per pool (started at the first submit) dispatches,
 // collects replies and runs the callbacks, which must be short and must not
 // throw. It sleeps on a futex in the shared region when there is nothing to
-// do; idle workers sleep on their own futex. process_stage(pool) blocks the
-// calling pipeline lane until the reply arrives (see its comment).
+// do; idle workers sleep on their own futex (process::wake_sleeper is the
+// protocol). Hand-offs go in batches: the supervisor fills each worker's
+// ring as far as it has room and publishes it with one store; a worker runs
+// every request published and wakes the supervisor only when its ring is
+// about to run dry (depth / 2 left). process_stage(pool) is a pipeline node
+// that holds no pipeline lane while its messages are in the workers.
 //
 // Lifetime. The destructor finishes every submitted message, then tells the
 // workers to exit, and reaps the launcher, which has reaped the workers: no
