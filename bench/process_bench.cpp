@@ -7,8 +7,8 @@
 //         runnel_process_submit  process_pool (2 processes) fed by submit()
 //                                from the benchmark thread, callbacks count
 //         runnel_process_stage   pipeline source -> process_stage(pool) ->
-//                                sink on an 8-thread pool, 8 stage lanes
-//                                (the adapter blocks a lane a message)
+//                                sink on a 2-thread pool (the node submits
+//                                and passes replies on; no lane waits)
 //         thread_stage           pipeline source -> stage(work) -> sink on a
 //                                2-thread pool, 2 stage lanes
 //         python_mp_imap         /usr/bin/python3: multiprocessing.Pool(2).imap(f,
@@ -64,10 +64,6 @@ using pool_t = runnel::process_pool<job, u64>;
 std::unique_ptr<pool_t> g_procs;    // 2 workers
 std::unique_ptr<pool_t> g_restart;  // 1 worker, max_attempts 1
 
-runnel::thread_pool& lanes_pool() {
-  static runnel::thread_pool p({.threads = 8, .pin = false});
-  return p;
-}
 runnel::thread_pool& thread_stage_pool() {
   static runnel::thread_pool p({.threads = workers, .pin = false});
   return p;
@@ -111,7 +107,7 @@ void run_pipeline(benchmark::State& state, runnel::thread_pool& tp, Stage stage,
 }
 
 void process_stage(benchmark::State& state) {
-  run_pipeline(state, lanes_pool(), runnel::process_stage(*g_procs), 8);
+  run_pipeline(state, thread_stage_pool(), runnel::process_stage(*g_procs), 1);
 }
 void thread_stage(benchmark::State& state) {
   run_pipeline(state, thread_stage_pool(), [](const job& j) { return work(j); }, workers);

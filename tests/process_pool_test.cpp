@@ -14,7 +14,9 @@
 #include <runnel/thread_pool.hpp>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdint>
 #include <cstdlib>
@@ -444,6 +446,184 @@ TEST_CASE("process_pool: process_stage in a pipeline delivers every message or h
   CHECK(sum == expect_sum);
   CHECK(failed == expect_failed);
   CHECK(signals == std::vector<int>(expect_failed.size(), SIGSEGV));
+}
+
+// Runs 0..n-1 through source -> process_stage(procs, max_inflight) -> sink
+// on `threads`; the sink counts each value it sees.
+struct stage_run {
+  std::vector<int> seen;  // by message: replies delivered for it
+  u64 wrong = 0;          // replies that are no message's
+  std::set<u64> failed;   // messages at the error handler
+  std::vector<int> signals;
+  runnel::pipeline_stats stats;
+  bool finished = false;
+};
+
+template <class Pool>
+stage_run run_process_stage(Pool& procs, runnel::thread_pool& threads, u64 n, std::size_t max_inflight) {
+  stage_run r;
+  r.seen.assign(n, 0);
+  u64 next = 0;
+  std::mutex m;
+  auto run = runnel::pipeline{threads}
+                 .source([&]() -> std::optional<u64> {
+                   if (next == n) return std::nullopt;
+                   return next++;
+                 })
+                 .stage(runnel::process_stage(procs, max_inflight), {.batch = 16})
+                 .sink([&](u64 y) {
+                   // y = x * x + 1: recover x (exact at these sizes). The
+                   // sink runs on a pool thread: counted here, checked after.
+                   const u64 x = static_cast<u64>(std::llround(std::sqrt(static_cast<double>(y - 1))));
+                   if (x < n && square_plus_one(x) == y) ++r.seen[x];
+                   else ++r.wrong;
+                 })
+                 .on_error([&](const runnel::stage_failure& f) {
+                   std::lock_guard lk(m);
+                   if (const u64* msg = f.message<u64>()) r.failed.insert(*msg);
+                   try {
+                     std::rethrow_exception(f.error);
+                   } catch (const runnel::process_crash& c) {
+                     r.signals.push_back(c.signal);
+                   } catch (const runnel::process_error&) {
+                     r.signals.push_back(0);
+                   } catch (...) {
+                     r.signals.push_back(-1);
+                   }
+                 })
+                 .run();
+  // A guard against a hang, not a timing: a lost reply would never come.
+  r.finished = run.wait_for(std::chrono::seconds(60));
+  r.stats = run.stats();
+  if (!r.finished) {
+    // The run cannot finish (a reply was lost); destroying the handle would
+    // wait for it for ever, so it is left behind and the test fails.
+    run.cancel();
+    static_cast<void>(new runnel::pipeline_handle(std::move(run)));
+  }
+  return r;
+}
+
+TEST_CASE("process_stage: every message reaches the sink exactly once through 1, 2, 3 and 4 worker processes, without a lane a message", "[process]") {
+  constexpr u64 n = 2'000;
+  for (std::size_t workers = 1; workers <= 4; ++workers) {
+    // max_inflight 1 and 3 make the submitter park on its slots again and
+    // again; 0 is the default (2 * workers * depth).
+    for (std::size_t inflight : {std::size_t{1}, std::size_t{3}, std::size_t{0}}) {
+      CAPTURE(workers, inflight);
+      runnel::process_pool<u64, u64> procs(square_plus_one, {.workers = workers});
+      runnel::thread_pool threads({.threads = 2, .pin = false});
+      const stage_run r = run_process_stage(procs, threads, n, inflight);
+      REQUIRE(r.finished);
+      CHECK(r.wrong == 0);
+      for (u64 i = 0; i < n; ++i) REQUIRE(r.seen[i] == 1);
+      CHECK(r.failed.empty());
+      CHECK(r.stats.produced == n);
+      CHECK(r.stats.delivered == n);
+      REQUIRE(r.stats.stages.size() == 3);
+      CHECK(r.stats.stages[1].in == n);
+      CHECK(r.stats.stages[1].out == n);
+      CHECK(r.stats.stages[1].failed == 0);
+      CHECK(r.stats.stages[1].discarded == 0);
+      CHECK(procs.stats().submitted == n);
+    }
+  }
+}
+
+TEST_CASE("process_stage: crashes and throws in the workers reach on_error with the whole message and the right error, everything else the sink", "[process]") {
+  constexpr u64 n = 600, crash_every = 97, throw_every = 89;
+  runnel::process_pool<u64, u64> procs(
+      [](u64 x) -> u64 {
+        if (x % crash_every == 0) ::raise(SIGSEGV);
+        if (x % throw_every == 0) throw std::runtime_error("no");
+        return square_plus_one(x);
+      },
+      {.workers = 2, .max_attempts = 2});
+  runnel::thread_pool threads({.threads = 2, .pin = false});
+  const stage_run r = run_process_stage(procs, threads, n, 4);
+  REQUIRE(r.finished);
+  CHECK(r.wrong == 0);
+  std::set<u64> expect_failed;
+  std::vector<int> expect_signals;
+  for (u64 i = 0; i < n; ++i) {
+    const bool crash = i % crash_every == 0, thrown = !crash && i % throw_every == 0;
+    if (crash || thrown) expect_failed.insert(i);
+    CHECK(r.seen[i] == (crash || thrown ? 0 : 1));
+  }
+  CHECK(r.failed == expect_failed);
+  // The handler sees process_crash (SIGSEGV) for each crash, process_error
+  // for each throw, in whatever order they arrive.
+  std::multiset<int> got(r.signals.begin(), r.signals.end());
+  CHECK(got.count(SIGSEGV) == (n + crash_every - 1) / crash_every);
+  CHECK(got.count(0) == expect_failed.size() - (n + crash_every - 1) / crash_every);
+  CHECK(got.size() == expect_failed.size());
+  CHECK(r.stats.stages[1].in == n);
+  CHECK(r.stats.stages[1].failed == expect_failed.size());
+  CHECK(r.stats.stages[1].out == n - expect_failed.size());
+  CHECK(r.stats.delivered == n - expect_failed.size());
+}
+
+TEST_CASE("process_stage: no pool thread waits for a reply: on a one-thread pool another pipeline runs while a worker holds a message", "[process]") {
+  // The worker holding message 0 waits until a flag in shared memory is set
+  // by the sink of a second pipeline on the same one-thread pool. A stage
+  // that held the pool's thread while waiting for the reply would keep the
+  // second pipeline from running until the worker gave up (after its
+  // generous limit) and replied 0.
+  shared_counters flags(2);  // [0]: the worker holds message 0; [1]: the second pipeline ran
+  std::atomic<std::uint32_t>* at = flags.at;
+  runnel::process_pool<u64, u64> procs(
+      [at](u64 x) -> u64 {
+        if (x != 0) return square_plus_one(x);
+        at[0].store(1, std::memory_order_release);
+        const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        while (at[1].load(std::memory_order_acquire) == 0) {
+          if (std::chrono::steady_clock::now() > limit) return 0;  // never released: the thread was held
+          ::usleep(1000);
+        }
+        return square_plus_one(0);
+      },
+      {.workers = 1});
+  runnel::thread_pool threads({.threads = 1, .pin = false});
+  u64 next = 0;
+  std::vector<u64> got;
+  auto first = runnel::pipeline{threads}
+                   .source([&]() -> std::optional<u64> {
+                     if (next == 3) return std::nullopt;
+                     return next++;
+                   })
+                   .stage(runnel::process_stage(procs))
+                   .sink([&](u64 y) { got.push_back(y); })
+                   .run();
+  while (at[0].load(std::memory_order_acquire) == 0) ::usleep(1000);  // the worker holds message 0
+  bool second_ran = false;
+  u64 once = 0;
+  auto second = runnel::pipeline{threads}
+                    .source([&]() -> std::optional<u64> {
+                      if (once++ == 1) return std::nullopt;
+                      return u64{1};
+                    })
+                    .sink([&](u64) {
+                      second_ran = true;
+                      at[1].store(1, std::memory_order_release);
+                    })
+                    .run();
+  second.wait();
+  first.wait();
+  CHECK(second_ran);
+  std::sort(got.begin(), got.end());
+  CHECK(got == std::vector<u64>{square_plus_one(0), square_plus_one(1), square_plus_one(2)});
+}
+
+TEST_CASE("process_stage: ordered = true is refused", "[process]") {
+  runnel::process_pool<u64, u64> procs(square_plus_one, {.workers = 1});
+  runnel::thread_pool threads({.threads = 1, .pin = false});
+  u64 next = 0;
+  auto src = [&]() -> std::optional<u64> {
+    if (next == 1) return std::nullopt;
+    return next++;
+  };
+  CHECK_THROWS_AS(runnel::pipeline{threads}.source(src).stage(runnel::process_stage(procs), {.ordered = true}),
+                  std::invalid_argument);
 }
 
 TEST_CASE("detail::futex_wait with futex_scope::shared is woken by a futex_wake from another process", "[process]") {

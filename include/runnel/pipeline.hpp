@@ -240,6 +240,13 @@ template <class F> struct source_cannot_be_called_without_arguments { static con
 template <class F, class T>
 inline constexpr bool accepts_message = std::is_invocable_v<F&, T&> || std::is_invocable_v<F&, T&&>;
 
+// A stage object that builds its own node instead of being called a message
+// at a time (runnel::process_stage): F::node_type<T> derives from node_base,
+// has an out_port (output_port<out_type>) and fusable_lane(), and is
+// constructed as (state, F, options, input_port<T>, index).
+template <class F, class T>
+concept builds_own_node = requires { typename F::template node_type<T>; };
+
 // who: the call the user made, e.g. "runnel::pipeline::stage".
 inline void check_options(const stage_options& o, bool source, const char* who) {
   const std::string w(who);
@@ -281,6 +288,17 @@ class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipelin
   auto stage(F fn, stage_options opts = {}) {
     if constexpr (std::is_same_v<T, detail::after_mismatch>) {
       return pipeline_flow<detail::after_mismatch>(nullptr, nullptr, {});
+    } else if constexpr (detail::builds_own_node<F, T>) {
+      using Node = typename F::template node_type<T>;
+      using U = typename Node::out_type;
+      detail::check_options(opts, false, "runnel::pipeline::stage");
+      auto& s = state("runnel::pipeline::stage");
+      auto node = std::make_unique<Node>(s, std::move(fn), opts, take_input("runnel::pipeline::stage"), s.nodes.size());
+      auto* port = &node->out_port;
+      node->index = s.nodes.size();
+      link_downstream(*node);
+      s.nodes.push_back(std::move(node));
+      return pipeline_flow<U>(std::move(st_), port, receiver<U>{});
     } else if constexpr (!detail::accepts_message<F, T>) {
       static_assert(detail::upstream_sends<T>::template stage_takes<detail::param_of_t<F>>::fits,
                     "runnel: the stage cannot be called with the message type the node before it "

@@ -9,7 +9,7 @@
 //     ...
 //     runnel::process_future<Reply> r = pool.call(req);  // or submit(req, callback)
 //     runnel::pipeline{threads}.source(gen)
-//         .stage(runnel::process_stage(pool), {.workers = 8})
+//         .stage(runnel::process_stage(pool))    // no lane waits for a reply
 //         .sink(use).on_error(report).run().wait();
 //   }
 //
@@ -61,8 +61,12 @@
 // One supervisor thread per pool (started at the first submit) dispatches,
 // collects replies and runs the callbacks, which must be short and must not
 // throw. It sleeps on a futex in the shared region when there is nothing to
-// do; idle workers sleep on their own futex. process_stage(pool) blocks the
-// calling pipeline lane until the reply arrives (see its comment).
+// do; idle workers sleep on their own futex (process::wake_sleeper is the
+// protocol). Hand-offs go in batches: the supervisor fills each worker's
+// ring as far as it has room and publishes it with one store; a worker runs
+// every request published and wakes the supervisor only when its ring is
+// about to run dry (depth / 2 left). process_stage(pool) is a pipeline node
+// that holds no pipeline lane while its messages are in the workers.
 //
 // Lifetime. The destructor finishes every submitted message, then tells the
 // workers to exit, and reaps the launcher, which has reaped the workers: no
@@ -107,6 +111,7 @@
 #include "process/errors.hpp"
 #include "process/launcher.hpp"
 #include "process/shared_region.hpp"
+#include "process/stage_node.hpp"
 #include "detail/futex.hpp"
 
 namespace runnel {
@@ -236,6 +241,8 @@ class process_pool {
 
  public:
   using callback = std::function<void(process_result<Out>&&)>;
+  using in_type = In;
+  using out_type = Out;
 
   template <class F>
     requires std::is_invocable_r_v<Out, F&, In&&>
@@ -304,21 +311,14 @@ class process_pool {
   // thread, with the reply or the error. Throws process_message_too_large
   // when the encoded request exceeds slot_size, std::runtime_error when the
   // launcher has died (the pool cannot run anything any more).
-  void submit(const In& in, callback done) {
-    enqueue(in, [d = std::move(done)](process::outcome<Out>&& o) {
-      process_result<Out> r;
-      r.value = std::move(o.value);
-      if (o.error) r.error = o.error->as_exception_ptr();
-      d(std::move(r));
-    });
-  }
+  void submit(const In& in, callback done) { enqueue(in, std::move(done), nullptr); }
 
   // As submit(), with the result in a future: get() returns the reply or
   // throws the error.
   process_future<Out> call(const In& in) {
     auto p = std::make_shared<std::promise<process::outcome<Out>>>();
     process_future<Out> f(p->get_future());
-    enqueue(in, [p](process::outcome<Out>&& o) { p->set_value(std::move(o)); });
+    enqueue(in, nullptr, std::move(p));
     return f;
   }
 
@@ -331,6 +331,7 @@ class process_pool {
   }
 
   std::size_t size() const noexcept { return opts_.workers; }
+  const process_pool_options& options() const noexcept { return opts_; }
   pid_t launcher_pid() const noexcept { return launcher_; }
 
   // The worker processes alive now (for diagnostics and tests).
@@ -356,8 +357,10 @@ class process_pool {
  private:
   struct record {
     std::string bytes;  // encoded request, kept for a retry
-    unsigned attempts;  // crashes of workers holding it so far
-    std::function<void(process::outcome<Out>&&)> done;
+    unsigned attempts = 0;  // crashes of workers holding it so far
+    // Where the result goes: submit()'s callback, or call()'s promise.
+    callback done;
+    std::shared_ptr<std::promise<process::outcome<Out>>> promise;
   };
   // What the supervisor knows of one worker (supervisor thread only).
   struct worker_view {
@@ -370,6 +373,7 @@ class process_pool {
     unsigned streak = 0;  // deaths in a row of this worker's processes without a reply
     bool backing_off = false;  // dead, restart postponed until respawn_at
     std::chrono::steady_clock::time_point respawn_at{};
+    bool live = false;  // dispatch(): state was alive at its start
   };
 
   static void check(const process_pool_options& o) {
@@ -390,9 +394,7 @@ class process_pool {
     [[maybe_unused]] const auto n = ::write(event_fd_, &one, sizeof one);
   }
 
-  using completion = std::function<void(process::outcome<Out>&&)>;
-
-  void enqueue(const In& in, completion done) {
+  void enqueue(const In& in, callback done, std::shared_ptr<std::promise<process::outcome<Out>>> promise) {
     std::string bytes;
     InCodec::encode(in, bytes);
     if (bytes.size() > opts_.slot_size)
@@ -413,7 +415,7 @@ class process_pool {
       if (broken_) throw std::runtime_error("runnel::process_pool::submit: the launcher process died");
       if (stop_requested_.load(std::memory_order_relaxed))
         throw process_pool_stopped("runnel::process_pool::submit: the pool is stopping (request_stop)");
-      pending_.push_back(record{std::move(bytes), 0, std::move(done)});
+      pending_.push_back(record{std::move(bytes), 0, std::move(done), std::move(promise)});
       ++unfinished_;
     }
     submitted_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
@@ -428,23 +430,31 @@ class process_pool {
     process::region_header& h = r.header();
     process::worker_ctl& c = r.ctl(w);
     std::uint64_t next = 0;  // the parent reset the indices before asking for this process
+    const std::uint64_t refill_at = self.opts_.depth / 2;
     std::string out;
     for (;;) {
       // acquire: the parent's stores before shutdown (none needed yet; cheap).
       if (h.shutdown.load(std::memory_order_acquire) != 0) ::_exit(0);
-      // acquire: the request slot's bytes were written before tail.
-      if (c.tail.load(std::memory_order_acquire) == next) {
+      // acquire: the request slots' bytes were written before tail.
+      const std::uint64_t tail = c.tail.load(std::memory_order_acquire);
+      if (tail == next) {
         idle(h, c, next);
         continue;
       }
-      // release: irrelevant to the slot; what matters is that the store
-      // precedes the call, so a crash inside it leaves taken = next + 1.
-      c.taken.store(next + 1, std::memory_order_release);
-      self.serve(r.request_slot(w, next), r.reply_slot(w, next), out);
-      // seq_cst: publishes the reply; the news half of notify_parent's pair.
-      c.done.store(next + 1, std::memory_order_seq_cst);
-      ++next;
-      process::notify_parent(h);
+      // Every request published so far, one after the other.
+      for (; next < tail; ++next) {
+        // release: irrelevant to the slot; what matters is that the store
+        // precedes the call, so a crash inside it leaves taken = next + 1.
+        c.taken.store(next + 1, std::memory_order_release);
+        self.serve(r.request_slot(w, next), r.reply_slot(w, next), out);
+        // seq_cst: publishes the reply; the news half of notify_parent's pair.
+        c.done.store(next + 1, std::memory_order_seq_cst);
+        // The parent is woken (if it sleeps) when this worker is about to
+        // run dry, so that it refills the ring and takes the replies in
+        // batches: at most depth / 2 requests left, the last one included.
+        // Replies before that wait for it (or for the parent's own wake).
+        if (tail - (next + 1) <= refill_at) process::notify_parent(h);
+      }
     }
   }
 
@@ -595,14 +605,21 @@ class process_pool {
     const std::uint64_t done = c.done.load(std::memory_order_seq_cst);
     if (done == v.consumed) return false;
     v.streak = 0;  // this process completed a message: its deaths are no longer in a row
+    const std::uint64_t n = done - v.consumed;
+    std::uint64_t ok = 0;
     while (v.consumed < done) {
       process::slot_header* s = region_->reply_slot(w, v.consumed);
       auto& slot = v.inflight[v.consumed % opts_.depth];
-      record rec = std::move(*slot);
+      process::outcome<Out> r = read_reply(s);
+      ok += r.error ? 0 : 1;
+      complete(*slot, std::move(r));
       slot.reset();
       ++v.consumed;
-      deliver(rec, read_reply(s));
     }
+    // relaxed: statistics.
+    completed_.fetch_add(ok, std::memory_order_relaxed);
+    failed_.fetch_add(n - ok, std::memory_order_relaxed);
+    settle(n);
     return true;
   }
 
@@ -639,21 +656,31 @@ class process_pool {
     return r;
   }
 
-  void deliver(record& rec, process::outcome<Out>&& r) noexcept {
-    // relaxed: statistics.
-    if (!r.error)
-      completed_.fetch_add(1, std::memory_order_relaxed);
-    else
-      failed_.fetch_add(1, std::memory_order_relaxed);
-    finish(rec, std::move(r));
+  // Hands a message its result: the callback, or the future's promise.
+  static void complete(record& rec, process::outcome<Out>&& r) noexcept {
+    // noexcept: a throwing callback terminates.
+    if (rec.promise) {
+      rec.promise->set_value(std::move(r));
+      return;
+    }
+    process_result<Out> res;
+    res.value = std::move(r.value);
+    if (r.error) res.error = r.error->as_exception_ptr();
+    rec.done(std::move(res));
   }
 
-  // Every result leaves through here: the callback, then the count drain()
-  // waits on.
-  void finish(record& rec, process::outcome<Out>&& r) noexcept {
-    rec.done(std::move(r));  // noexcept: a throwing callback terminates
+  // `n` results were delivered: the count drain() waits on (one lock for a
+  // batch of replies).
+  void settle(std::uint64_t n) noexcept {
     std::lock_guard lk(m_);
-    if (--unfinished_ == 0) idle_.notify_all();
+    unfinished_ -= n;
+    if (unfinished_ == 0) idle_.notify_all();
+  }
+
+  // Every result that is not a reply leaves through here.
+  void finish(record& rec, process::outcome<Out>&& r) noexcept {
+    complete(rec, std::move(r));
+    settle(1);
   }
 
   static process::outcome<Out> crash(int sig, int code, unsigned attempts, bool hung) {
@@ -747,36 +774,51 @@ class process_pool {
     }
   }
 
-  // Moves waiting messages into the rings of the least loaded live workers.
+  // Moves waiting messages into the rings of the least loaded live workers:
+  // as many as the rings have room for, taken under one lock, and one tail
+  // store (and at most one wake-up) per worker for the batch.
   bool dispatch() {
-    bool moved = false;
-    for (;;) {
-      std::size_t best = opts_.workers;
-      std::uint64_t best_load = opts_.depth;
-      for (std::size_t w = 0; w < opts_.workers; ++w) {
-        // acquire: a worker restarted by the launcher (its indices were reset before).
-        if (region_->ctl(w).state.load(std::memory_order_acquire) !=
-            static_cast<std::uint32_t>(process::worker_state::alive))
-          continue;
-        const std::uint64_t load = views_[w].tail - views_[w].consumed;
-        if (load < best_load) best_load = load, best = w;
-      }
-      if (best == opts_.workers) return moved;
-      record rec;
-      {
-        std::lock_guard lk(m_);
-        if (pending_.empty()) return moved;
-        rec = std::move(pending_.front());
+    std::size_t room = 0;
+    for (std::size_t w = 0; w < opts_.workers; ++w) {
+      auto& v = views_[w];
+      // acquire: a worker restarted by the launcher (its indices were reset before).
+      v.live = region_->ctl(w).state.load(std::memory_order_acquire) ==
+               static_cast<std::uint32_t>(process::worker_state::alive);
+      if (v.live) room += opts_.depth - (v.tail - v.consumed);
+    }
+    if (room == 0) return false;
+    {
+      std::lock_guard lk(m_);
+      if (pending_.empty()) return false;
+      const std::size_t n = std::min(room, pending_.size());
+      for (std::size_t i = 0; i < n; ++i) {
+        batch_.push_back(std::move(pending_.front()));
         pending_.pop_front();
       }
-      space_.notify_one();
-      put(best, std::move(rec));
-      moved = true;
+      // Submitters blocked on a full queue are woken once it is half empty,
+      // not at every message taken: one wake-up lets them queue a batch.
+      if (pending_.size() <= opts_.queue_capacity / 2) space_.notify_all();
     }
+    std::uint64_t touched = 0;  // bit w % 64: worker w got requests (a hint; publish checks tails)
+    for (record& rec : batch_) {
+      std::size_t best = 0;
+      std::uint64_t best_load = opts_.depth;
+      for (std::size_t w = 0; w < opts_.workers; ++w) {
+        const auto& v = views_[w];
+        const std::uint64_t load = v.tail - v.consumed;
+        if (v.live && load < best_load) best_load = load, best = w;
+      }
+      put(best, std::move(rec));
+      touched |= std::uint64_t{1} << (best % 64);
+    }
+    batch_.clear();
+    for (std::size_t w = 0; w < opts_.workers; ++w)
+      if ((touched >> (w % 64)) & 1) publish(w);
+    return true;
   }
 
+  // Writes rec into worker w's next request slot; publish() makes it visible.
   void put(std::size_t w, record&& rec) {
-    auto& c = region_->ctl(w);
     auto& v = views_[w];
     process::slot_header* s = region_->request_slot(w, v.tail);
     std::memcpy(process::shared_region::payload(s), rec.bytes.data(), rec.bytes.size());
@@ -784,13 +826,16 @@ class process_pool {
     s->kind = 0;
     v.inflight[v.tail % opts_.depth] = std::move(rec);
     ++v.tail;
-    // seq_cst: publishes the slot (release) and is Dekker with the worker's
-    // sleeping store then tail load.
-    c.tail.store(v.tail, std::memory_order_seq_cst);
-    if (c.sleeping.load(std::memory_order_seq_cst) != 0) {
-      c.wake.fetch_add(1, std::memory_order_seq_cst);
-      detail::futex_wake(c.wake, 1, detail::futex_scope::shared);
-    }
+  }
+
+  // Publishes the requests put() wrote for worker w (one store for a batch)
+  // and wakes the worker if it sleeps.
+  void publish(std::size_t w) {
+    auto& c = region_->ctl(w);
+    // seq_cst: publishes the slots (release) and is the news half of the
+    // Dekker pair with the worker's sleeping store then tail load.
+    c.tail.store(views_[w].tail, std::memory_order_seq_cst);
+    process::wake_sleeper(c.sleeping, c.wake, 1);
   }
 
   // Finishes every submitted message, then stops the workers and the
@@ -873,6 +918,7 @@ class process_pool {
   std::once_flag started_;
   std::thread supervisor_;
   std::vector<worker_view> views_;  // supervisor thread only (after construction)
+  std::vector<record> batch_;       // supervisor thread only: dispatch()'s messages in transit
 
   std::atomic<std::uint64_t> submitted_{0}, completed_{0}, failed_{0}, crashed_{0}, retried_{0}, restarts_{0},
       hung_kills_{0}, delayed_restarts_{0};
@@ -882,20 +928,46 @@ class process_pool {
   std::atomic<bool> hurry_{false};
 };
 
-// A pipeline stage function that runs `pool`'s function in its worker
-// processes: .stage(runnel::process_stage(pool), {.workers = K}).
-// A crash is thrown as process_crash (and a throw in the worker as
-// process_error) to the pipeline's error handler, with the whole message
-// (the stage takes it by const reference).
-//
-// Blocking, plainly: each call waits for its reply, so it occupies the
-// pipeline lane (a thread_pool worker) while the worker process computes.
-// Give the stage more lanes than the pool has processes (workers = 2-4x
-// pool.size()) to keep every process busy, and expect the thread_pool's
-// threads to sit in a futex wait meanwhile. A non-blocking node is future work.
+// What process_stage(pool) returns: given to pipeline_flow::stage(), it
+// builds a detail::process_stage_node (process/stage_node.hpp).
+template <class Pool>
+struct process_stage_t {
+  template <class T>
+  using node_type = detail::process_stage_node<T, Pool>;
+
+  Pool* pool;
+  std::size_t max_inflight;  // 0: the default (inflight_limit)
+
+  // Messages the node keeps submitted at once: max_inflight, or twice what
+  // the workers' rings hold (so a ring is refilled while it drains); never
+  // more than the pool's queue_capacity, so that the node alone never makes
+  // submit() block.
+  std::size_t inflight_limit() const noexcept {
+    const auto& o = pool->options();
+    const std::size_t want = max_inflight != 0 ? max_inflight : 2 * o.workers * o.depth;
+    return std::max<std::size_t>(1, std::min({want, o.queue_capacity, std::size_t{1} << 31}));
+  }
+};
+
+// A pipeline stage that runs `pool`'s function in its worker processes:
+//   .stage(runnel::process_stage(pool))            // T must be the pool's In
+// The node submits messages and passes the replies on as they come back:
+// no pool thread waits for a reply (see process/stage_node.hpp). At most
+// `max_inflight` messages (default: 2 * workers * depth, at most
+// queue_capacity) are submitted and not yet passed on, which bounds its
+// memory. A crash is reported as process_crash (a throw in the worker as
+// process_error; a refused submit as its exception) to the pipeline's error
+// handler, with the whole message (the node keeps it until its result).
+// Replies leave in the order they arrive, not in input order (ordered =
+// true is refused); stage_options::workers does not apply (the pool's
+// processes are the workers); capacity, batch and name do. Messages cross
+// as the pool's codec says (the node copies each into the pool's queue).
+// The pool must outlive the run; other users may share it, but if they fill
+// its queue, the node's submit() waits like theirs.
 template <class In, class Out, class IC, class OC>
-auto process_stage(process_pool<In, Out, IC, OC>& pool) {
-  return [&pool](const In& in) -> Out { return pool.call(in).get(); };
+process_stage_t<process_pool<In, Out, IC, OC>> process_stage(process_pool<In, Out, IC, OC>& pool,
+                                                             std::size_t max_inflight = 0) {
+  return {&pool, max_inflight};
 }
 
 }  // namespace runnel

@@ -54,7 +54,8 @@ struct alignas(false_sharing_range) region_header {
   // Futex the parent's supervisor sleeps on; bumped by anyone with news for
   // it (a reply, a death, a started worker, a submitted message).
   std::atomic<std::uint32_t> parent_wake{0};
-  // 1 while the supervisor is about to sleep: notifiers then bump and wake.
+  // 1 while the supervisor is about to sleep: the first notifier to take it
+  // back to 0 bumps parent_wake and wakes (wake_sleeper).
   std::atomic<std::uint32_t> parent_sleeping{0};
   // 1: workers exit when idle, the launcher spawns no more and exits when its
   // children are gone. Set once, by the parent.
@@ -85,6 +86,7 @@ struct alignas(false_sharing_range) worker_ctl {
   alignas(false_sharing_range) std::atomic<std::uint64_t> taken{0};  // taken = i + 1: holds message i
   std::atomic<std::uint64_t> done{0};                           // replies published
   std::atomic<std::uint32_t> sleeping{0};                       // 1: the worker may be asleep
+                                                                // (cleared by the parent's wake_sleeper)
 };
 
 // The parent's hot stores (tail, wake) and the worker's (taken, done,
@@ -178,13 +180,32 @@ class shared_region {
   unsigned char* base_ = nullptr;
 };
 
-// Tells the parent's supervisor there is news (call after publishing it).
-inline void notify_parent(region_header& h) noexcept {
-  // seq_cst: pairs with the supervisor's store of parent_sleeping then re-scan
-  // (Dekker): either it sees our news or we see it sleeping.
-  if (h.parent_sleeping.load(std::memory_order_seq_cst) != 0) {
-    h.parent_wake.fetch_add(1, std::memory_order_seq_cst);
-    detail::futex_wake(h.parent_wake, INT_MAX, detail::futex_scope::shared);
-  }
+// Wakes whoever sleeps on `word` (a futex) after `sleeping` said it might:
+// the futex-word protocol every sleeper in the region follows.
+//
+//   sleeper:   seq = word; sleeping = 1; re-check for news; futex_wait(word, seq);
+//              sleeping = 0
+//   notifier:  publish news; if (sleeping && sleeping.exchange(0)) { ++word; futex_wake }
+//
+// All seq_cst: the sleeper's store of sleeping then its re-check, and the
+// notifier's news store then its load of sleeping, form a Dekker pair: in the
+// single total order either the notifier's load follows the store of 1 (it
+// wakes the sleeper) or the re-check follows the news (the sleeper does not
+// sleep). The exchange hands the wake to exactly one notifier: a burst of
+// news while the sleeper is still waking costs one system call, not one a
+// message; a notifier that finds 0 comes later in the order than the
+// exchange that cleared it, hence before the sleeper's next store of 1 and
+// its re-check, which then sees its news. The bump of `word` makes a
+// futex_wait that has not begun yet return at once.
+inline void wake_sleeper(std::atomic<std::uint32_t>& sleeping, std::atomic<std::uint32_t>& word,
+                         int count) noexcept {
+  // seq_cst (load, exchange, bump): the Dekker pair above.
+  if (sleeping.load(std::memory_order_seq_cst) == 0) return;
+  if (sleeping.exchange(0, std::memory_order_seq_cst) == 0) return;
+  word.fetch_add(1, std::memory_order_seq_cst);
+  detail::futex_wake(word, count, detail::futex_scope::shared);
 }
+
+// Tells the parent's supervisor there is news (call after publishing it).
+inline void notify_parent(region_header& h) noexcept { wake_sleeper(h.parent_sleeping, h.parent_wake, INT_MAX); }
 }  // namespace runnel::process
