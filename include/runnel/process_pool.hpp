@@ -606,19 +606,18 @@ class process_pool {
     if (done == v.consumed) return false;
     v.streak = 0;  // this process completed a message: its deaths are no longer in a row
     const std::uint64_t n = done - v.consumed;
-    std::uint64_t ok = 0;
     while (v.consumed < done) {
       process::slot_header* s = region_->reply_slot(w, v.consumed);
       auto& slot = v.inflight[v.consumed % opts_.depth];
       process::outcome<Out> r = read_reply(s);
-      ok += r.error ? 0 : 1;
+      // Counted before the result is handed over: whoever has a result sees
+      // it counted in stats(). relaxed: statistics; the hand-over (a future's
+      // or callback's release) orders the count before the caller's read.
+      (r.error ? failed_ : completed_).fetch_add(1, std::memory_order_relaxed);
       complete(*slot, std::move(r));
       slot.reset();
       ++v.consumed;
     }
-    // relaxed: statistics.
-    completed_.fetch_add(ok, std::memory_order_relaxed);
-    failed_.fetch_add(n - ok, std::memory_order_relaxed);
     settle(n);
     return true;
   }
