@@ -48,6 +48,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -59,6 +60,7 @@
 #include "delivery.hpp"
 #include "error.hpp"
 #include "options.hpp"
+#include "publish_buffer.hpp"
 #include "seal.hpp"
 #include "tls_socket.hpp"
 
@@ -713,9 +715,11 @@ class core : public std::enable_shared_from_this<core> {
     send_publish(fp.dead_letter_exchange, rk, o.msg, true, std::move(u));
   }
 
-  // Publishes m and records it as unconfirmed (with its input, if any).
+  // Publishes m and records it as unconfirmed (with its input, if any);
+  // `buffered`: into out_, which the caller writes out (write_out()) before
+  // any other write to the connection.
   void send_publish(const std::string& exchange, const std::string& rk, const message& m, bool persistent,
-                    unconfirmed&& u) {
+                    unconfirmed&& u, bool buffered = false) {
     amqp_basic_properties_t props{};
     props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
     props.delivery_mode = persistent ? 2 : 1;
@@ -736,7 +740,10 @@ class core : public std::enable_shared_from_this<core> {
       props.headers.entries = hs.data();
     }
     amqp_bytes_t body{m.body.size(), const_cast<char*>(m.body.data())};
-    const int st = amqp_basic_publish(conn_, chan_, amqp_cstring_bytes(exchange.c_str()),
+    const int st =
+        buffered ? out_.append(chan_, amqp_cstring_bytes(exchange.c_str()), amqp_cstring_bytes(rk.c_str()), props,
+                               body, static_cast<std::size_t>(amqp_get_frame_max(conn_)))
+                 : amqp_basic_publish(conn_, chan_, amqp_cstring_bytes(exchange.c_str()),
                                       amqp_cstring_bytes(rk.c_str()), 0, 0, &props, body);
     u.seq = next_seq_++;
     if (!u.has_input) {
@@ -769,30 +776,58 @@ class core : public std::enable_shared_from_this<core> {
         }
       }, publishes_per_round);
       if (got && *got == 0 && !p->ch->is_closed()) arm(*p->waker, *p->ch, false);
-      const cork held(batch.size() > 1 ? amqp_get_sockfd(conn_) : -1);
-      for (auto& d : batch) {
-        any = true;
-        unconfirmed u;
-        if (d.core_) {
-          if (d.epoch_ != epoch()) {
-            c_stale_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
-            d.core_ = nullptr;
-            continue;
-          }
-          u.has_input = true;
-          u.consumer = d.consumer_;
-          u.epoch = d.epoch_;
-          u.tag = d.tag_;
-          d.core_ = nullptr;  // settled by the confirm from now on
-        }
-        const std::string& rk = p->opts.routing_key.empty() ? d.routing_key : p->opts.routing_key;
-        // The attempt header belongs to the input, not to the result.
-        std::erase_if(d.headers, [](const auto& h) { return h.first == attempt_header; });
-        if (p->opts.seal) p->opts.seal->seal(d, rk);
-        send_publish(p->opts.exchange, rk, d, p->opts.persistent, std::move(u));
+      // Plain TCP: the batch is encoded into out_ and written with one
+      // send() (publish_buffer.hpp); TLS: published one by one through the
+      // library, corked.
+      const bool buffered = !opts_.tls.enabled;
+      const cork held(!buffered && batch.size() > 1 ? amqp_get_sockfd(conn_) : -1);
+      try {
+        publish_batch(*p, batch, buffered);
+      } catch (...) {
+        // The connection is lost (or the thread ends): what was not written
+        // must never reach the next connection.
+        out_.clear();
+        throw;
       }
+      any |= !batch.empty();
+      write_out();
     }
     return any;
+  }
+
+  // Publishes one batch of results (a stale one is dropped).
+  void publish_batch(publisher& pub, std::vector<delivery>& batch, bool buffered) {
+    for (auto& d : batch) {
+      unconfirmed u;
+      if (d.core_) {
+        if (d.epoch_ != epoch()) {
+          c_stale_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+          d.core_ = nullptr;
+          continue;
+        }
+        u.has_input = true;
+        u.consumer = d.consumer_;
+        u.epoch = d.epoch_;
+        u.tag = d.tag_;
+        d.core_ = nullptr;  // settled by the confirm from now on
+      }
+      const std::string& rk = pub.opts.routing_key.empty() ? d.routing_key : pub.opts.routing_key;
+      // The attempt header belongs to the input, not to the result.
+      std::erase_if(d.headers, [](const auto& h) { return h.first == attempt_header; });
+      if (pub.opts.seal) pub.opts.seal->seal(d, rk);
+      send_publish(pub.opts.exchange, rk, d, pub.opts.persistent, std::move(u), buffered);
+      if (out_.size() >= publish_buffer::flush_at) write_out();
+    }
+  }
+
+  // Writes out_ to the socket (all of it, or the connection is lost).
+  void write_out() {
+    if (out_.empty()) return;
+    if (out_.flush(amqp_get_sockfd(conn_)) != AMQP_STATUS_OK) {
+      const int e = errno;
+      connected_ = false;
+      throw error("runnel::amqp: publish failed: " + std::generic_category().message(e));
+    }
   }
 
   // Holds what is written to the socket in the kernel (TCP_CORK) while it
@@ -1393,6 +1428,7 @@ class core : public std::enable_shared_from_this<core> {
   std::vector<std::string> declared_;
   ack_window window_;
   std::deque<unconfirmed> unconfirmed_;
+  publish_buffer out_;  // publishes of one batch, empty outside take_publishes()
   std::uint64_t next_seq_ = 1;
   partial_delivery partial_;
   bool blocked_ = false;            // connection.blocked and not yet unblocked
