@@ -670,6 +670,21 @@ TEST_CASE("process::restart_delay: none for the first death, then doubling from 
   CHECK(runnel::process::restart_delay(2, milliseconds(30), milliseconds(30)) == milliseconds(30));
 }
 
+TEST_CASE("process::next_spin_budget: the supervisor's watch doubles after news up to the cap, halves after none down to 1", "[process]") {
+  using runnel::process::next_spin_budget;
+  CHECK(next_spin_budget(1, true, 16) == 2);
+  CHECK(next_spin_budget(4, true, 16) == 8);
+  CHECK(next_spin_budget(16, true, 16) == 16);
+  CHECK(next_spin_budget(12, true, 16) == 16);
+  CHECK(next_spin_budget(16, false, 16) == 8);
+  CHECK(next_spin_budget(3, false, 16) == 1);
+  CHECK(next_spin_budget(1, false, 16) == 1);  // never 0: one round before each sleep
+  // A supervisor that keeps finding nothing is back to one round within log2(cap) watches.
+  unsigned b = 16;
+  for (int i = 0; i < 4; ++i) b = next_spin_budget(b, false, 16);
+  CHECK(b == 1);
+}
+
 TEST_CASE("process_pool: a worker that keeps crashing is restarted with backoff: every death after the first in a row is delayed", "[process]") {
   constexpr u64 n = 6;
   runnel::process_pool_stats st;

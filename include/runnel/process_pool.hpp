@@ -112,6 +112,7 @@
 #include "process/launcher.hpp"
 #include "process/shared_region.hpp"
 #include "process/stage_node.hpp"
+#include "detail/backoff.hpp"
 #include "detail/futex.hpp"
 
 namespace runnel {
@@ -120,7 +121,10 @@ struct process_pool_options {
   // Worker processes.
   std::size_t workers = 2;
   // Messages handed to one worker ahead of its replies (its ring's slots).
-  std::size_t depth = 4;
+  // Deep enough that requests and replies cross in batches (a worker wakes
+  // the parent only when depth / 2 are left): a ring of a few slots costs a
+  // wake-up every few messages. Memory: 2 * depth * slot_size a worker.
+  std::size_t depth = 32;
   // Largest encoded request or reply, in bytes.
   std::size_t slot_size = 4096;
   // Submitted messages waiting in the parent for a worker; submit() blocks
@@ -213,6 +217,15 @@ inline std::chrono::nanoseconds restart_delay(unsigned streak, std::chrono::nano
   std::chrono::nanoseconds d = std::min(first, cap);
   for (unsigned i = 2; i < streak && d < cap; ++i) d = d > cap / 2 ? cap : 2 * d;
   return d;
+}
+}  // namespace process
+
+namespace process {
+// The supervisor's next watch budget (rounds) before it sleeps: doubled
+// after a watch that saw news, at most `cap`; halved after one that saw
+// none, at least 1.
+inline unsigned next_spin_budget(unsigned budget, bool news, unsigned cap) noexcept {
+  return news ? std::min(2 * budget, cap) : std::max(budget / 2, 1u);
 }
 }  // namespace process
 
@@ -510,6 +523,7 @@ class process_pool {
     for (;;) {
       if (step()) continue;
       if (finished()) return;
+      if (spin_for_news()) continue;
       const std::uint32_t seq = h.parent_wake.load(std::memory_order_seq_cst);
       // seq_cst: Dekker with every notifier (news store, then sleeping load).
       h.parent_sleeping.store(1, std::memory_order_seq_cst);
@@ -518,6 +532,37 @@ class process_pool {
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
       if (!busy) check_launcher();
     }
+  }
+
+  // Before the supervisor sleeps with messages outstanding, it watches for
+  // a while for replies and submissions: under load they come every few
+  // microseconds, and catching them awake saves the futex wake-up (a
+  // system call and two context switches) that would otherwise come with
+  // nearly every batch. The watch adapts like the thread pool's spin: a
+  // watch that saw news doubles the next one's budget (at most
+  // supervisor_spin_max rounds, ~25 us), one that saw none halves it (at
+  // least one round), so that a supervisor whose news comes rarely (slow
+  // messages: its workers want the CPUs) goes to sleep almost at once.
+  // Returns true if there is news (step() then takes it).
+  bool spin_for_news() noexcept {
+    bool outstanding = false;
+    for (const auto& v : views_) outstanding |= v.tail != v.consumed;
+    if (!outstanding) return false;
+    // relaxed: a hint; step() reads the data with its own ordering.
+    const std::uint64_t submitted = submitted_.load(std::memory_order_relaxed);
+    for (unsigned round = 0; round < spin_budget_; ++round) {
+      for (int i = 0; i < 32; ++i) detail::cpu_relax();
+      bool news = submitted_.load(std::memory_order_relaxed) != submitted;  // relaxed: a hint
+      for (std::size_t w = 0; w < opts_.workers && !news; ++w)
+        // relaxed: a hint; collect() loads done again with its ordering.
+        news = region_->ctl(w).done.load(std::memory_order_relaxed) != views_[w].consumed;
+      if (news) {
+        spin_budget_ = process::next_spin_budget(spin_budget_, true, supervisor_spin_max);
+        return true;
+      }
+    }
+    spin_budget_ = process::next_spin_budget(spin_budget_, false, supervisor_spin_max);
+    return false;
   }
 
   static void sleep(std::atomic<std::uint32_t>& word, std::uint32_t seq, std::chrono::nanoseconds limit) noexcept {
@@ -895,6 +940,9 @@ class process_pool {
   // Pause iterations an idle worker checks its ring before sleeping: about a
   // microsecond, the gap between back-to-back requests under load.
   static constexpr int idle_spins = 256;
+  // Rounds of 32 pauses the supervisor watches at most before it sleeps
+  // (spin_for_news): about 25 microseconds.
+  static constexpr unsigned supervisor_spin_max = 16;
   // How often the supervisor, when messages are outstanding, checks whether
   // the launcher is still alive.
   static constexpr std::chrono::milliseconds launcher_check_period{100};
@@ -918,6 +966,7 @@ class process_pool {
   std::thread supervisor_;
   std::vector<worker_view> views_;  // supervisor thread only (after construction)
   std::vector<record> batch_;       // supervisor thread only: dispatch()'s messages in transit
+  unsigned spin_budget_ = 1;        // supervisor thread only: spin_for_news()'s rounds
 
   std::atomic<std::uint64_t> submitted_{0}, completed_{0}, failed_{0}, crashed_{0}, retried_{0}, restarts_{0},
       hung_kills_{0}, delayed_restarts_{0};
