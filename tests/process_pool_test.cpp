@@ -354,6 +354,32 @@ TEST_CASE("process_pool: destroying the pool leaves no process behind", "[proces
   for (pid_t p : pids) CHECK(process_gone(p));
 }
 
+TEST_CASE("process_pool: when the launcher is killed, every outstanding message is reported as a crash and submit refuses", "[process]") {
+  constexpr u64 n = 8;
+  runnel::process_pool<u64, u64> pool(
+      [](u64) -> u64 {
+        for (;;) ::pause();  // held until the worker dies with the launcher
+      },
+      {.workers = 2});
+  std::vector<runnel::process_future<u64>> fs;
+  for (u64 i = 0; i < n; ++i) fs.push_back(pool.call(i));
+  while (pool.worker_pids().size() < 2) ::usleep(1000);
+  REQUIRE(::kill(pool.launcher_pid(), SIGKILL) == 0);
+  for (auto& f : fs) {
+    // A guard against a hang, not a timing claim: the supervisor looks at
+    // the launcher every 100 ms while messages are outstanding.
+    REQUIRE(f.wait_for(std::chrono::seconds(30)) == std::future_status::ready);
+    try {
+      (void)f.get();
+      FAIL("a message got a reply from a worker that never returns");
+    } catch (const runnel::process_crash& e) {
+      CHECK(e.signal == SIGKILL);
+    }
+  }
+  CHECK(pool.stats().crashed == n);
+  CHECK_THROWS_WITH(pool.call(n), Catch::Matchers::Contains("launcher process died"));
+}
+
 TEST_CASE("process_pool: a throwing function is reported as process_error, and the worker keeps serving", "[process]") {
   runnel::process_pool<u64, u64> pool(
       [](u64 x) -> u64 {

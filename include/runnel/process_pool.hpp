@@ -530,7 +530,7 @@ class process_pool {
       const bool busy = step();
       if (!busy && !finished()) sleep(h.parent_wake, seq, sleep_limit());
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
-      if (!busy) check_launcher();
+      if (!busy && launcher_check_due()) check_launcher();
     }
   }
 
@@ -544,18 +544,30 @@ class process_pool {
   // least one round), so that a supervisor whose news comes rarely (slow
   // messages: its workers want the CPUs) goes to sleep almost at once.
   // Returns true if there is news (step() then takes it).
+  //
+  // News is what a worker would wake the supervisor for (a ring with at
+  // most depth / 2 requests left and replies to collect), or a submission
+  // while a ring has room. A single reply is not: with slow messages one
+  // comes every few microseconds, and watching for each would keep the
+  // supervisor awake on a CPU its workers need.
   bool spin_for_news() noexcept {
-    bool outstanding = false;
-    for (const auto& v : views_) outstanding |= v.tail != v.consumed;
+    bool outstanding = false, room = false;
+    for (const auto& v : views_) {
+      outstanding |= v.tail != v.consumed;
+      room |= v.tail - v.consumed < opts_.depth;
+    }
     if (!outstanding) return false;
     // relaxed: a hint; step() reads the data with its own ordering.
     const std::uint64_t submitted = submitted_.load(std::memory_order_relaxed);
     for (unsigned round = 0; round < spin_budget_; ++round) {
       for (int i = 0; i < 32; ++i) detail::cpu_relax();
-      bool news = submitted_.load(std::memory_order_relaxed) != submitted;  // relaxed: a hint
-      for (std::size_t w = 0; w < opts_.workers && !news; ++w)
+      bool news = room && submitted_.load(std::memory_order_relaxed) != submitted;  // relaxed: a hint
+      for (std::size_t w = 0; w < opts_.workers && !news; ++w) {
+        const auto& v = views_[w];
         // relaxed: a hint; collect() loads done again with its ordering.
-        news = region_->ctl(w).done.load(std::memory_order_relaxed) != views_[w].consumed;
+        const std::uint64_t done = region_->ctl(w).done.load(std::memory_order_relaxed);
+        news = done != v.consumed && v.tail - done <= opts_.depth / 2;
+      }
       if (news) {
         spin_budget_ = process::next_spin_budget(spin_budget_, true, supervisor_spin_max);
         return true;
@@ -910,6 +922,18 @@ class process_pool {
     ::close(event_fd_);
   }
 
+  // The launcher is looked at (a waitpid system call) after a sleep at most
+  // once a launcher_check_period, not after every wake-up: under load the
+  // supervisor wakes every few dozen messages. The sleep is bounded by the
+  // same period while messages are outstanding (sleep_limit), so a dead
+  // launcher is still found within about two periods.
+  bool launcher_check_due() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_launcher_check_ < launcher_check_period) return false;
+    last_launcher_check_ = now;
+    return true;
+  }
+
   // If the launcher has died (killed from outside), nothing can run any more:
   // every message held or waiting is reported, and submit() refuses.
   void check_launcher() {
@@ -967,6 +991,7 @@ class process_pool {
   std::vector<worker_view> views_;  // supervisor thread only (after construction)
   std::vector<record> batch_;       // supervisor thread only: dispatch()'s messages in transit
   unsigned spin_budget_ = 1;        // supervisor thread only: spin_for_news()'s rounds
+  std::chrono::steady_clock::time_point last_launcher_check_{};  // supervisor thread only
 
   std::atomic<std::uint64_t> submitted_{0}, completed_{0}, failed_{0}, crashed_{0}, retried_{0}, restarts_{0},
       hung_kills_{0}, delayed_restarts_{0};
