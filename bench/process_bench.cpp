@@ -3,7 +3,8 @@
 //
 //   process/W<w>us:<impl>   `items` messages, each `w` microseconds of work
 //       (a spin on the steady clock, so that C++ and Python do the same
-//       amount of work a message; W = 0 does none), 2 workers:
+//       amount of work a message; W = 0 does none), 2 workers, rings of
+//       `depth` (64) slots:
 //         runnel_process_submit  process_pool (2 processes) fed by submit()
 //                                from the benchmark thread, callbacks count
 //         runnel_process_stage   pipeline source -> process_stage(pool) ->
@@ -26,6 +27,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
@@ -49,6 +51,8 @@ struct job {
 };
 constexpr u64 poison = ~u64{0};
 constexpr unsigned workers = 2;
+// Slots of each worker's ring: 64 messages cross in a batch.
+constexpr std::size_t depth = 64;
 
 u64 work(const job& j) {
   if (j.work_ns == poison) ::raise(SIGSEGV);
@@ -170,7 +174,7 @@ void plain_call(benchmark::State& state) {
 
 void register_all() {
   ::setenv("RUNNEL_PY", python_script, 1);  // here: no thread runs yet
-  g_procs = std::make_unique<pool_t>(work, runnel::process_pool_options{.workers = workers, .depth = 8});
+  g_procs = std::make_unique<pool_t>(work, runnel::process_pool_options{.workers = workers, .depth = depth});
   g_restart = std::make_unique<pool_t>(work, runnel::process_pool_options{.workers = 1, .max_attempts = 1});
   const int reps = runnel_bench::smoke ? 1 : 5;
   for (long w : {0L, 20L}) {

@@ -354,6 +354,32 @@ TEST_CASE("process_pool: destroying the pool leaves no process behind", "[proces
   for (pid_t p : pids) CHECK(process_gone(p));
 }
 
+TEST_CASE("process_pool: when the launcher is killed, every outstanding message is reported as a crash and submit refuses", "[process]") {
+  constexpr u64 n = 8;
+  runnel::process_pool<u64, u64> pool(
+      [](u64) -> u64 {
+        for (;;) ::pause();  // held until the worker dies with the launcher
+      },
+      {.workers = 2});
+  std::vector<runnel::process_future<u64>> fs;
+  for (u64 i = 0; i < n; ++i) fs.push_back(pool.call(i));
+  while (pool.worker_pids().size() < 2) ::usleep(1000);
+  REQUIRE(::kill(pool.launcher_pid(), SIGKILL) == 0);
+  for (auto& f : fs) {
+    // A guard against a hang, not a timing claim: the supervisor looks at
+    // the launcher every 100 ms while messages are outstanding.
+    REQUIRE(f.wait_for(std::chrono::seconds(30)) == std::future_status::ready);
+    try {
+      (void)f.get();
+      FAIL("a message got a reply from a worker that never returns");
+    } catch (const runnel::process_crash& e) {
+      CHECK(e.signal == SIGKILL);
+    }
+  }
+  CHECK(pool.stats().crashed == n);
+  CHECK_THROWS_WITH(pool.call(n), Catch::Matchers::Contains("launcher process died"));
+}
+
 TEST_CASE("process_pool: a throwing function is reported as process_error, and the worker keeps serving", "[process]") {
   runnel::process_pool<u64, u64> pool(
       [](u64 x) -> u64 {
@@ -668,6 +694,21 @@ TEST_CASE("process::restart_delay: none for the first death, then doubling from 
   CHECK(runnel::process::restart_delay(5, nanoseconds(0), cap) == nanoseconds(0));  // backoff off
   CHECK(runnel::process::restart_delay(5, first, milliseconds(15)) == milliseconds(15));
   CHECK(runnel::process::restart_delay(2, milliseconds(30), milliseconds(30)) == milliseconds(30));
+}
+
+TEST_CASE("process::next_spin_budget: the supervisor's watch doubles after news up to the cap, halves after none down to 1", "[process]") {
+  using runnel::process::next_spin_budget;
+  CHECK(next_spin_budget(1, true, 16) == 2);
+  CHECK(next_spin_budget(4, true, 16) == 8);
+  CHECK(next_spin_budget(16, true, 16) == 16);
+  CHECK(next_spin_budget(12, true, 16) == 16);
+  CHECK(next_spin_budget(16, false, 16) == 8);
+  CHECK(next_spin_budget(3, false, 16) == 1);
+  CHECK(next_spin_budget(1, false, 16) == 1);  // never 0: one round before each sleep
+  // A supervisor that keeps finding nothing is back to one round within log2(cap) watches.
+  unsigned b = 16;
+  for (int i = 0; i < 4; ++i) b = next_spin_budget(b, false, 16);
+  CHECK(b == 1);
 }
 
 TEST_CASE("process_pool: a worker that keeps crashing is restarted with backoff: every death after the first in a row is delayed", "[process]") {

@@ -112,6 +112,7 @@
 #include "process/launcher.hpp"
 #include "process/shared_region.hpp"
 #include "process/stage_node.hpp"
+#include "detail/backoff.hpp"
 #include "detail/futex.hpp"
 
 namespace runnel {
@@ -120,7 +121,10 @@ struct process_pool_options {
   // Worker processes.
   std::size_t workers = 2;
   // Messages handed to one worker ahead of its replies (its ring's slots).
-  std::size_t depth = 4;
+  // Deep enough that requests and replies cross in batches (a worker wakes
+  // the parent only when depth / 2 are left): a ring of a few slots costs a
+  // wake-up every few messages. Memory: 2 * depth * slot_size a worker.
+  std::size_t depth = 32;
   // Largest encoded request or reply, in bytes.
   std::size_t slot_size = 4096;
   // Submitted messages waiting in the parent for a worker; submit() blocks
@@ -213,6 +217,15 @@ inline std::chrono::nanoseconds restart_delay(unsigned streak, std::chrono::nano
   std::chrono::nanoseconds d = std::min(first, cap);
   for (unsigned i = 2; i < streak && d < cap; ++i) d = d > cap / 2 ? cap : 2 * d;
   return d;
+}
+}  // namespace process
+
+namespace process {
+// The supervisor's next watch budget (rounds) before it sleeps: doubled
+// after a watch that saw news, at most `cap`; halved after one that saw
+// none, at least 1.
+inline unsigned next_spin_budget(unsigned budget, bool news, unsigned cap) noexcept {
+  return news ? std::min(2 * budget, cap) : std::max(budget / 2, 1u);
 }
 }  // namespace process
 
@@ -510,14 +523,58 @@ class process_pool {
     for (;;) {
       if (step()) continue;
       if (finished()) return;
+      if (spin_for_news()) continue;
       const std::uint32_t seq = h.parent_wake.load(std::memory_order_seq_cst);
       // seq_cst: Dekker with every notifier (news store, then sleeping load).
       h.parent_sleeping.store(1, std::memory_order_seq_cst);
       const bool busy = step();
       if (!busy && !finished()) sleep(h.parent_wake, seq, sleep_limit());
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
-      if (!busy) check_launcher();
+      if (!busy && launcher_check_due()) check_launcher();
     }
+  }
+
+  // Before the supervisor sleeps with messages outstanding, it watches for
+  // a while for replies and submissions: under load they come every few
+  // microseconds, and catching them awake saves the futex wake-up (a
+  // system call and two context switches) that would otherwise come with
+  // nearly every batch. The watch adapts like the thread pool's spin: a
+  // watch that saw news doubles the next one's budget (at most
+  // supervisor_spin_max rounds, ~25 us), one that saw none halves it (at
+  // least one round), so that a supervisor whose news comes rarely (slow
+  // messages: its workers want the CPUs) goes to sleep almost at once.
+  // Returns true if there is news (step() then takes it).
+  //
+  // News is what a worker would wake the supervisor for (a ring with at
+  // most depth / 2 requests left and replies to collect), or a submission
+  // while a ring has room. A single reply is not: with slow messages one
+  // comes every few microseconds, and watching for each would keep the
+  // supervisor awake on a CPU its workers need.
+  bool spin_for_news() noexcept {
+    bool outstanding = false, room = false;
+    for (const auto& v : views_) {
+      outstanding |= v.tail != v.consumed;
+      room |= v.tail - v.consumed < opts_.depth;
+    }
+    if (!outstanding) return false;
+    // relaxed: a hint; step() reads the data with its own ordering.
+    const std::uint64_t submitted = submitted_.load(std::memory_order_relaxed);
+    for (unsigned round = 0; round < spin_budget_; ++round) {
+      for (int i = 0; i < 32; ++i) detail::cpu_relax();
+      bool news = room && submitted_.load(std::memory_order_relaxed) != submitted;  // relaxed: a hint
+      for (std::size_t w = 0; w < opts_.workers && !news; ++w) {
+        const auto& v = views_[w];
+        // relaxed: a hint; collect() loads done again with its ordering.
+        const std::uint64_t done = region_->ctl(w).done.load(std::memory_order_relaxed);
+        news = done != v.consumed && v.tail - done <= opts_.depth / 2;
+      }
+      if (news) {
+        spin_budget_ = process::next_spin_budget(spin_budget_, true, supervisor_spin_max);
+        return true;
+      }
+    }
+    spin_budget_ = process::next_spin_budget(spin_budget_, false, supervisor_spin_max);
+    return false;
   }
 
   static void sleep(std::atomic<std::uint32_t>& word, std::uint32_t seq, std::chrono::nanoseconds limit) noexcept {
@@ -865,6 +922,18 @@ class process_pool {
     ::close(event_fd_);
   }
 
+  // The launcher is looked at (a waitpid system call) after a sleep at most
+  // once a launcher_check_period, not after every wake-up: under load the
+  // supervisor wakes every few dozen messages. The sleep is bounded by the
+  // same period while messages are outstanding (sleep_limit), so a dead
+  // launcher is still found within about two periods.
+  bool launcher_check_due() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_launcher_check_ < launcher_check_period) return false;
+    last_launcher_check_ = now;
+    return true;
+  }
+
   // If the launcher has died (killed from outside), nothing can run any more:
   // every message held or waiting is reported, and submit() refuses.
   void check_launcher() {
@@ -895,6 +964,9 @@ class process_pool {
   // Pause iterations an idle worker checks its ring before sleeping: about a
   // microsecond, the gap between back-to-back requests under load.
   static constexpr int idle_spins = 256;
+  // Rounds of 32 pauses the supervisor watches at most before it sleeps
+  // (spin_for_news): about 25 microseconds.
+  static constexpr unsigned supervisor_spin_max = 16;
   // How often the supervisor, when messages are outstanding, checks whether
   // the launcher is still alive.
   static constexpr std::chrono::milliseconds launcher_check_period{100};
@@ -918,6 +990,8 @@ class process_pool {
   std::thread supervisor_;
   std::vector<worker_view> views_;  // supervisor thread only (after construction)
   std::vector<record> batch_;       // supervisor thread only: dispatch()'s messages in transit
+  unsigned spin_budget_ = 1;        // supervisor thread only: spin_for_news()'s rounds
+  std::chrono::steady_clock::time_point last_launcher_check_{};  // supervisor thread only
 
   std::atomic<std::uint64_t> submitted_{0}, completed_{0}, failed_{0}, crashed_{0}, retried_{0}, restarts_{0},
       hung_kills_{0}, delayed_restarts_{0};
