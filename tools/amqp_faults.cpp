@@ -295,12 +295,9 @@ struct producer {
 std::string script = RUNNEL_CLUSTER_SCRIPT;
 std::string cluster_dir;
 
-// Runs the cluster script with args; returns its exit status (stdout kept).
-int cluster(const std::vector<std::string>& args, std::string* out = nullptr) {
-  std::string cmd = "bash '" + script + "'";
-  for (const auto& a : args) cmd += " '" + a + "'";
-  cmd += " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
+// Runs a shell command; its exit status, its output (stdout and stderr) in *out.
+int shell(const std::string& cmd, std::string* out = nullptr) {
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
   if (p == nullptr) return -1;
   std::string text;
   char buf[512];
@@ -308,6 +305,13 @@ int cluster(const std::vector<std::string>& args, std::string* out = nullptr) {
   const int st = ::pclose(p);
   if (out != nullptr) *out = text;
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// Runs the cluster script with args; returns its exit status (its output in *out).
+int cluster(const std::vector<std::string>& args, std::string* out = nullptr) {
+  std::string cmd = "bash '" + script + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  return shell(cmd, out);
 }
 
 // Starts the cluster script with args in the background; its output goes to
@@ -404,18 +408,6 @@ bool enter_private_netns(std::string& why) {
   if (s >= 0) ::close(s);
   if (home >= 0) ::close(home);
   return ok;
-}
-
-// Runs a shell command; its exit status, its output in *out.
-int shell(const std::string& cmd, std::string* out = nullptr) {
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return -1;
-  std::string text;
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, p) != nullptr) text += buf;
-  const int st = ::pclose(p);
-  if (out != nullptr) *out = text;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 // The four DROP rules that silence one node's AMQP port (both directions,
