@@ -1058,11 +1058,20 @@ int main(int argc, char** argv) {
           restarting = cluster_async({"start-node", cluster_dir, std::to_string(node)}, h.work + "/restart.log");
           break;
         }
-        case mem_alarm:
-          if (!fault_ctl(node, {"set_vm_memory_high_watermark", "0"}, fault_retries)) ++fault_failures;
-          sleep_ms(uniform(1000, 2000));
-          if (!fault_ctl(node, {"set_vm_memory_high_watermark", "0.4"}, fault_retries)) ++fault_failures;
+        case mem_alarm: {
+          // One CLI call (each boots an Erlang VM, seconds here) raises the
+          // alarm, holds it and clears it, on the node itself: the alarm lasts
+          // just the pause, and is cleared even when the CLI loses the node
+          // mid-call. An alarm of one node blocks the publishers of the
+          // whole cluster; clearing it on that node ends it everywhere. A
+          // retry after a failure sets and clears again.
+          const std::string set_hold_clear =
+              "try ok = vm_memory_monitor:set_vm_memory_high_watermark(0.0), timer:sleep(" +
+              std::to_string(uniform(1000, 2000)) +
+              ") after ok = vm_memory_monitor:set_vm_memory_high_watermark(0.4) end.";
+          if (!fault_ctl(node, {"eval", set_hold_clear}, fault_retries)) ++fault_failures;
           break;
+        }
         case net_cut:
           network_cut(node);
           break;
