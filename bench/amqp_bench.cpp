@@ -321,18 +321,26 @@ void bm_seal_kib(benchmark::State& state) {
                                                     benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
+// The C peers' connection to the bench broker: logged in as guest, channel 1
+// (in confirm mode when `confirms`), QoS 256, consuming `queue` with manual acks.
+amqp_connection_state_t c_loop_connect(const std::string& queue, bool confirms) {
+  amqp_connection_state_t conn = amqp_new_connection();
+  amqp_socket_t* sock = amqp_tcp_socket_new(conn);
+  amqp_socket_open(sock, "127.0.0.1", the_broker().port());
+  amqp_login(conn, "/", 0, 131072, 30, AMQP_SASL_METHOD_PLAIN, "guest", "guest");
+  amqp_channel_open(conn, 1);
+  if (confirms) amqp_confirm_select(conn, 1);
+  amqp_basic_qos(conn, 1, 0, 256, 0);
+  amqp_basic_consume(conn, 1, amqp_cstring_bytes(queue.c_str()), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+  return conn;
+}
+
 void bm_c_loop(benchmark::State& state, std::uint64_t w) {
   const std::size_t n = n_messages();
   for (auto _ : state) {
     const auto [in, out] = preload(n);
     const cpu_mark m0;
-    amqp_connection_state_t conn = amqp_new_connection();
-    amqp_socket_t* sock = amqp_tcp_socket_new(conn);
-    amqp_socket_open(sock, "127.0.0.1", the_broker().port());
-    amqp_login(conn, "/", 0, 131072, 30, AMQP_SASL_METHOD_PLAIN, "guest", "guest");
-    amqp_channel_open(conn, 1);
-    amqp_basic_qos(conn, 1, 0, 256, 0);
-    amqp_basic_consume(conn, 1, amqp_cstring_bytes(in.c_str()), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    amqp_connection_state_t conn = c_loop_connect(in, false);
     amqp_basic_properties_t props{};
     props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
     props.delivery_mode = 1;
@@ -374,14 +382,7 @@ void bm_c_loop_confirms(benchmark::State& state, std::uint64_t w) {
   for (auto _ : state) {
     const auto [in, out] = preload(n);
     const cpu_mark m0;
-    amqp_connection_state_t conn = amqp_new_connection();
-    amqp_socket_t* sock = amqp_tcp_socket_new(conn);
-    amqp_socket_open(sock, "127.0.0.1", the_broker().port());
-    amqp_login(conn, "/", 0, 131072, 30, AMQP_SASL_METHOD_PLAIN, "guest", "guest");
-    amqp_channel_open(conn, 1);
-    amqp_confirm_select(conn, 1);
-    amqp_basic_qos(conn, 1, 0, 256, 0);
-    amqp_basic_consume(conn, 1, amqp_cstring_bytes(in.c_str()), amqp_empty_bytes, 0, 0, 0, amqp_empty_table);
+    amqp_connection_state_t conn = c_loop_connect(in, true);
     amqp_basic_properties_t props{};
     props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG;
     props.delivery_mode = 1;

@@ -8,7 +8,9 @@
 // Queues default to work.in, work.out and work.dead (declared durable).
 // Processing here upper-cases the body; a body starting with "poison" throws,
 // so it is retried up to 5 times and then lands in the dead-letter queue with
-// the error text in header x-runnel-error.
+// the error text in header x-runnel-error. When the client ends on an error
+// (it gave up reconnecting, its queue was deleted, ...), the worker exits
+// with status 1 and that error instead of waiting for a signal.
 #include <runnel/amqp.hpp>
 #include <runnel/pipeline.hpp>
 #include <runnel/thread_pool.hpp>
@@ -20,7 +22,6 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
-#include <thread>
 
 namespace {
 
@@ -79,17 +80,25 @@ int main(int argc, char** argv) try {
                  .run();
 
   auto next = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  bool ended = false;  // the run ended by itself: the client failed
   while (stop_requested == 0) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (run.wait_for(std::chrono::milliseconds(100))) {  // rethrows a stage's error
+      ended = true;
+      break;
+    }
     if (std::chrono::steady_clock::now() >= next) {
       print_stats("stats", client.stats());
       next += std::chrono::seconds(5);
     }
   }
-  std::printf("stopping: draining in-flight messages\n");
-  client.close();  // stop consuming, drain, ack, close
+  if (!ended) std::printf("stopping: draining in-flight messages\n");
+  client.close();  // stop consuming, drain, ack, close; rethrows the error the client ended on
   run.wait();
   print_stats("final", client.stats());
+  if (ended) {
+    std::fprintf(stderr, "amqp_worker: the pipeline ended without a stop request\n");
+    return 1;
+  }
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "amqp_worker: %s\n", e.what());

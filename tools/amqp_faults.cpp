@@ -58,6 +58,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -295,12 +296,9 @@ struct producer {
 std::string script = RUNNEL_CLUSTER_SCRIPT;
 std::string cluster_dir;
 
-// Runs the cluster script with args; returns its exit status (stdout kept).
-int cluster(const std::vector<std::string>& args, std::string* out = nullptr) {
-  std::string cmd = "bash '" + script + "'";
-  for (const auto& a : args) cmd += " '" + a + "'";
-  cmd += " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
+// Runs a shell command; its exit status, its output (stdout and stderr) in *out.
+int shell(const std::string& cmd, std::string* out = nullptr) {
+  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
   if (p == nullptr) return -1;
   std::string text;
   char buf[512];
@@ -308,6 +306,13 @@ int cluster(const std::vector<std::string>& args, std::string* out = nullptr) {
   const int st = ::pclose(p);
   if (out != nullptr) *out = text;
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// Runs the cluster script with args; returns its exit status (its output in *out).
+int cluster(const std::vector<std::string>& args, std::string* out = nullptr) {
+  std::string cmd = "bash '" + script + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  return shell(cmd, out);
 }
 
 // Starts the cluster script with args in the background; its output goes to
@@ -404,18 +409,6 @@ bool enter_private_netns(std::string& why) {
   if (s >= 0) ::close(s);
   if (home >= 0) ::close(home);
   return ok;
-}
-
-// Runs a shell command; its exit status, its output in *out.
-int shell(const std::string& cmd, std::string* out = nullptr) {
-  FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return -1;
-  std::string text;
-  char buf[512];
-  while (std::fgets(buf, sizeof buf, p) != nullptr) text += buf;
-  const int st = ::pclose(p);
-  if (out != nullptr) *out = text;
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 // The four DROP rules that silence one node's AMQP port (both directions,
@@ -550,8 +543,13 @@ struct harness {
     std::vector<char*> argv;
     for (auto& s : args) argv.push_back(s.data());
     argv.push_back(nullptr);
+    const pid_t parent = ::getpid();
     const pid_t pid = ::fork();
     if (pid == 0) {
+      // Ends with the harness, whichever way it ends (spawn() runs on the
+      // main thread, whose end is the process's).
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) ::_exit(1);  // it ended before prctl
       const int o = ::open(c.out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
       if (o >= 0) {
         ::dup2(o, 1);
@@ -732,9 +730,46 @@ nlohmann::json run_throughput(harness& h, const std::vector<int>& counts, std::u
   return rows;
 }
 
-}  // namespace
+// Every way out of a fault or throughput run (a return, an exception, a
+// SIGINT/SIGTERM/SIGHUP) stops the cluster's nodes and its epmd by pid
+// (cluster.sh stop, which does nothing once they are stopped) and removes
+// the temp directory (never a --keep one). The consumer processes end with
+// the harness (PR_SET_PDEATHSIG, see spawn()).
+void clean_up(const std::string& temp_dir) {
+  cluster({"stop", cluster_dir});
+  if (!temp_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(temp_dir, ec);
+  }
+}
 
-int main(int argc, char** argv) {
+struct clean_up_at_exit {
+  std::string temp_dir;  // empty: --keep
+  ~clean_up_at_exit() { clean_up(temp_dir); }
+};
+
+// A signal's number, written by its handler (write(2) is async-signal-safe)
+// and read by a thread that cleans up and ends the process.
+int signal_pipe[2] = {-1, -1};
+extern "C" void on_harness_signal(int sig) {
+  const char c = static_cast<char>(sig);
+  [[maybe_unused]] const auto n = ::write(signal_pipe[1], &c, 1);
+}
+
+void clean_up_on_signals(const std::string& temp_dir) {
+  if (::pipe2(signal_pipe, O_CLOEXEC) != 0) return std::perror("amqp_faults: pipe2");
+  std::thread([temp_dir] {
+    char sig = 0;
+    while (::read(signal_pipe[0], &sig, 1) != 1) {
+    }
+    std::fprintf(stderr, "amqp_faults: signal %d: stopping the cluster\n", sig);
+    clean_up(temp_dir);
+    std::_Exit(128 + sig);
+  }).detach();
+  for (const int sig : {SIGINT, SIGTERM, SIGHUP}) std::signal(sig, on_harness_signal);
+}
+
+int harness_main(int argc, char** argv) {
   CLI::App app{"at-least-once check of the RabbitMQ bridge under faults on a 3-node cluster"};
   app.require_subcommand(0, 1);
   consumer_args ca;
@@ -807,10 +842,16 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
 
   char tmpl[] = "/tmp/amqp_faults.XXXXXX";
-  const std::string top = keep_dir.empty() ? std::string(::mkdtemp(tmpl)) : keep_dir;
+  if (keep_dir.empty() && ::mkdtemp(tmpl) == nullptr) {
+    std::perror("amqp_faults: mkdtemp");
+    return 3;
+  }
+  const std::string top = keep_dir.empty() ? std::string(tmpl) : keep_dir;
   ::mkdir(top.c_str(), 0755);
   ::chmod(top.c_str(), 0755);  // the nodes run as user rabbitmq and need to reach cluster/
   cluster_dir = top + "/cluster";
+  const clean_up_at_exit clean_up_guard{keep_dir.empty() ? top : std::string()};
+  clean_up_on_signals(clean_up_guard.temp_dir);
   harness h;
   h.work = top + "/logs";
   ::mkdir(h.work.c_str(), 0755);
@@ -823,7 +864,6 @@ int main(int argc, char** argv) {
   std::string out;
   if (cluster({"start", cluster_dir}, &out) != 0) {
     std::fprintf(stderr, "amqp_faults: the cluster did not start:\n%s\n", out.c_str());
-    cluster({"stop", cluster_dir});
     return 3;
   }
   {  // the line with the URL (the script prints nothing else on stdout)
@@ -835,7 +875,6 @@ int main(int argc, char** argv) {
   h.endpoints = runnel::amqp::connection_options::from_url(cluster_url).endpoints;
   if (cluster({"declare", cluster_dir, h.queue, queue_type, "50"}, &out) != 0) {
     std::fprintf(stderr, "amqp_faults: declaring the queue failed:\n%s\n", out.c_str());
-    cluster({"stop", cluster_dir});
     return 3;
   }
   const double startup_s = std::chrono::duration<double>(clock_type::now() - t_begin).count();
@@ -850,11 +889,6 @@ int main(int argc, char** argv) {
     } catch (const std::exception& e) {
       std::fprintf(stderr, "amqp_faults: %s\n", e.what());
       rc = 1;
-    }
-    cluster({"stop", cluster_dir});
-    if (keep_dir.empty()) {
-      std::error_code ec;
-      std::filesystem::remove_all(top, ec);
     }
     return rc;
   }
@@ -1066,11 +1100,20 @@ int main(int argc, char** argv) {
           restarting = cluster_async({"start-node", cluster_dir, std::to_string(node)}, h.work + "/restart.log");
           break;
         }
-        case mem_alarm:
-          if (!fault_ctl(node, {"set_vm_memory_high_watermark", "0"}, fault_retries)) ++fault_failures;
-          sleep_ms(uniform(1000, 2000));
-          if (!fault_ctl(node, {"set_vm_memory_high_watermark", "0.4"}, fault_retries)) ++fault_failures;
+        case mem_alarm: {
+          // One CLI call (each boots an Erlang VM, seconds here) raises the
+          // alarm, holds it and clears it, on the node itself: the alarm lasts
+          // just the pause, and is cleared even when the CLI loses the node
+          // mid-call. An alarm of one node blocks the publishers of the
+          // whole cluster; clearing it on that node ends it everywhere. A
+          // retry after a failure sets and clears again.
+          const std::string set_hold_clear =
+              "try ok = vm_memory_monitor:set_vm_memory_high_watermark(0.0), timer:sleep(" +
+              std::to_string(uniform(1000, 2000)) +
+              ") after ok = vm_memory_monitor:set_vm_memory_high_watermark(0.4) end.";
+          if (!fault_ctl(node, {"eval", set_hold_clear}, fault_retries)) ++fault_failures;
           break;
+        }
         case net_cut:
           network_cut(node);
           break;
@@ -1359,9 +1402,16 @@ int main(int argc, char** argv) {
     j["faults"][kind_name[k]] = k == net_cut && !cut_skipped.empty() ? nlohmann::json("skipped")
                                                                       : nlohmann::json(done[static_cast<std::size_t>(k)]);
   std::ofstream(json_path) << j.dump(2) << "\n";
-  if (keep_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::remove_all(top, ec);
-  }
   return pass ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return harness_main(argc, argv);  // unwinds through its clean-up
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "amqp_faults: %s\n", e.what());
+    return 3;
+  }
 }

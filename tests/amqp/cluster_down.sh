@@ -14,6 +14,8 @@
 set -euo pipefail
 py=/usr/bin/python3
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=check_output.sh
+source "$here/check_output.sh"
 cluster="$here/../../examples/cluster/cluster.sh"
 worker=${1:?usage: cluster_down.sh WORKER [MESSAGES] [DOWN_SECONDS]}
 n=${2:-100000}
@@ -111,25 +113,4 @@ final=$(grep '^final:' "$dir/worker.log" || true)
 echo "cluster_down: worker $final ($SECONDS s)"
 [ "$ok" = 1 ] || { echo "cluster_down: FAIL: down.in did not drain"; cat "$dir/worker.log"; exit 1; }
 
-"$py" - "$port1" "$n" "$final" <<'PY'
-import sys, re, pika
-port, n, final = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-c = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", port))
-ch = c.channel()
-seen = [0] * n
-while True:
-    m, _, body = ch.basic_get("down.out", auto_ack=True)
-    if m is None:
-        break
-    seen[int(body)] += 1
-dead = ch.queue_declare("down.dead", durable=True).method.message_count
-c.close()
-missing = sum(1 for k in seen if k == 0)
-dups = sum(k - 1 for k in seen if k > 1)
-rec = re.search(r"reconnects (\d+)", final)
-reconnects = int(rec.group(1)) if rec else -1
-print(f"cluster_down: {n} ids, missing {missing}, duplicates {dups}, dead-lettered {dead}, worker reconnects {reconnects}")
-ok = missing == 0 and dead == 0 and reconnects >= 1
-print("cluster_down: PASS" if ok else "cluster_down: FAIL")
-sys.exit(0 if ok else 1)
-PY
+check_output cluster_down "$port1" "$n" down "$final"

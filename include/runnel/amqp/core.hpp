@@ -574,14 +574,21 @@ class core : public std::enable_shared_from_this<core> {
     return !connected_ && (e.reply_code() == 0 || e.reply_code() == AMQP_CONNECTION_FORCED);
   }
 
+  // Called in the catch block of a request: rethrows the error being handled
+  // unless the request was cut_off; else keeps it as the reason the
+  // reconnect reports should it give up.
+  void absorb_cut_off(const error& e) {
+    if (!cut_off(e)) throw;
+    last_error_ = e.what();
+    last_code_ = e.reply_code();
+  }
+
   void declare_request(const std::string& q) {
     try {
       declare(q);
     } catch (const error& e) {
-      if (!cut_off(e)) throw;
+      absorb_cut_off(e);
       remember_declared(q);  // declared by restore() on the next connection
-      last_error_ = e.what();
-      last_code_ = e.reply_code();
     }
   }
 
@@ -604,10 +611,7 @@ class core : public std::enable_shared_from_this<core> {
     try {
       start_consumer(*c);
     } catch (const error& e) {
-      if (!cut_off(e)) throw;
-      // Registered all the same: restore() starts it on the next connection.
-      last_error_ = e.what();
-      last_code_ = e.reply_code();
+      absorb_cut_off(e);  // registered all the same: restore() starts it on the next connection
     }
     c->ch->senders.fetch_add(1, std::memory_order_relaxed);  // relaxed: no other sender exists yet
     consumers_.push_back(std::move(c));
