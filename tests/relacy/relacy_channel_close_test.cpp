@@ -52,7 +52,6 @@ namespace {
 
 using runnel::channel_status;
 using runnel::detail::channel_state;
-using runnel_model::check;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -406,38 +405,36 @@ struct try_ops_vs_close : rl::test_suite<try_ops_vs_close<W>, 3> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const runnel_model::check_options o(argc, argv);
-  const auto bound = rl::fair_context_bound_scheduler_type;
-  const auto random = rl::random_scheduler_type;
-  const auto success = rl::test_result_success;
-  bool ok = true;
-
+  using runnel_model::bounded;
+  using runnel_model::caught;
+  using runnel_model::passes;
+  using runnel_model::random_schedules;
   // Two threads: every interleaving with at most two preemptions. Three
   // threads: a systematic search takes minutes even with one preemption
   // (3.6 million interleavings for the smallest), so random schedules.
-  const rl::iteration_t n = 200000;
-  ok &= check<send_vs_close_then_recv<weaken::none, false>>(o, "try_send vs close, then recv", bound, success, 2);
-  ok &= check<send_vs_close_then_recv<weaken::none, true>>(o, "send vs close, then recv", bound, success, 2);
-  ok &= check<full_send_withdraws_after_close<weaken::none>>(o, "full: try_send vs close, then recv", bound, success,
-                                                             2);
-  ok &= check<send_recv_close<weaken::none>>(o, "send x3, recv, close (random)", random, success, 0, n);
-  ok &= check<late_send_wakes_receiver<weaken::none>>(o, "try_send, recv, close (random)", random, success, 0, n);
-  ok &= check<close_wakes_receivers<weaken::none>>(o, "close wakes two blocked receivers (random)", random, success,
-                                                   0, n);
-  ok &= check<close_wakes_senders<weaken::none>>(o, "close wakes two blocked senders (random)", random, success, 0,
-                                                 n);
-  ok &= check<try_ops_vs_close<weaken::none>>(o, "try_send x2, try_recv, close (random)", random, success, 0, n);
+  const auto random = random_schedules(200000);
+  return runnel_model::run_models(
+      argc, argv,
+      {
+          passes<send_vs_close_then_recv<weaken::none, false>>("try_send vs close, then recv", bounded(2)),
+          passes<send_vs_close_then_recv<weaken::none, true>>("send vs close, then recv", bounded(2)),
+          passes<full_send_withdraws_after_close<weaken::none>>("full: try_send vs close, then recv", bounded(2)),
+          passes<send_recv_close<weaken::none>>("send x3, recv, close (random)", random),
+          passes<late_send_wakes_receiver<weaken::none>>("try_send, recv, close (random)", random),
+          passes<close_wakes_receivers<weaken::none>>("close wakes two blocked receivers (random)", random),
+          passes<close_wakes_senders<weaken::none>>("close wakes two blocked senders (random)", random),
+          passes<try_ops_vs_close<weaken::none>>("try_send x2, try_recv, close (random)", random),
 
-  // Tests of the tests: each must be caught.
-  ok &= check<send_vs_close_then_recv<weaken::rmw_release, false>>(o, "[mutant] RMWs without release: 2 threads",
-                                                                   bound, rl::test_result_user_assert_failed, 2);
-  ok &= check<send_vs_close_then_recv<weaken::seq_cst_loads, false>>(o, "[mutant] seq_cst loads relaxed: 2 threads",
-                                                                     bound, rl::test_result_user_assert_failed, 2);
-  ok &= check<try_ops_vs_close<weaken::rmw_release>>(o, "[mutant] RMWs without release: try ops (random)", random,
-                                                     rl::test_result_user_assert_failed, 0, n);
-  ok &= check<try_ops_vs_close<weaken::seq_cst_loads>>(o, "[mutant] seq_cst loads relaxed: try ops (random)", random,
-                                                       rl::test_result_user_assert_failed, 0, n);
-  ok &= check<send_recv_close<weaken::rmw_release>>(o, "[mutant] RMWs without release: blocking (random)", random,
-                                                    rl::test_result_user_assert_failed, 0, n);
-  return ok ? 0 : 1;
+          // Tests of the tests: each must be caught.
+          caught<send_vs_close_then_recv<weaken::rmw_release, false>>("RMWs without release: 2 threads", bounded(2),
+                                                                      rl::test_result_user_assert_failed),
+          caught<send_vs_close_then_recv<weaken::seq_cst_loads, false>>(
+              "seq_cst loads relaxed: 2 threads", bounded(2), rl::test_result_user_assert_failed),
+          caught<try_ops_vs_close<weaken::rmw_release>>("RMWs without release: try ops (random)", random,
+                                                        rl::test_result_user_assert_failed),
+          caught<try_ops_vs_close<weaken::seq_cst_loads>>("seq_cst loads relaxed: try ops (random)", random,
+                                                          rl::test_result_user_assert_failed),
+          caught<send_recv_close<weaken::rmw_release>>("RMWs without release: blocking (random)", random,
+                                                       rl::test_result_user_assert_failed),
+      });
 }
