@@ -52,6 +52,10 @@ namespace {
 
 using runnel::channel_status;
 using runnel::detail::channel_state;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -85,6 +89,15 @@ int drain(Channel& ch, int* got, int n) {
   }
   RL_ASSERT(st == channel_status::closed);
   return n;
+}
+
+// Fills the two cells with 1 and 2 (single-threaded, in before()).
+template <class Channel>
+void fill(Channel& ch) {
+  for (int i = 1; i <= 2; ++i) {
+    payload p(i);
+    RL_ASSERT(ch.try_send(p) == channel_status::ok);
+  }
 }
 
 // ---- Blocking send, blocking receive, close. The sender sends 1, 2, 3
@@ -243,10 +256,7 @@ struct full_send_withdraws_after_close : rl::test_suite<full_send_withdraws_afte
 
   void before() {
     ch.emplace(capacity);
-    for (int i = 1; i <= 2; ++i) {
-      payload p(i);
-      RL_ASSERT(ch->try_send(p) == channel_status::ok);
-    }
+    fill(*ch);
   }
   void thread(unsigned id) {
     if (id == 0) {
@@ -307,10 +317,7 @@ struct close_wakes_senders : rl::test_suite<close_wakes_senders<W>, 3> {
 
   void before() {
     ch.emplace(capacity);
-    for (int i = 1; i <= 2; ++i) {
-      payload p(i);
-      RL_ASSERT(ch->try_send(p) == channel_status::ok);
-    }
+    fill(*ch);
   }
   void thread(unsigned id) {
     if (id < 2) {
@@ -405,10 +412,6 @@ struct try_ops_vs_close : rl::test_suite<try_ops_vs_close<W>, 3> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  using runnel_model::bounded;
-  using runnel_model::caught;
-  using runnel_model::passes;
-  using runnel_model::random_schedules;
   // Two threads: every interleaving with at most two preemptions. Three
   // threads: a systematic search takes minutes even with one preemption
   // (3.6 million interleavings for the smallest), so random schedules.

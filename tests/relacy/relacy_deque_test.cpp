@@ -37,6 +37,10 @@
 namespace {
 
 using runnel::detail::work_stealing_deque;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -155,10 +159,6 @@ struct grow_two_thieves : rl::test_suite<grow_two_thieves<W>, 3> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  using runnel_model::bounded;
-  using runnel_model::caught;
-  using runnel_model::passes;
-  using runnel_model::random_schedules;
   return runnel_model::run_models(
       argc, argv,
       {

@@ -47,6 +47,11 @@
 namespace {
 
 using runnel::detail::basic_event_count;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::full_search;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -174,11 +179,6 @@ struct timed_sleeper : rl::test_suite<timed_sleeper<W>, 2> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  using runnel_model::bounded;
-  using runnel_model::caught;
-  using runnel_model::full_search;
-  using runnel_model::passes;
-  using runnel_model::random_schedules;
   return runnel_model::run_models(
       argc, argv,
       {

@@ -29,6 +29,10 @@ namespace {
 
 using runnel::detail::claimed_cell;
 using runnel::detail::mpmc_ring;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -239,10 +243,6 @@ struct full_empty_edges : rl::test_suite<full_empty_edges, 2> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  using runnel_model::bounded;
-  using runnel_model::caught;
-  using runnel_model::passes;
-  using runnel_model::random_schedules;
   return runnel_model::run_models(
       argc, argv,
       {
