@@ -5,7 +5,8 @@
 // input closing while the others go on, cancel (busy and parked on idle
 // inputs), errors with and without a handler, a one-worker pool, a
 // lost-wake-up hunt with tiny channels, one message at a time while the
-// merge parks, and a wake handed on to another receiver of an input. A
+// merge parks, a wake handed on to another receiver of an input, and a
+// node that must not finish while a wake-up from an input is in flight. A
 // stalled run is reported by a generous wait_for, never by timing a
 // healthy one.
 #include <runnel/pipeline.hpp>
@@ -500,6 +501,70 @@ TEST_CASE("merge: a merge parked on its output does not keep a wake from another
   run.cancel();
   REQUIRE(run.wait_for(stall_limit));
   check_invariant(run.stats());
+}
+
+namespace {
+
+// A waker the test registers in an input's list behind the merge's own:
+// the notifier that takes both calls this one first (see
+// task_waiters::take_and_wake) and it stops there until released, so the
+// merge's wake-up, taken with it, stays in flight for as long as the test
+// wants.
+struct gate_waker : runnel::detail::waker {
+  std::atomic<bool> entered{false};
+  std::atomic<bool> released{false};
+  gate_waker() noexcept { wake = &on_wake; }
+  static void on_wake(runnel::detail::waker* w) noexcept {
+    auto* g = static_cast<gate_waker*>(w);
+    g->entered.store(true);
+    while (!g->released.load()) std::this_thread::yield();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("merge: the node does not finish while a wake-up from an input is in flight", "[pipeline][merge]") {
+  // Input a closes: its notifier takes the merge's waker and the gate
+  // behind it, and stops in the gate before calling the merge's. Then the
+  // lane is resumed another way (b closes, or cancel) and finds every input
+  // ended. It must wait for a's wake-up: that callback still writes the
+  // node's word. Every step is awaited (pool.wait_idle, the gate's flag),
+  // nothing is timed: the run may not be done while the gate holds the
+  // wake-up, and it finishes once released. A node that finished at once
+  // is seen done here (and its state could be freed under the callback).
+  const bool by_cancel = GENERATE(false, true);
+  const std::size_t workers = GENERATE(std::size_t{1}, std::size_t{2});
+  INFO((by_cancel ? "resumed by cancel" : "resumed by b's close") << ", " << workers << " worker(s)");
+  thread_pool pool(pool_of(workers));
+  const int rounds = runnel_test::under_sanitizer ? 8 : 20;
+  int done_early = 0;
+  for (int round = 0; round < rounds; ++round) {
+    auto [a_tx, a_rx] = runnel::make_channel<std::uint64_t>(1);
+    auto [b_tx, b_rx] = runnel::make_channel<std::uint64_t>(1);
+    const auto a_state = runnel::pipeline_access<std::uint64_t>::state(a_tx);
+    std::uint64_t count = 0;
+    auto run = pipeline{pool}
+                   .from_merged(std::move(a_rx), std::move(b_rx))
+                   .sink([&count](std::uint64_t) { ++count; })
+                   .run();
+    pool.wait_idle();  // the merge is parked on a and b: its wakers are registered
+    gate_waker gate;
+    REQUIRE(a_state->park_receiver(gate));  // behind the merge's waker on a
+    std::thread closer([tx = std::move(a_tx)]() mutable { tx.reset(); });  // closes a
+    while (!gate.entered.load()) std::this_thread::yield();
+    // The merge's wake-up from a is taken and not yet delivered.
+    if (by_cancel) run.cancel();
+    else b_tx.reset();  // closes b: its wake resumes the lane
+    pool.wait_idle();  // the lane ran: found a and b ended (or cancel), and parked
+    if (run.done()) ++done_early;
+    gate.released.store(true);
+    closer.join();
+    if (by_cancel) b_tx.reset();
+    REQUIRE(run.wait_for(stall_limit));
+    CHECK(count == 0);
+    check_invariant(run.stats());
+  }
+  CHECK(done_early == 0);
 }
 
 TEST_CASE("merge: bad arguments are reported", "[pipeline][merge]") {

@@ -37,7 +37,10 @@
 namespace {
 
 using runnel::detail::work_stealing_deque;
-using runnel_model::check;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -156,25 +159,22 @@ struct grow_two_thieves : rl::test_suite<grow_two_thieves<W>, 3> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const runnel_model::check_options o(argc, argv);
-  const auto bound = rl::fair_context_bound_scheduler_type;
-  const auto random = rl::random_scheduler_type;
-  const auto success = rl::test_result_success;
-  bool ok = true;
+  return runnel_model::run_models(
+      argc, argv,
+      {
+          passes<grow_vs_thief<weaken::none>>("owner vs 1 thief, growth", bounded(2)),
+          passes<last_item_two_thieves<weaken::none>>("last item, owner vs 2 thieves", bounded(2)),
+          passes<grow_two_thieves<weaken::none>>("growth, owner vs 2 thieves", bounded(2)),
+          passes<grow_two_thieves<weaken::none>>("growth, owner vs 2 thieves (random)", random_schedules(100000)),
 
-  ok &= check<grow_vs_thief<weaken::none>>(o, "owner vs 1 thief, growth", bound, success, 2);
-  ok &= check<last_item_two_thieves<weaken::none>>(o, "last item, owner vs 2 thieves", bound, success, 2);
-  ok &= check<grow_two_thieves<weaken::none>>(o, "growth, owner vs 2 thieves", bound, success, 2);
-  ok &= check<grow_two_thieves<weaken::none>>(o, "growth, owner vs 2 thieves (random)", random, success, 0, 100000);
-
-  // Tests of the tests: each must be caught.
-  ok &= check<last_item_two_thieves<weaken::seq_cst_thread0>>(o, "[mutant] pop without StoreLoad: last item", bound,
-                                                               rl::test_result_user_assert_failed, 2);
-  ok &= check<last_item_two_thieves<weaken::seq_cst_others>>(o, "[mutant] steal without StoreLoad: last item", bound,
-                                                              rl::test_result_user_assert_failed, 2);
-  ok &= check<grow_vs_thief<weaken::release_stores>>(o, "[mutant] release stores relaxed: growth", bound,
-                                                     rl::test_result_data_race);
-  ok &= check<grow_vs_thief<weaken::acquire_loads>>(o, "[mutant] acquire loads relaxed: growth", bound,
-                                                    rl::test_result_unitialized_access);
-  return ok ? 0 : 1;
+          // Tests of the tests: each must be caught.
+          caught<last_item_two_thieves<weaken::seq_cst_thread0>>("pop without StoreLoad: last item", bounded(2),
+                                                                 rl::test_result_user_assert_failed),
+          caught<last_item_two_thieves<weaken::seq_cst_others>>("steal without StoreLoad: last item", bounded(2),
+                                                                rl::test_result_user_assert_failed),
+          caught<grow_vs_thief<weaken::release_stores>>("release stores relaxed: growth", bounded(),
+                                                        rl::test_result_data_race),
+          caught<grow_vs_thief<weaken::acquire_loads>>("acquire loads relaxed: growth", bounded(),
+                                                       rl::test_result_unitialized_access),
+      });
 }

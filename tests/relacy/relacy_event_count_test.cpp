@@ -47,7 +47,11 @@
 namespace {
 
 using runnel::detail::basic_event_count;
-using runnel_model::check;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::full_search;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -175,24 +179,20 @@ struct timed_sleeper : rl::test_suite<timed_sleeper<W>, 2> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const runnel_model::check_options o(argc, argv);
-  const auto full = rl::fair_full_search_scheduler_type;
-  const auto bound = rl::fair_context_bound_scheduler_type;
-  const auto random = rl::random_scheduler_type;
-  const auto success = rl::test_result_success;
-  bool ok = true;
+  return runnel_model::run_models(
+      argc, argv,
+      {
+          passes<one_sleeper<weaken::none>>("one sleeper, one notify (full search)", full_search()),
+          passes<timed_sleeper<weaken::none>>("timed sleeper, one notify_all", bounded(4)),
+          passes<two_sleepers_two_tokens<weaken::none>>("two sleepers, two tokens, notify_one (random)",
+                                                        random_schedules(100000)),
 
-  ok &= check<one_sleeper<weaken::none>>(o, "one sleeper, one notify (full search)", full, success);
-  ok &= check<timed_sleeper<weaken::none>>(o, "timed sleeper, one notify_all", bound, success, 4);
-  ok &= check<two_sleepers_two_tokens<weaken::none>>(o, "two sleepers, two tokens, notify_one (random)", random,
-                                                     success, 0, 100000);
-
-  // Tests of the tests: each must be caught.
-  ok &= check<one_sleeper<weaken::fences>>(o, "[mutant] fences without StoreLoad: one sleeper", full,
-                                           rl::test_result_deadlock);
-  ok &= check<two_sleepers_two_tokens<weaken::fences>>(o, "[mutant] fences without StoreLoad: two sleepers", random,
-                                                       rl::test_result_deadlock, 0, 100000);
-  ok &= check<one_sleeper<weaken::acquire_loads>>(o, "[mutant] epoch loads relaxed: one sleeper", full,
-                                                  rl::test_result_data_race);
-  return ok ? 0 : 1;
+          // Tests of the tests: each must be caught.
+          caught<one_sleeper<weaken::fences>>("fences without StoreLoad: one sleeper", full_search(),
+                                              rl::test_result_deadlock),
+          caught<two_sleepers_two_tokens<weaken::fences>>("fences without StoreLoad: two sleepers",
+                                                          random_schedules(100000), rl::test_result_deadlock),
+          caught<one_sleeper<weaken::acquire_loads>>("epoch loads relaxed: one sleeper", full_search(),
+                                                     rl::test_result_data_race),
+      });
 }

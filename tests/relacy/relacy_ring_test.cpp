@@ -29,7 +29,10 @@ namespace {
 
 using runnel::detail::claimed_cell;
 using runnel::detail::mpmc_ring;
-using runnel_model::check;
+using runnel_model::bounded;
+using runnel_model::caught;
+using runnel_model::passes;
+using runnel_model::random_schedules;
 using runnel_model::relacy_atomics;
 using runnel_model::weaken;
 
@@ -240,30 +243,25 @@ struct full_empty_edges : rl::test_suite<full_empty_edges, 2> {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const runnel_model::check_options o(argc, argv);
-  const auto bound = rl::fair_context_bound_scheduler_type;
-  const auto random = rl::random_scheduler_type;
-  const auto success = rl::test_result_success;
-  bool ok = true;
+  return runnel_model::run_models(
+      argc, argv,
+      {
+          passes<spsc<weaken::none>>("spsc, 2 cells, 4 values", bounded(2)),
+          // Four threads are too many for a systematic search in seconds
+          // (context bound 1 runs for minutes): random schedules instead.
+          passes<mpmc_2p2c<weaken::none>>("2P2C, 2 cells, 2 values each (random)", random_schedules(100000)),
+          passes<try_pop_after_completed_push<true>>("try_pop<wait> after a completed push", bounded(2)),
+          passes<try_push_after_completed_pop<true>>("try_push<wait> after a completed pop", bounded(2)),
+          passes<full_empty_edges>("full/empty edges, linearizable tries", bounded(2)),
 
-  ok &= check<spsc<weaken::none>>(o, "spsc, 2 cells, 4 values", bound, success, 2);
-  // Four threads are too many for a systematic search in seconds (context
-  // bound 1 runs for minutes): random schedules instead.
-  ok &= check<mpmc_2p2c<weaken::none>>(o, "2P2C, 2 cells, 2 values each (random)", random, success, 0, 100000);
-  ok &= check<try_pop_after_completed_push<true>>(o, "try_pop<wait> after a completed push", bound, success, 2);
-  ok &= check<try_push_after_completed_pop<true>>(o, "try_push<wait> after a completed pop", bound, success, 2);
-  ok &= check<full_empty_edges>(o, "full/empty edges, linearizable tries", bound, success, 2);
-
-  // Tests of the tests: each must be caught.
-  ok &= check<spsc<weaken::release_stores>>(o, "[mutant] release stores relaxed: spsc", bound,
-                                            rl::test_result_data_race);
-  ok &= check<spsc<weaken::acquire_loads>>(o, "[mutant] acquire loads relaxed: spsc", bound,
-                                           rl::test_result_data_race);
-  ok &= check<mpmc_2p2c<weaken::release_stores>>(o, "[mutant] release stores relaxed: 2P2C", random,
-                                                 rl::test_result_data_race, 0, 20000);
-  ok &= check<try_pop_after_completed_push<false>>(o, "[mutant] try_pop<give_up> after a completed push", bound,
-                                                   rl::test_result_user_assert_failed);
-  ok &= check<try_push_after_completed_pop<false>>(o, "[mutant] try_push<give_up> after a completed pop", bound,
-                                                   rl::test_result_user_assert_failed);
-  return ok ? 0 : 1;
+          // Tests of the tests: each must be caught.
+          caught<spsc<weaken::release_stores>>("release stores relaxed: spsc", bounded(), rl::test_result_data_race),
+          caught<spsc<weaken::acquire_loads>>("acquire loads relaxed: spsc", bounded(), rl::test_result_data_race),
+          caught<mpmc_2p2c<weaken::release_stores>>("release stores relaxed: 2P2C", random_schedules(20000),
+                                                    rl::test_result_data_race),
+          caught<try_pop_after_completed_push<false>>("try_pop<give_up> after a completed push", bounded(),
+                                                      rl::test_result_user_assert_failed),
+          caught<try_push_after_completed_pop<false>>("try_push<give_up> after a completed pop", bounded(),
+                                                      rl::test_result_user_assert_failed),
+      });
 }
