@@ -18,6 +18,15 @@
 //               channels hold);
 //       mutex   bounded mutex + condition-variable queues: the benchmark
 //               thread generates, t parser threads, one filter+count thread.
+//       floor_spin_string, floor_spin_fixed   (2T only) the physical floor
+//               of one hop between the cores: the generator on one thread,
+//               parse/filter/count on the other, joined by a hand-written
+//               single-producer single-consumer ring spinning at both ends
+//               (no parking, no scheduling), carrying the std::string lines
+//               or fixed 96-byte copies of them. No pipeline that moves each
+//               line between the two cores can beat these; they are not a
+//               design (they burn both cores idle and collapse when
+//               oversubscribed, so run them on a quiet machine).
 //   log/generate:source_only   the generator alone (the serial source is the
 //               ceiling of any pipeline of this shape); a reference row.
 //
@@ -29,14 +38,19 @@
 // Report ratios between rows of the same run, never bare times.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <time.h>
+#include <type_traits>
 #include <vector>
 
 #include "runnel/pipeline.hpp"
@@ -120,9 +134,8 @@ struct parsed {
   std::uint64_t hash = 0;  // of the message text
 };
 
-parsed parse(const std::string& line) {
+parsed parse(std::string_view s) {
   parsed out;
-  const std::string_view s(line);
   const std::size_t a = s.find(' ');
   const std::size_t b = s.find(' ', a + 1);
   const std::size_t c = s.find(' ', b + 1);
@@ -273,6 +286,99 @@ void BM_log_tbb(benchmark::State& state) {
 }
 #endif
 
+// ---- the physical floor of a hop: a hand-written two-thread hand-off --------
+//
+// The best any pipeline with one hop between cores can do on this job: the
+// generator on one thread, parse/filter/count on another, joined by a
+// single-producer single-consumer ring whose both ends spin (no parking, no
+// scheduler, no stealing, the ring index published once every `publish`
+// lines). It is not a usable design (it burns both cores while idle and
+// collapses when oversubscribed); it measures what moving the lines between
+// two cores costs on this machine. `Slot` is std::string (the message the
+// runnel rows move: its 70-byte buffer is allocated on one core and freed on
+// the other) or a fixed 96-byte slot (the line copied in: no allocation
+// crosses cores, only the slot's cache lines do).
+struct fixed_line {
+  std::uint32_t size = 0;
+  char text[92];
+};
+
+template <class Slot>
+class spin_ring {
+ public:
+  static constexpr std::size_t capacity = 4096;  // a power of two
+  static constexpr std::size_t publish = 64;     // lines between index stores
+
+  // Producer side. Returns once `line` is in the ring.
+  void push(std::string&& line) {
+    while (tail_ - head_seen_ >= capacity) head_seen_ = head_.load(std::memory_order_acquire);  // the slot is free
+    Slot& slot = slots_[tail_ & (capacity - 1)];
+    if constexpr (std::is_same_v<Slot, std::string>) {
+      slot = std::move(line);
+    } else {
+      slot.size = static_cast<std::uint32_t>(std::min(line.size(), sizeof slot.text));
+      std::memcpy(slot.text, line.data(), slot.size);
+    }
+    if (++tail_ % publish == 0) tail_pub_.store(tail_, std::memory_order_release);  // the slots before it are written
+  }
+  void close() {
+    tail_pub_.store(tail_, std::memory_order_release);
+    closed_.store(true, std::memory_order_release);  // after the last tail: a reader seeing it sees every line
+  }
+
+  // Consumer side: calls f(std::string_view) for every line, in order, until closed and empty.
+  template <class F>
+  void drain(F&& f) {
+    std::size_t head = 0;
+    for (;;) {
+      const std::size_t tail = tail_pub_.load(std::memory_order_acquire);  // pairs with push's release
+      if (tail == head) {
+        if (closed_.load(std::memory_order_acquire) && tail_pub_.load(std::memory_order_acquire) == head) return;
+        continue;
+      }
+      for (; head != tail; ++head) {
+        Slot& slot = slots_[head & (capacity - 1)];
+        if constexpr (std::is_same_v<Slot, std::string>) {
+          f(std::string_view(slot));
+          std::string().swap(slot);  // the consumer frees the line, as a pipeline's last owner would
+        } else {
+          f(std::string_view(slot.text, slot.size));
+        }
+      }
+      head_.store(head, std::memory_order_release);  // the slots before it may be reused
+    }
+  }
+
+ private:
+  alignas(64) std::atomic<std::size_t> head_{0};      // consumer's position, read by the producer when full
+  alignas(64) std::atomic<std::size_t> tail_pub_{0};  // producer's published position
+  std::atomic<bool> closed_{false};
+  alignas(64) std::size_t tail_ = 0;  // producer-private
+  std::size_t head_seen_ = 0;         // producer's cached head_
+  alignas(64) std::array<Slot, capacity> slots_{};
+};
+
+template <class Slot>
+void BM_log_spin_ring(benchmark::State& state) {
+  tally t;
+  const cpu_meter cpu;
+  for (auto _ : state) {
+    t = tally{};
+    auto ring = std::make_unique<spin_ring<Slot>>();
+    std::thread consumer([&] {
+      ring->drain([&](std::string_view line) {
+        const parsed p = parse(line);
+        if (p.error) t.add(p);
+      });
+    });
+    line_generator gen(lines_per_run());
+    while (auto line = gen()) ring->push(std::move(*line));
+    ring->close();
+    consumer.join();
+  }
+  finish(state, t, cpu);
+}
+
 void BM_log_mutex(benchmark::State& state) {
   const auto threads = static_cast<std::size_t>(state.range(0));
   tally t;
@@ -320,6 +426,10 @@ void register_all() {
     timed(benchmark::RegisterBenchmark((group + "tbb").c_str(), BM_log_tbb)->Arg(t));
 #endif
     timed(benchmark::RegisterBenchmark((group + "mutex").c_str(), BM_log_mutex)->Arg(t));
+    if (t == 2) {
+      timed(benchmark::RegisterBenchmark((group + "floor_spin_string").c_str(), BM_log_spin_ring<std::string>));
+      timed(benchmark::RegisterBenchmark((group + "floor_spin_fixed").c_str(), BM_log_spin_ring<fixed_line>));
+    }
   }
 }
 
