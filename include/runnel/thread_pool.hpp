@@ -84,7 +84,7 @@
 #include "detail/deadline.hpp"
 #include "detail/event_count.hpp"
 #include "detail/mpmc_ring.hpp"
-#include "detail/overflow_queue.hpp"
+#include "pool/overflow_queue.hpp"
 #include "detail/task.hpp"
 #include "detail/work_stealing_deque.hpp"
 
@@ -463,7 +463,7 @@ class thread_pool {
   // full. While the overflow queue holds anything, new work goes there too,
   // so it queues behind what overflowed. Never fails, never allocates.
   //
-  // The overflow queue is an intrusive MPSC queue (detail/overflow_queue.hpp):
+  // The overflow queue is an intrusive MPSC queue (pool/overflow_queue.hpp):
   // producers append wait-free; the single consumer is whoever holds
   // overflow_mutex_. Producers never take the lock. Between a producer's
   // exchange and its link the consumer sees "not yet" (and any_queued()
