@@ -46,7 +46,6 @@
 // join itself: it prints a diagnostic and aborts.
 #pragma once
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -72,6 +71,7 @@
 #include "detail/cache_line.hpp"
 #include "detail/cpu_set.hpp"
 #include "detail/deadline.hpp"
+#include "detail/event_count.hpp"
 #include "detail/mpmc_ring.hpp"
 #include "detail/task.hpp"
 #include "detail/work_stealing_deque.hpp"
