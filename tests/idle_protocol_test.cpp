@@ -25,7 +25,7 @@
 #include "runnel/detail/asymmetric_fence.hpp"
 #include "runnel/detail/backoff.hpp"
 #include "runnel/detail/work_stealing_deque.hpp"
-#include "runnel/thread_pool.hpp"
+#include "runnel/pool/idle_workers.hpp"
 
 #include <atomic>
 #include <catch2/catch.hpp>

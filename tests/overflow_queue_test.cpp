@@ -2,7 +2,7 @@
 // the "not yet" state of a producer held between its exchange and its link,
 // unpop(), and producers racing a consumer with exact counts and
 // per-producer order, oversubscribed.
-#include <runnel/detail/overflow_queue.hpp>
+#include <runnel/pool/overflow_queue.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -17,7 +17,7 @@
 // - After close, sends fail with channel_status::closed and hand the value
 //   back; receivers still get every value sent before, then "closed". A send
 //   racing with close() either delivers before the end is reported or fails
-//   with its value handed back (see detail/channel_state.hpp).
+//   with its value handed back (see channel/channel_state.hpp).
 // - Nothing is lost or duplicated: a value is received exactly once, handed
 //   back by a failed send, or destroyed with the channel if never received.
 // - Values of one sender are received in the order sent.
@@ -63,7 +63,7 @@
 
 #include "detail/assert.hpp"
 #include "detail/blocking_guard.hpp"
-#include "detail/channel_state.hpp"
+#include "channel/channel_state.hpp"
 #include "detail/deadline.hpp"
 
 namespace runnel {

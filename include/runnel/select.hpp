@@ -78,7 +78,7 @@
 #include "detail/blocking_guard.hpp"
 #include "detail/deadline.hpp"
 #include "detail/fast_random.hpp"
-#include "detail/select_parker.hpp"
+#include "channel/select_parker.hpp"
 
 namespace runnel {
 

@@ -181,9 +181,10 @@ class task_group {
     std::uint32_t idle_rounds = 0;
     while (pending() != 0) {
       detail::task_node* t = nullptr;
-      // As in the worker loop: every 61st task the shared FIFO goes first,
-      // so a long fork-join computation does not starve post_fair work.
-      if (may_steal && ++w.tick % 61 == 0) t = pool_.pop_injected();
+      // As in the worker loop: every fair_poll_interval-th task the shared
+      // FIFO goes first, so a long fork-join computation does not starve
+      // post_fair work.
+      if (may_steal && ++w.tick % detail::fair_poll_interval == 0) t = pool_.pop_injected();
       if (t == nullptr) t = w.deque.pop();
       if (t == nullptr && may_steal) t = pool_.find_remote(w);
       if (t != nullptr) {
@@ -195,7 +196,7 @@ class task_group {
       // until the last one finishes.
       if (++idle_rounds < pool_.opts_.spin_rounds) {
         if (idle_rounds < pool_.opts_.spin_rounds / 2) {
-          for (int i = 0; i < 32; ++i) detail::cpu_relax();
+          for (int i = 0; i < detail::pauses_per_round; ++i) detail::cpu_relax();
         } else {
           std::this_thread::yield();
         }

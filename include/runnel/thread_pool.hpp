@@ -16,19 +16,10 @@
 // refilling), its own deque, the shared FIFO, then steals from the other
 // workers, starting at a random victim.
 //
-// Waking. A worker that runs out of work becomes a "searcher" for a bounded
-// number of rounds, then parks on its own futex word. The bound adapts per
-// worker: a search that finds work doubles the worker's budget, one that runs
-// out halves it, between detail::min_spin_rounds and pool_options::spin_rounds
-// (see search()). Rounds past half of spin_rounds yield the core instead of
-// pausing, so a shrunken budget is pauses only. Posting a task wakes one
-// parked worker, and none when some worker is already searching (it will
-// find the task) or all are awake. The waker takes the sleeper off the
-// sleeper list and counts it as searching at once, so posts arriving while
-// it wakes up do not wake more workers. A worker that parks re-checks every
-// queue after announcing itself parked, so a post that skipped the wake-up
-// cannot be lost (see park()), whatever the search budget was. The scheme
-// follows the "searching workers" idea of Go's and Tokio's schedulers.
+// Waking. An idle worker searches the other queues for a bounded, adaptive
+// number of rounds, then parks; a post wakes one parked worker only when
+// nobody searches. The protocol, and why no post is lost, is in
+// pool/idle_workers.hpp.
 //
 // Errors. An exception escaping a post()ed task goes to pool_options::
 // on_error (default: a line on stderr) and is counted by error_count(); the
@@ -55,7 +46,6 @@
 // join itself: it prints a diagnostic and aborts.
 #pragma once
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -76,7 +66,6 @@
 #include <vector>
 
 #include "detail/assert.hpp"
-#include "detail/asymmetric_fence.hpp"
 #include "detail/blocking_guard.hpp"
 #include "detail/backoff.hpp"
 #include "detail/cache_line.hpp"
@@ -84,9 +73,10 @@
 #include "detail/deadline.hpp"
 #include "detail/event_count.hpp"
 #include "detail/mpmc_ring.hpp"
-#include "detail/overflow_queue.hpp"
 #include "detail/task.hpp"
 #include "detail/work_stealing_deque.hpp"
+#include "pool/idle_workers.hpp"
+#include "pool/overflow_queue.hpp"
 
 namespace runnel {
 
@@ -134,31 +124,11 @@ class task_group;
 
 namespace detail {
 
-// The floor of a worker's adaptive search budget (capped by
-// pool_options::spin_rounds): 4 rounds of 32 pauses, a few microseconds (a
-// pause took ~19 ns on the 2-core machine the benches ran on). Not zero, so
-// that work landing just after a worker ran dry is still taken without a
-// futex wake; short enough that a worker whose searches keep running out
-// costs little before it parks. The wake-up handshake does not
-// depend on it (park() re-checks every queue whatever the budget was).
-inline constexpr std::uint32_t min_spin_rounds = 4;
-
-// Adds to a counter that only its owner thread writes: a plain load and
-// store, no read-modify-write. Relaxed: a statistic; other threads only read.
-inline void bump_owned(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
-  c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
-}
-
 // A worker looks at the shared FIFO before its own deque every this many
 // tasks, so post_fair() work is not starved by a deque that keeps refilling.
 // Prime, so that it does not fall into step with a program's own periodic
 // pattern (a batch of 64 follow-ups, say) and always land on the same task.
 inline constexpr std::uint32_t fair_poll_interval = 61;
-
-// Pauses in one waiting round of an idle search: ~0.6 us here (a pause took
-// ~19 ns), long enough that a round is not just cache traffic on the other
-// workers' deques, short enough that work posted meanwhile waits little.
-inline constexpr int pauses_per_round = 32;
 
 // The most overflow nodes moved back into the shared ring under the overflow
 // lock per take: bounds how long the lock is held while still emptying the
@@ -180,21 +150,8 @@ struct alignas(false_sharing_range) pool_worker {
   std::uint32_t rng;
   std::uint32_t tick = 0;
   std::uint32_t help_depth = 0;
-  bool searching = false;  // counted in the pool's searching workers
-  // Waiting rounds this worker's next search may spend, adapted by
-  // thread_pool::search(). Written by the owner only; atomic (relaxed) so
-  // that thread_pool::stats() can read it.
-  std::atomic<std::uint32_t> spin_budget{0};
-  // Counters for thread_pool::stats(), written by the owner only
-  // (bump_owned()); read relaxed, as statistics.
-  std::atomic<std::uint64_t> searches{0};
-  std::atomic<std::uint64_t> searches_found{0};
-  std::atomic<std::uint64_t> search_rounds{0};
-  std::atomic<std::uint64_t> parks{0};
-  // Futex word a parked worker sleeps on: 0 parked, 1 woken. Set to 1 only
-  // under the pool's sleep mutex, by the thread that takes the worker off the
-  // sleeper list.
-  std::atomic<std::uint32_t> wake_word{0};
+  // Searching, parking and waking (pool/idle_workers.hpp).
+  idle_worker idle;
   std::thread thread;
 
   std::uint32_t next_random() noexcept {  // xorshift32
@@ -219,54 +176,6 @@ inline pool_worker*& current_worker() noexcept {
 // never run. Blocking calls (channel send/recv) check this to throw instead
 // of hanging. One thread-local read on threads outside any pool.
 bool blocking_would_stall_pool() noexcept;
-
-// The pool's idle state packs two counts so that one load tells a poster
-// whether to wake anybody: searching workers (low half) and unparked workers
-// (high half).
-struct idle_counts {
-  static constexpr std::uint64_t one_searching = 1;
-  static constexpr std::uint64_t one_unparked = std::uint64_t{1} << 32;
-  static std::uint32_t searching_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s); }
-  static std::uint32_t unparked_of(std::uint64_t s) noexcept { return static_cast<std::uint32_t>(s >> 32); }
-};
-
-// The two sides of the handshake between a worker that publishes a task and
-// the last searcher leaving the search. thread_pool::notify_one_if_needed()
-// and thread_pool::stop_searching() call these; tests/idle_protocol_test.cpp
-// runs them against each other as a store-buffering litmus test.
-//
-// Publishing side, after the task is in a queue: true when a sleeper must be
-// woken (nobody searches and some worker is parked).
-inline bool publisher_must_wake(const std::atomic<std::uint64_t>& state, std::size_t workers) noexcept {
-  // Orders the publish before the load below (the light side of the
-  // handshake whose heavy side is in park() and last_searcher_sees_work()).
-  light_fence();
-  // Relaxed: ordered by light_fence(), see above.
-  const std::uint64_t s = state.load(std::memory_order_relaxed);
-  return idle_counts::searching_of(s) == 0 && idle_counts::unparked_of(s) < workers;
-}
-
-// Leaving side: stops counting one searcher. True when it was the last
-// searcher, some worker is parked, and queued() then reports work: the caller
-// must hand the search over to a sleeper, so parallelism ramps up.
-//
-// It is the heavy side of the same handshake as park(): a publisher that read
-// the state before our decrement skipped its wake-up because of us, and its
-// push may still sit in its store buffer (the light fence is only a compiler
-// barrier with membarrier), so a plain re-check could miss it: the task would
-// be stranded in a busy worker's deque while others sleep. After the heavy
-// fence the re-check sees every such push. With no worker parked nobody
-// needs waking (a worker parking later re-checks itself), so the fence is
-// paid only when someone sleeps.
-template <class Queued>
-bool last_searcher_sees_work(std::atomic<std::uint64_t>& state, std::size_t workers, Queued&& queued) noexcept {
-  const std::uint64_t before = state.fetch_sub(idle_counts::one_searching, std::memory_order_seq_cst);
-  // An underflow would borrow from the unparked count in the high half.
-  RUNNEL_ASSERT(idle_counts::searching_of(before) != 0, "a worker stops searching only after it started");
-  if (idle_counts::searching_of(before) != 1 || idle_counts::unparked_of(before) >= workers) return false;
-  heavy_fence();
-  return static_cast<bool>(queued());
-}
 
 inline void print_task_error(std::exception_ptr e) noexcept {
   try {
@@ -293,14 +202,11 @@ class thread_pool {
     }
     check_layout();
     workers_.reserve(n);
+    idle_.start(n, opts_.spin_rounds);
     for (std::size_t i = 0; i < n; ++i) {
       workers_.push_back(std::make_unique<detail::pool_worker>(this, i));
-      // Relaxed: published to the worker by std::thread's start.
-      workers_.back()->spin_budget.store(opts_.spin_rounds, std::memory_order_relaxed);
+      idle_.enroll(workers_.back()->idle);
     }
-    // Relaxed: published to the workers by std::thread's start.
-    idle_state_.store(n * one_unparked, std::memory_order_relaxed);
-    sleeping_.reserve(n);  // park() then never allocates
     try {
       for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_main(*wp); });
     } catch (...) {
@@ -337,7 +243,7 @@ class thread_pool {
   template <class F>
   void post_fair(F&& f) {
     inject(detail::make_task(std::forward<F>(f)));
-    notify_one_if_needed();
+    idle_.notify_one_if_needed();
   }
 
   template <class F>
@@ -367,12 +273,13 @@ class thread_pool {
   void wait_idle() {
     if (is_worker()) throw std::logic_error("runnel::thread_pool::wait_idle called on one of its workers");
     for (;;) {
-      const auto key = idle_ec_.prepare_wait();
+      detail::event_count& ec = idle_.all_parked_event();
+      const auto key = ec.prepare_wait();
       if (quiescent()) {
-        idle_ec_.cancel_wait();
+        ec.cancel_wait();
         return;
       }
-      idle_ec_.wait(key);
+      ec.wait(key);
     }
   }
 
@@ -391,12 +298,13 @@ class thread_pool {
     if (is_worker()) throw std::logic_error("runnel::thread_pool::wait_idle_until called on one of its workers");
     const std::chrono::steady_clock::time_point until = detail::to_steady_deadline(deadline);
     for (;;) {
-      const auto key = idle_ec_.prepare_wait();
+      detail::event_count& ec = idle_.all_parked_event();
+      const auto key = ec.prepare_wait();
       if (quiescent()) {
-        idle_ec_.cancel_wait();
+        ec.cancel_wait();
         return true;
       }
-      if (!idle_ec_.wait_until(key, until)) return quiescent();
+      if (!ec.wait_until(key, until)) return quiescent();
     }
   }
 
@@ -423,11 +331,11 @@ class thread_pool {
       // Relaxed: statistics, each written by its worker alone; wait_idle()
       // (the last park's notification) orders them for a caller that wants
       // exact counts.
-      st.searches += w->searches.load(std::memory_order_relaxed);
-      st.searches_found += w->searches_found.load(std::memory_order_relaxed);
-      st.search_rounds += w->search_rounds.load(std::memory_order_relaxed);
-      st.parks += w->parks.load(std::memory_order_relaxed);
-      st.spin_budgets.push_back(w->spin_budget.load(std::memory_order_relaxed));
+      st.searches += w->idle.searches.load(std::memory_order_relaxed);
+      st.searches_found += w->idle.searches_found.load(std::memory_order_relaxed);
+      st.search_rounds += w->idle.search_rounds.load(std::memory_order_relaxed);
+      st.parks += w->idle.parks.load(std::memory_order_relaxed);
+      st.spin_budgets.push_back(w->idle.spin_budget.load(std::memory_order_relaxed));
     }
     return st;
   }
@@ -456,14 +364,14 @@ class thread_pool {
     } else {
       inject(t);
     }
-    notify_one_if_needed();
+    idle_.notify_one_if_needed();
   }
 
   // Shared FIFO: the lock-free ring, or the overflow queue once the ring is
   // full. While the overflow queue holds anything, new work goes there too,
   // so it queues behind what overflowed. Never fails, never allocates.
   //
-  // The overflow queue is an intrusive MPSC queue (detail/overflow_queue.hpp):
+  // The overflow queue is an intrusive MPSC queue (pool/overflow_queue.hpp):
   // producers append wait-free; the single consumer is whoever holds
   // overflow_mutex_. Producers never take the lock. Between a producer's
   // exchange and its link the consumer sees "not yet" (and any_queued()
@@ -533,7 +441,7 @@ class thread_pool {
     }
     if (detail::task_node* t = self.deque.pop()) return t;
     // One look at the shared FIFO before becoming a searcher: a stream of
-    // outside posts is then consumed without touching idle_state_.
+    // outside posts is then consumed without touching the idle state.
     return pop_injected();
   }
 
@@ -550,69 +458,29 @@ class thread_pool {
     // Queues first, then workers: a task taken from a queue before our look
     // keeps its worker active until it has finished.
     if (any_queued()) return false;
-    return unparked_of(idle_state_.load(std::memory_order_seq_cst)) == 0;
+    return idle_.all_parked();
   }
 
-  // idle_state_'s layout: see detail::idle_counts.
-  static constexpr std::uint64_t one_searching = detail::idle_counts::one_searching;
-  static constexpr std::uint64_t one_unparked = detail::idle_counts::one_unparked;
-  static std::uint32_t searching_of(std::uint64_t s) noexcept { return detail::idle_counts::searching_of(s); }
-  static std::uint32_t unparked_of(std::uint64_t s) noexcept { return detail::idle_counts::unparked_of(s); }
-
   // The padding is computed by hand: the overflow queue's producer and
-  // consumer sides, the idle state every post reads, the parking lock and
-  // the error counter each start a false-sharing range of their own.
-  // thread_pool holds members of library types, so it is not standard-
-  // layout; g++ and clang compute offsetof for it as usual (no virtual
-  // bases), and the warning is silenced for the check only.
+  // consumer sides, the idle-worker state (its idle state every post reads
+  // and its parking lock, see detail::idle_workers) and the error counter
+  // each start a false-sharing range of their own. thread_pool holds members
+  // of library types, so it is not standard-layout; g++ and clang compute
+  // offsetof for it as usual (no virtual bases), and the warning is silenced
+  // for the check only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Winvalid-offsetof"
   static constexpr void check_layout() noexcept {
     constexpr std::size_t range = detail::false_sharing_range;
     static_assert(alignof(thread_pool) >= range && offsetof(thread_pool, overflow_) % range == 0 &&
-                      offsetof(thread_pool, idle_state_) % range == 0 && offsetof(thread_pool, sleep_mutex_) % range == 0 &&
-                      offsetof(thread_pool, errors_) % range == 0,
-                  "the overflow queue, the idle state, the parking lock and the error counter each start a "
+                      offsetof(thread_pool, idle_) % range == 0 && offsetof(thread_pool, errors_) % range == 0,
+                  "the overflow queue, the idle-worker state and the error counter each start a "
                   "false-sharing range");
-    static_assert(offsetof(thread_pool, idle_state_) - offsetof(thread_pool, overflow_mutex_) >= range &&
-                      offsetof(thread_pool, sleep_mutex_) - offsetof(thread_pool, idle_state_) >= range &&
-                      offsetof(thread_pool, errors_) - offsetof(thread_pool, sleep_mutex_) >= range,
-                  "the idle state, the parking lock and the error counter are a false-sharing range apart");
+    static_assert(offsetof(thread_pool, idle_) - offsetof(thread_pool, overflow_mutex_) >= range &&
+                      offsetof(thread_pool, errors_) - offsetof(thread_pool, idle_) >= sizeof(detail::idle_workers),
+                  "the idle-worker state is a false-sharing range apart from the overflow lock and the error counter");
   }
 #pragma GCC diagnostic pop
-
-  // Under sleep_mutex_: the unparked half of idle_state_ and the sleeper
-  // list change together (park(), wake_one(), unpark_self(), shutdown()), so
-  // every worker is in exactly one of them.
-  bool sleepers_counted(std::uint64_t s) const noexcept {
-    return unparked_of(s) + sleeping_.size() == workers_.size();
-  }
-
-  // After publishing work: wake one sleeper unless a searcher will find it.
-  void notify_one_if_needed() noexcept {
-    if (detail::publisher_must_wake(idle_state_, workers_.size())) wake_one();
-  }
-
-  void wake_one() noexcept {
-    detail::pool_worker* w = nullptr;
-    {
-      std::lock_guard lock(sleep_mutex_);
-      // Relaxed: parking happens under this lock; a searcher that started
-      // since our first look only makes this wake-up unnecessary.
-      const std::uint64_t s = idle_state_.load(std::memory_order_relaxed);
-      RUNNEL_ASSERT(sleepers_counted(s), "every worker is either counted as unparked or on the sleeper list");
-      if (searching_of(s) != 0 || sleeping_.empty()) return;
-      w = sleeping_.back();
-      sleeping_.pop_back();
-      // The woken worker is unparked and searching from now on.
-      idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
-      // Release: the worker's acquire load of the word then sees the counts.
-      w->wake_word.store(1, std::memory_order_release);
-    }
-    // Outside the lock; the worker object outlives the pool's threads. A late
-    // wake is harmless: the worker sleeps only while its word is 0.
-    detail::futex_wake(w->wake_word, 1);
-  }
 
   void execute(detail::task_node* t) noexcept {
     try {
@@ -642,158 +510,30 @@ class thread_pool {
     detail::on_sole_worker() = workers_.size() == 1;
     if (!cpus_.empty()) detail::pin_current_thread(cpus_[self.index]);
     detail::name_current_thread(opts_.name_prefix + "-" + std::to_string(self.index));
+    const auto queued = [this]() noexcept { return any_queued(); };
     for (;;) {
       detail::task_node* t = next_task(self);
-      if (t == nullptr) t = search(self);
+      if (t == nullptr) t = idle_.search(self.idle, [this, &self]() noexcept { return find_remote(self); });
       if (t != nullptr) {
         // A worker woken from park() starts out counted as a searcher; it
         // must not stay counted while it runs a task, or posts would rely on
         // it to find their work.
-        if (self.searching) stop_searching(self);
+        if (self.idle.searching) idle_.stop_searching(self.idle, queued);
         execute(t);
         continue;
       }
-      if (!park(self)) break;
+      if (!idle_.park(self.idle, queued)) break;
     }
     detail::on_sole_worker() = false;
     detail::current_worker() = nullptr;
   }
 
-  // Bounded search for work outside our deque, counted as a searcher.
-  // Returns a task (the caller then stops searching), or nullptr when the
-  // budget is spent (the caller then parks, still counted as a searcher so
-  // that posts keep relying on it until its final re-check).
-  //
-  // The budget adapts per worker, as a spinning mutex adapts its spin to how
-  // long the lock is usually held: spinning pays when work shows up while we
-  // spin, and is pure cost (CPU, and with yields a context switch that hands
-  // our core to whoever waits) when the next task comes long after. So a
-  // search that finds work doubles the budget (back to the cap within a few
-  // searches of a busy stream), and one that runs out halves it, down to
-  // min_spin_rounds. A worker fed a task every few hundred microseconds then
-  // parks after a few microseconds of pauses instead of ~20 us of pauses and
-  // 32 yields; a worker in a fine-grained pipeline, whose searches mostly find
-  // the next batch, keeps spinning instead of paying a futex wake a batch.
-  // The yield phase is tied to the cap (rounds from spin_rounds / 2 on), so
-  // a budget at or below half the cap never yields.
-  detail::task_node* search(detail::pool_worker& self) noexcept {
-    if (!self.searching) {
-      idle_state_.fetch_add(one_searching, std::memory_order_seq_cst);
-      self.searching = true;
-    }
-    // Relaxed (spin_budget): only this thread writes it.
-    const std::uint32_t budget = self.spin_budget.load(std::memory_order_relaxed);
-    const std::uint32_t yield_from = opts_.spin_rounds / 2;
-    detail::bump_owned(self.searches);
-    for (std::uint32_t r = 0;; ++r) {
-      if (detail::task_node* t = find_remote(self)) {
-        detail::bump_owned(self.searches_found);
-        detail::bump_owned(self.search_rounds, r);
-        self.spin_budget.store(grown_budget(budget), std::memory_order_relaxed);
-        return t;
-      }
-      if (r == budget) break;
-      // Pause first; past half the cap yield, so that on an oversubscribed
-      // machine the threads that hold work get the core.
-      if (r < yield_from) {
-        for (int i = 0; i < detail::pauses_per_round; ++i) detail::cpu_relax();
-      } else {
-        std::this_thread::yield();
-      }
-    }
-    detail::bump_owned(self.search_rounds, budget);
-    self.spin_budget.store(shrunk_budget(budget), std::memory_order_relaxed);
-    return nullptr;
-  }
-
-  // The budget bounds: [min(min_spin_rounds, cap), cap].
-  std::uint32_t budget_floor() const noexcept { return std::min(detail::min_spin_rounds, opts_.spin_rounds); }
-  std::uint32_t grown_budget(std::uint32_t b) const noexcept {
-    // Doubling from the floor (never 0 unless the cap is 0) reaches any cap.
-    return b >= opts_.spin_rounds / 2 ? opts_.spin_rounds : std::max(2 * b, budget_floor());
-  }
-  std::uint32_t shrunk_budget(std::uint32_t b) const noexcept { return std::max(b / 2, budget_floor()); }
-
-  // Found work: no longer a searcher. The last searcher to leave hands the
-  // search over to a sleeper when more work is queued (see
-  // detail::last_searcher_sees_work() for the handshake).
-  void stop_searching(detail::pool_worker& self) noexcept {
-    RUNNEL_ASSERT(self.searching, "only a worker counted as searching stops searching");
-    self.searching = false;
-    if (detail::last_searcher_sees_work(idle_state_, workers_.size(), [this] { return any_queued(); }))
-      notify_one_if_needed();
-  }
-
-  // Sleeps until woken. Returns false when the pool is shutting down and no
-  // work is left anywhere.
-  //
-  // Handshake with notify_one_if_needed(): under the sleep mutex we stop
-  // counting as unparked (and as searching) and join the sleeper list; then
-  // the heavy fence; then we re-check every queue. A poster publishes, runs
-  // the light fence, then loads idle_state_. Either the poster's load sees our
-  // decrement (and, if nobody else searches, wakes a sleeper), or the poster
-  // read the state before our decrement, which puts its publish before our
-  // fence, so our re-check sees the task. Posters that skipped because of
-  // another searcher or unparked worker are covered by that worker's park().
-  bool park(detail::pool_worker& self) noexcept {
-    detail::bump_owned(self.parks);
-    bool last = false;
-    {
-      std::lock_guard lock(sleep_mutex_);
-      const std::uint64_t dec = one_unparked + (self.searching ? one_searching : 0);
-      self.searching = false;
-      last = unparked_of(idle_state_.fetch_sub(dec, std::memory_order_seq_cst)) == 1;
-      // Relaxed: only changed under the lock we hold.
-      self.wake_word.store(0, std::memory_order_relaxed);
-      sleeping_.push_back(&self);  // capacity reserved: cannot throw
-    }
-    if (last) idle_ec_.notify_all();  // wait_idle() may be waiting for this
-    detail::heavy_fence();
-    const bool stop = stopping_.load(std::memory_order_seq_cst);
-    if (any_queued() || stop) {
-      unpark_self(self);
-      return !stop || any_queued();
-    }
-    // Acquire: pairs with the release store in wake_one().
-    while (self.wake_word.load(std::memory_order_acquire) == 0) detail::futex_wait(self.wake_word, 0);
-    self.searching = true;  // counted so by the waker
-    return true;
-  }
-
-  // Back from the sleeper list without sleeping. If a waker took us off the
-  // list first, it has already counted us as unparked and searching.
-  void unpark_self(detail::pool_worker& self) noexcept {
-    std::lock_guard lock(sleep_mutex_);
-    for (auto it = sleeping_.begin(); it != sleeping_.end(); ++it) {
-      if (*it == &self) {
-        sleeping_.erase(it);
-        idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
-        break;
-      }
-    }
-    self.searching = true;
-  }
-
   void shutdown() noexcept {
-    stopping_.store(true, std::memory_order_seq_cst);
-    std::vector<detail::pool_worker*> woken;
-    {
-      std::lock_guard lock(sleep_mutex_);
-      // Relaxed: the unparked half changes only under the lock we hold.
-      RUNNEL_ASSERT(sleepers_counted(idle_state_.load(std::memory_order_relaxed)),
-                    "every worker is either counted as unparked or on the sleeper list");
-      for (detail::pool_worker* w : sleeping_) {
-        idle_state_.fetch_add(one_unparked + one_searching, std::memory_order_seq_cst);
-        // Release: as in wake_one().
-        w->wake_word.store(1, std::memory_order_release);
-      }
-      woken.swap(sleeping_);
-    }
-    for (detail::pool_worker* w : woken) detail::futex_wake(w->wake_word, 1);
+    idle_.stop_and_wake_all();
     for (auto& w : workers_)
       if (w->thread.joinable()) w->thread.join();
     // The joins order every worker's last park() before this read.
-    RUNNEL_ASSERT(sleeping_.empty(), "a worker leaves the sleeper list before it exits");
+    RUNNEL_ASSERT(idle_.no_sleepers(), "a worker leaves the sleeper list before it exits");
     // Work injected concurrently with destruction (a contract violation by
     // the poster) still runs rather than leaking.
     while (detail::task_node* t = pop_injected()) execute(t);
@@ -808,16 +548,9 @@ class thread_pool {
   detail::overflow_queue<detail::task_node> overflow_;
   std::mutex overflow_mutex_;
 
-  // Searching and unparked worker counts (see one_searching). Read by every
-  // post; written only when a worker runs dry, parks or is woken, so the
-  // line stays shared while the pool is busy.
-  alignas(detail::false_sharing_range) std::atomic<std::uint64_t> idle_state_{0};
-  // Guards sleeping_ and the parking transitions of idle_state_.
-  alignas(detail::false_sharing_range) std::mutex sleep_mutex_;
-  std::vector<detail::pool_worker*> sleeping_;  // guarded by sleep_mutex_
-  // wait_idle() sleeps here; notified when the last worker parks.
-  detail::event_count idle_ec_;
-  std::atomic<bool> stopping_{false};
+  // Searching, parking and waking of idle workers; starts a false-sharing
+  // range of its own (see check_layout()).
+  detail::idle_workers idle_;
 
   alignas(detail::false_sharing_range) std::atomic<std::uint64_t> errors_{0};
   std::mutex error_mutex_;

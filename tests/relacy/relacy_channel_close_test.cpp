@@ -42,7 +42,7 @@
 // Usage: relacy_channel_close_test [-v] [name-part]   (see relacy_check.hpp)
 #include "relacy_invariants.hpp"  // first: see there
 
-#include <runnel/detail/channel_state.hpp>
+#include <runnel/channel/channel_state.hpp>
 
 #include <optional>
 

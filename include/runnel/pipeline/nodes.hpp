@@ -74,11 +74,11 @@
 #include <vector>
 
 #include "../channel.hpp"
+#include "../channel/channel_state.hpp"
+#include "../channel/task_waiters.hpp"
 #include "../detail/assert.hpp"
 #include "../detail/asymmetric_fence.hpp"
-#include "../detail/channel_state.hpp"
 #include "../detail/ring_common.hpp"
-#include "../detail/task_waiters.hpp"
 #include "../pipeline_types.hpp"
 #include "../thread_pool.hpp"
 #include "message_fate.hpp"

@@ -23,8 +23,8 @@
 #include <atomic>
 #include <cstddef>
 
-#include "assert.hpp"
-#include "cache_line.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/cache_line.hpp"
 
 namespace runnel::detail {
 

@@ -20,8 +20,8 @@
 #include <cstdint>
 #include <mutex>
 
-#include "assert.hpp"
-#include "asymmetric_fence.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/asymmetric_fence.hpp"
 
 namespace runnel::detail {
 

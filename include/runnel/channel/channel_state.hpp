@@ -40,17 +40,17 @@
 #pragma once
 
 #include <atomic>
-#include "chrono.hpp"  // not <chrono>: see there
+#include "../detail/chrono.hpp"  // not <chrono>: see there
 #include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <type_traits>
 #include <utility>
 
-#include "assert.hpp"
-#include "atomic_family.hpp"
-#include "event_count.hpp"
-#include "mpmc_ring.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/atomic_family.hpp"
+#include "../detail/event_count.hpp"
+#include "../detail/mpmc_ring.hpp"
 #include "task_waiters.hpp"
 
 namespace runnel {

@@ -14,13 +14,13 @@
 #pragma once
 
 #include <atomic>
-#include "chrono.hpp"  // not <chrono>: see there
+#include "../detail/chrono.hpp"  // not <chrono>: see there
 #include <cstdint>
 #include <thread>
 
-#include "assert.hpp"
-#include "backoff.hpp"
-#include "futex.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/backoff.hpp"
+#include "../detail/futex.hpp"
 #include "task_waiters.hpp"
 
 namespace runnel::detail {
