@@ -1,4 +1,4 @@
-// Model checking of the channel's close race (detail/channel_state.hpp) under
+// Model checking of the channel's close race (channel/channel_state.hpp) under
 // Relacy (Debian relacy-dev): the channel's own shared state, instantiated
 // with relacy_atomics (its state word, its ring and its threads' event
 // counts), run over the interleavings of senders, a receiver and a closer on
