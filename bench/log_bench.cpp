@@ -18,15 +18,15 @@
 //               channels hold);
 //       mutex   bounded mutex + condition-variable queues: the benchmark
 //               thread generates, t parser threads, one filter+count thread.
-//       floor_spin_string, floor_spin_fixed   (2T only) the physical floor
-//               of one hop between the cores: the generator on one thread,
-//               parse/filter/count on the other, joined by a hand-written
-//               single-producer single-consumer ring spinning at both ends
-//               (no parking, no scheduling), carrying the std::string lines
-//               or fixed 96-byte copies of them. No pipeline that moves each
-//               line between the two cores can beat these; they are not a
-//               design (they burn both cores idle and collapse when
-//               oversubscribed, so run them on a quiet machine).
+//       spsc_spin_string, spsc_spin_fixed   (2T only) one hop between the
+//               cores written by hand: the generator on one thread,
+//               parse/filter/count on the other, joined by a single-producer
+//               single-consumer ring spinning at both ends (no parking, no
+//               scheduling), carrying the std::string lines or fixed 96-byte
+//               copies of them. What a two-thread split of this job gets
+//               without any library; not a bound (a cleverer ring may do
+//               better) and not a design (both cores burn while idle, and it
+//               collapses when oversubscribed: run it on a quiet machine).
 //   log/generate:source_only   the generator alone (the serial source is the
 //               ceiling of any pipeline of this shape); a reference row.
 //
@@ -286,15 +286,15 @@ void BM_log_tbb(benchmark::State& state) {
 }
 #endif
 
-// ---- the physical floor of a hop: a hand-written two-thread hand-off --------
+// ---- one hop written by hand: a two-thread hand-off -------------------------
 //
-// The best any pipeline with one hop between cores can do on this job: the
-// generator on one thread, parse/filter/count on another, joined by a
-// single-producer single-consumer ring whose both ends spin (no parking, no
-// scheduler, no stealing, the ring index published once every `publish`
-// lines). It is not a usable design (it burns both cores while idle and
-// collapses when oversubscribed); it measures what moving the lines between
-// two cores costs on this machine. `Slot` is std::string (the message the
+// The job split over two threads without a library: the generator on one
+// thread, parse/filter/count on another, joined by a single-producer
+// single-consumer ring whose both ends spin (no parking, no scheduler, no
+// stealing, the ring index published once every `publish` lines). It is not
+// a usable design (it burns both cores while idle and collapses when
+// oversubscribed); it shows what moving the lines between two cores costs on
+// this machine when nothing else is paid. `Slot` is std::string (the message the
 // runnel rows move: its 70-byte buffer is allocated on one core and freed on
 // the other) or a fixed 96-byte slot (the line copied in: no allocation
 // crosses cores, only the slot's cache lines do).
@@ -427,8 +427,8 @@ void register_all() {
 #endif
     timed(benchmark::RegisterBenchmark((group + "mutex").c_str(), BM_log_mutex)->Arg(t));
     if (t == 2) {
-      timed(benchmark::RegisterBenchmark((group + "floor_spin_string").c_str(), BM_log_spin_ring<std::string>));
-      timed(benchmark::RegisterBenchmark((group + "floor_spin_fixed").c_str(), BM_log_spin_ring<fixed_line>));
+      timed(benchmark::RegisterBenchmark((group + "spsc_spin_string").c_str(), BM_log_spin_ring<std::string>));
+      timed(benchmark::RegisterBenchmark((group + "spsc_spin_fixed").c_str(), BM_log_spin_ring<fixed_line>));
     }
   }
 }
