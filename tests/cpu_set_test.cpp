@@ -1,10 +1,10 @@
-// detail/cpu_set.hpp's file reading (the quota parsers are covered in
+// pool/cpu_set.hpp's file reading (the quota parsers are covered in
 // thread_pool_test.cpp): cgroup and proc files are read with POSIX read(),
 // which must return the whole file however many reads it takes. And
 // confining a thread to a set of CPUs (pin_current_thread is the set of one).
 #include <catch2/catch.hpp>
 
-#include <runnel/detail/cpu_set.hpp>
+#include <runnel/pool/cpu_set.hpp>
 
 #include <sched.h>
 

@@ -24,7 +24,7 @@
 // 16 handshakes each (default 20,000; 1,000 under a sanitizer).
 #include "runnel/detail/asymmetric_fence.hpp"
 #include "runnel/detail/backoff.hpp"
-#include "runnel/detail/work_stealing_deque.hpp"
+#include "runnel/pool/work_stealing_deque.hpp"
 #include "runnel/pool/idle_workers.hpp"
 
 #include <atomic>

@@ -20,7 +20,7 @@
 //   pop's seq_cst store of bottom_ made release (the StoreLoad order): not
 //     caught in 10 runs: x86 reorders that store only within its store
 //     buffer's drain; the Relacy model catches it every run.
-#include <runnel/detail/work_stealing_deque.hpp>
+#include <runnel/pool/work_stealing_deque.hpp>
 
 #include <catch2/catch.hpp>
 

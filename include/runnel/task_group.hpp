@@ -39,7 +39,7 @@
 
 #include "detail/backoff.hpp"
 #include "detail/futex.hpp"
-#include "detail/task.hpp"
+#include "pool/task.hpp"
 #include "thread_pool.hpp"
 
 namespace runnel {

@@ -28,7 +28,7 @@
 // Usage: relacy_deque_test [-v] [name-part]   (see relacy_check.hpp)
 #include "relacy_invariants.hpp"  // first: see there
 
-#include <runnel/detail/work_stealing_deque.hpp>
+#include <runnel/pool/work_stealing_deque.hpp>
 
 #include <optional>
 

@@ -49,7 +49,7 @@
 #include <tbb/task_arena.h>
 #endif
 
-#include "../detail/cpu_set.hpp"
+#include "../pool/cpu_set.hpp"
 #include "locked_queue.hpp"
 #include "options.hpp"
 #include "report.hpp"

@@ -22,8 +22,8 @@
 #include <utility>
 #include <vector>
 
-#include "assert.hpp"
-#include "cache_line.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/cache_line.hpp"
 
 namespace runnel::detail {
 

@@ -33,9 +33,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "assert.hpp"
-#include "atomic_family.hpp"
-#include "cache_line.hpp"
+#include "../detail/assert.hpp"
+#include "../detail/atomic_family.hpp"
+#include "../detail/cache_line.hpp"
 
 namespace runnel::detail {
 
