@@ -1,15 +1,17 @@
-// libFuzzer harness: random operation sequences on mpmc_queue or a channel,
-// one thread, against a std::deque model (and a closed flag). On one thread every answer is exact: a push
+// libFuzzer harness: random operation sequences on mpmc_queue, spsc_queue or
+// a channel, one thread, against a std::deque model (and a closed flag). On one thread every answer is exact: a push
 // fails exactly when the model holds capacity() values, a pop fails exactly
 // when it is empty, values come out in push order, and size_approx() is the
 // model's size. Values are heap-owning (std::unique_ptr) so that ASan sees a
 // lost, doubled or leaked value.
 //
 // Input: byte 0 picks the requested capacity (1..16, low 4 bits) and the
-// object (bit 4: a channel); then one byte an operation (the low 3 bits pick
-// it, the rest is its count argument).
+// object (bit 4: a channel; else bit 5: an spsc_queue, its producer and
+// consumer calls interleaved on the one thread; else an mpmc_queue); then one
+// byte an operation (the low 3 bits pick it, the rest is its count argument).
 #include <runnel/channel.hpp>
 #include <runnel/mpmc_queue.hpp>
+#include <runnel/spsc_queue.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -17,6 +19,7 @@
 #include <deque>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -88,18 +91,15 @@ void channel_ops(const std::uint8_t* data, std::size_t size, std::size_t request
   }
 }
 
-}  // namespace
-
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  if (size == 0) return 0;
-  const std::size_t requested = (data[0] & 15u) + 1;
-  if (data[0] & 16u) {
-    channel_ops(data, size, requested);
-    return 0;
-  }
-  runnel::mpmc_queue<value> q(requested);
+// The two rings: the same operations where they share them; ops 1 to 3 are
+// each ring's own forms (mpmc: the linearizable try-operations; spsc:
+// try_emplace and try_pop into a value).
+template <class Queue>
+void ring_ops(const std::uint8_t* data, std::size_t size, std::size_t requested) {
+  constexpr bool spsc = std::is_same_v<Queue, runnel::spsc_queue<value>>;
+  Queue q(requested);
   const std::size_t cap = q.capacity();
-  check(cap >= requested && cap >= 2 && (cap & (cap - 1)) == 0);
+  check(cap >= requested && (spsc || cap >= 2) && (cap & (cap - 1)) == 0);  // mpmc keeps at least 2 cells
   std::deque<std::uint32_t> model;
   std::uint32_t next = 0;
   auto pop_expect = [&](std::uint32_t got) {
@@ -119,12 +119,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         else check(v != nullptr && *v == next);  // a failed push leaves the value
         break;
       }
-      case 1: {  // try_push_linearizable
+      case 1: {  // mpmc: try_push_linearizable; spsc: try_emplace
         value v = std::make_unique<std::uint32_t>(next);
-        const bool ok = q.try_push_linearizable(std::move(v));
+        bool ok;
+        if constexpr (spsc) ok = q.try_emplace(std::move(v));  // on false nothing was constructed from v
+        else ok = q.try_push_linearizable(std::move(v));
+        if (!ok) check(v != nullptr && *v == next);
         check(ok == (model.size() < cap));
         if (ok) model.push_back(next++);
-        else check(v != nullptr);
         break;
       }
       case 2: {  // try_pop (optional)
@@ -133,10 +135,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (v) pop_expect(**v);
         break;
       }
-      case 3: {  // try_pop_linearizable
-        std::optional<value> v = q.try_pop_linearizable();
-        check(v.has_value() == !model.empty());
-        if (v) pop_expect(**v);
+      case 3: {  // mpmc: try_pop_linearizable; spsc: try_pop into a value
+        if constexpr (spsc) {
+          value v = std::make_unique<std::uint32_t>(~0u);
+          const bool ok = q.try_pop(v);
+          check(ok == !model.empty());
+          if (ok) pop_expect(*v);
+          else check(*v == ~0u);  // out is unchanged
+        } else {
+          std::optional<value> v = q.try_pop_linearizable();
+          check(v.has_value() == !model.empty());
+          if (v) pop_expect(**v);
+        }
         break;
       }
       case 4: {  // try_push_n
@@ -174,5 +184,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     check(q.empty_approx() == model.empty());
   }
   // The rest is destroyed with the queue; ASan's leak check sees a loss.
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (size == 0) return 0;
+  const std::size_t requested = (data[0] & 15u) + 1;
+  if (data[0] & 16u) channel_ops(data, size, requested);
+  else if (data[0] & 32u) ring_ops<runnel::spsc_queue<value>>(data, size, requested);
+  else ring_ops<runnel::mpmc_queue<value>>(data, size, requested);
   return 0;
 }
