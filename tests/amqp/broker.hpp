@@ -73,7 +73,10 @@ class broker {
       std::fprintf(stderr, "\n*** rabbitmq-server is not installed: SKIPPING every broker test ***\n\n");
       return;
     }
-    const std::string out = run(std::string("bash ") + RUNNEL_BROKER_SCRIPT + " start " + dir_);
+    // This program's pid: the node is stopped even if the program dies
+    // without running this destructor (a signal, a test timeout).
+    const std::string out =
+        run(std::string("bash ") + RUNNEL_BROKER_SCRIPT + " start " + dir_ + " " + std::to_string(::getpid()));
     port_ = std::atoi(out.c_str());
     if (port_ <= 0) throw std::runtime_error("the test broker did not start: " + out);
   }

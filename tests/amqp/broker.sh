@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # A throwaway RabbitMQ node for tests and benchmarks, on 127.0.0.1 only.
 #
-#   broker.sh start DIR   starts a private epmd and node with all state under
+#   broker.sh start DIR [OWNER_PID]
+#                         starts a private epmd and node with all state under
 #                         DIR (created), on free ports; waits until the node is
 #                         up; writes DIR/env (AMQP_PORT, NODE, EPMD_PID,
-#                         SERVER_PID) and prints the AMQP port.
+#                         SERVER_PID) and prints the AMQP port. With OWNER_PID
+#                         (the test program), a detached watcher (DIR/env:
+#                         WATCH_PID) stops the node once that process is gone,
+#                         however it ended: a test killed by a signal or a
+#                         timeout never leaves its broker behind.
 #   broker.sh stop DIR    shuts the node down (if rabbitmqctl cannot, SIGKILL
 #                         of its Erlang VM by the pid in DIR/beam.pid) and ends
-#                         the epmd it started, by pid; then removes DIR.
+#                         the epmd and the watcher it started, by pid; then
+#                         removes DIR.
 #   broker.sh ctl DIR ARGS...   rabbitmqctl against that node.
 #
 # RUNNEL_BROKER_TLS=1 also makes a throwaway CA and certificates in DIR/tls
@@ -23,6 +29,7 @@
 set -euo pipefail
 cmd=${1:?usage: broker.sh start|stop|ctl DIR}
 dir=${2:?usage: broker.sh start|stop|ctl DIR}
+self=$(readlink -f "$0")
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -118,6 +125,15 @@ CONF
       echo "load_definitions = $dir/definitions.json" >>"$dir/rabbitmq.conf"
     fi
     node_env
+    # The watcher starts before anything it must clean up, so no moment is
+    # left in which the owner can die unwatched. It is detached (own session,
+    # no inherited descriptors: the caller reads our stdout to its end) and
+    # polls, as a dead process cannot be waited for by a non-parent.
+    if [ -n "${3:-}" ]; then
+      setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec bash "$2" stop "$3"' \
+        watch "$3" "$self" "$dir" </dev/null >/dev/null 2>&1 &
+      echo "WATCH_PID=$!" >>"$dir/env"
+    fi
     epmd -address 127.0.0.1 -port "$EPMD_PORT" >/dev/null 2>&1 &
     echo "EPMD_PID=$!" >>"$dir/env"
     chown -R rabbitmq:rabbitmq "$dir"
@@ -150,6 +166,8 @@ CONF
     if kill -0 "$SERVER_PID" 2>/dev/null || { [ -n "$beam" ] && kill -0 "$beam" 2>/dev/null; }; then kill_node; fi
     kill "$EPMD_PID" 2>/dev/null || true
     wait "$EPMD_PID" 2>/dev/null || true
+    # The watcher, unless it is the one stopping the node (it execs this script).
+    if [ -n "${WATCH_PID:-}" ] && [ "$WATCH_PID" != "$$" ]; then kill "$WATCH_PID" 2>/dev/null || true; fi
     rm -rf "$dir"
     ;;
   ctl)
