@@ -560,7 +560,7 @@ class process_pool {
     // relaxed: a hint; step() reads the data with its own ordering.
     const std::uint64_t submitted = submitted_.load(std::memory_order_relaxed);
     for (unsigned round = 0; round < spin_budget_; ++round) {
-      for (int i = 0; i < 32; ++i) detail::cpu_relax();
+      detail::pause_round();
       bool news = room && submitted_.load(std::memory_order_relaxed) != submitted;  // relaxed: a hint
       for (std::size_t w = 0; w < opts_.workers && !news; ++w) {
         const auto& v = views_[w];
@@ -965,7 +965,7 @@ class process_pool {
   // catch back-to-back requests awake: about 5 us where a pause takes
   // ~20 ns (measured on these virtual CPUs; a pause's length varies by CPU).
   static constexpr int idle_spins = 256;
-  // Rounds of 32 pauses the supervisor watches at most before it sleeps
+  // Rounds of detail::pause_round() (32 pauses) the supervisor watches at most before it sleeps
   // (spin_for_news): about 10 microseconds (512 pauses of ~20 ns here).
   static constexpr unsigned supervisor_spin_max = 16;
   // How often the supervisor, when messages are outstanding, checks whether
