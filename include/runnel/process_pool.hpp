@@ -432,7 +432,11 @@ class process_pool {
       ++unfinished_;
     }
     submitted_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
-    process::notify_parent(region_->header());
+    // A supervisor asleep with every ring full has no use for the message
+    // yet: the workers wake it when they have used half a ring (supervise()).
+    // seq_cst: pairs with the supervisor's store of true before its dispatch
+    // (the lock of m_ on both sides orders them; seq_cst keeps it plain).
+    if (wants_submissions_.load(std::memory_order_seq_cst)) process::notify_parent(region_->header());
   }
 
   // ---- worker process -----------------------------------------------------
@@ -462,11 +466,15 @@ class process_pool {
         self.serve(r.request_slot(w, next), r.reply_slot(w, next), out);
         // seq_cst: publishes the reply; the news half of notify_parent's pair.
         c.done.store(next + 1, std::memory_order_seq_cst);
-        // The parent is woken (if it sleeps) when this worker is about to
-        // run dry, so that it refills the ring and takes the replies in
-        // batches: at most depth / 2 requests left, the last one included.
-        // Replies before that wait for it (or for the parent's own wake).
-        if (tail - (next + 1) <= refill_at) process::notify_parent(h);
+        // The parent is woken (if it sleeps) twice a ring's worth at most:
+        // when depth / 2 requests are left (time to refill, and to take the
+        // replies so far in one batch), and after the last request published
+        // (the worker may go idle next: a lone message's reply, or a ring
+        // full of replies, must not wait for anything else). Not at every
+        // reply in between: with nothing to refill from, the parent would
+        // wake for each one and take the CPU its workers need.
+        if (const std::uint64_t left = tail - (next + 1); left == 0 || left == refill_at)
+          process::notify_parent(h);
       }
     }
   }
@@ -527,7 +535,16 @@ class process_pool {
       const std::uint32_t seq = h.parent_wake.load(std::memory_order_seq_cst);
       // seq_cst: Dekker with every notifier (news store, then sleeping load).
       h.parent_sleeping.store(1, std::memory_order_seq_cst);
+      // A submission wakes the supervisor only when a ring has room for it.
+      // Set before step() takes pending_ under m_: a submission that pushes
+      // after that lock sees true (its own lock of m_ comes later), one
+      // before is dispatched by step(). Cleared when every live ring is
+      // full: only the supervisor makes room (by collecting), and each
+      // worker of a full ring wakes it on the way (depth / 2 left, then
+      // none), a dead one through the launcher.
+      wants_submissions_.store(true, std::memory_order_seq_cst);  // seq_cst: see enqueue()
       const bool busy = step();
+      if (!busy && rings_full()) wants_submissions_.store(false, std::memory_order_relaxed);  // relaxed: see above
       if (!busy && !finished()) sleep(h.parent_wake, seq, sleep_limit());
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
       if (!busy && launcher_check_due()) check_launcher();
@@ -575,6 +592,13 @@ class process_pool {
     }
     spin_budget_ = process::next_spin_budget(spin_budget_, false, supervisor_spin_max);
     return false;
+  }
+
+  // Every live worker's ring holds depth requests (as of the last dispatch).
+  bool rings_full() const noexcept {
+    for (const auto& v : views_)
+      if (v.live && v.tail - v.consumed < opts_.depth) return false;
+    return true;
   }
 
   static void sleep(std::atomic<std::uint32_t>& word, std::uint32_t seq, std::chrono::nanoseconds limit) noexcept {
@@ -1000,6 +1024,9 @@ class process_pool {
   std::atomic<bool> stop_requested_{false};
   // Set by shut_down(): the supervisor restarts backed-off workers at once.
   std::atomic<bool> hurry_{false};
+  // False while the supervisor sleeps with every worker's ring full: a
+  // submission need not wake it (supervise()). Written by the supervisor.
+  std::atomic<bool> wants_submissions_{true};
 };
 
 // What process_stage(pool) returns: given to pipeline_flow::stage(), it
