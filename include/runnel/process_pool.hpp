@@ -140,6 +140,11 @@ struct process_pool_options {
   // process::restart_delay). The first death restarts at once.
   std::chrono::milliseconds restart_backoff{10};
   std::chrono::milliseconds restart_backoff_max{2000};
+  // With messages outstanding, the supervisor checks this often that the
+  // launcher is alive (a waitpid), so it never sleeps longer than this; a
+  // dead launcher is found within about two periods. Replies and
+  // submissions wake it whatever the period.
+  std::chrono::milliseconds launcher_check_period{100};
 };
 
 // A message's result, as submit() delivers it: value, or error.
@@ -397,6 +402,8 @@ class process_pool {
     if (o.queue_capacity == 0) throw std::invalid_argument("runnel::process_pool: queue_capacity must be at least 1");
     if (o.max_attempts == 0) throw std::invalid_argument("runnel::process_pool: max_attempts must be at least 1");
     if (o.hang_timeout.count() < 0) throw std::invalid_argument("runnel::process_pool: hang_timeout must not be negative");
+    if (o.launcher_check_period.count() <= 0)
+      throw std::invalid_argument("runnel::process_pool: launcher_check_period must be positive");
     if (o.restart_backoff.count() < 0 || o.restart_backoff_max < o.restart_backoff)
       throw std::invalid_argument(
           "runnel::process_pool: restart_backoff must not be negative nor above restart_backoff_max");
@@ -646,7 +653,7 @@ class process_pool {
       if (v.backing_off) limit = std::min<std::chrono::nanoseconds>(limit, v.respawn_at - now);
     }
     if (outstanding) {
-      limit = std::min<std::chrono::nanoseconds>(limit, launcher_check_period);
+      limit = std::min<std::chrono::nanoseconds>(limit, opts_.launcher_check_period);
       if (opts_.hang_timeout.count() > 0) limit = std::min<std::chrono::nanoseconds>(limit, opts_.hang_timeout / 4);
     }
     if (limit == std::chrono::nanoseconds::max()) return std::chrono::nanoseconds(-1);
@@ -947,13 +954,13 @@ class process_pool {
   }
 
   // The launcher is looked at (a waitpid system call) after a sleep at most
-  // once a launcher_check_period, not after every wake-up: under load the
+  // once a launcher_check_period (an option), not after every wake-up: under load the
   // supervisor wakes every few dozen messages. The sleep is bounded by the
   // same period while messages are outstanding (sleep_limit), so a dead
   // launcher is still found within about two periods.
   bool launcher_check_due() {
     const auto now = std::chrono::steady_clock::now();
-    if (now - last_launcher_check_ < launcher_check_period) return false;
+    if (now - last_launcher_check_ < opts_.launcher_check_period) return false;
     last_launcher_check_ = now;
     return true;
   }
@@ -992,9 +999,6 @@ class process_pool {
   // Rounds of detail::pause_round() (32 pauses) the supervisor watches at most before it sleeps
   // (spin_for_news): about 10 microseconds (512 pauses of ~20 ns here).
   static constexpr unsigned supervisor_spin_max = 16;
-  // How often the supervisor, when messages are outstanding, checks whether
-  // the launcher is still alive.
-  static constexpr std::chrono::milliseconds launcher_check_period{100};
 
   process_pool_options opts_;
   std::function<Out(In&&)> fn_;
