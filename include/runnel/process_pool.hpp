@@ -64,8 +64,9 @@
 // do; idle workers sleep on their own futex (process::wake_sleeper is the
 // protocol). Hand-offs go in batches: the supervisor fills each worker's
 // ring as far as it has room and publishes it with one store; a worker runs
-// every request published and wakes the supervisor only when its ring is
-// about to run dry (depth / 2 left). process_stage(pool) is a pipeline node
+// every request published and wakes the supervisor only when depth / 2
+// are left (time to refill) and after the last one (it may go idle next);
+// a submission wakes it only while a ring has room. process_stage(pool) is a pipeline node
 // that holds no pipeline lane while its messages are in the workers.
 //
 // Lifetime. The destructor finishes every submitted message, then tells the
@@ -122,7 +123,7 @@ struct process_pool_options {
   std::size_t workers = 2;
   // Messages handed to one worker ahead of its replies (its ring's slots).
   // Deep enough that requests and replies cross in batches (a worker wakes
-  // the parent only when depth / 2 are left): a ring of a few slots costs a
+  // the parent at depth / 2 left and when it runs out): a ring of a few slots costs a
   // wake-up every few messages. Memory: 2 * depth * slot_size a worker.
   std::size_t depth = 32;
   // Largest encoded request or reply, in bytes.
