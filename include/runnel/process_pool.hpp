@@ -552,7 +552,9 @@ class process_pool {
       // none), a dead one through the launcher.
       wants_submissions_.store(true, std::memory_order_seq_cst);  // seq_cst: see enqueue()
       const bool busy = step();
-      if (!busy && rings_full()) wants_submissions_.store(false, std::memory_order_relaxed);  // relaxed: see above
+      // relaxed: a submitter that reads this false needs no ordering; the
+      // full rings' workers wake the supervisor whatever it saw.
+      if (!busy && rings_full()) wants_submissions_.store(false, std::memory_order_relaxed);
       if (!busy && !finished()) sleep(h.parent_wake, seq, sleep_limit());
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
       if (!busy && launcher_check_due()) check_launcher();
