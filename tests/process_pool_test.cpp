@@ -30,6 +30,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <future>
 
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -406,6 +407,68 @@ TEST_CASE("process_pool: messages cross as strings, and a request or reply beyon
   CHECK(pool.call("still").get() == "still!");
 }
 
+// The wake rules (a worker wakes the parent at depth / 2 left and after its
+// last request; a submission wakes it while a ring has room) are what brings
+// a reply back: with launcher_check_period at an hour, the supervisor's only
+// other reason to wake, a missing wake leaves the test waiting. The waits
+// are bounded (a minute) so that a broken rule fails instead of hanging; a
+// correct one answers in milliseconds.
+constexpr auto hour = std::chrono::milliseconds(3'600'000);
+constexpr auto wake_bound = std::chrono::seconds(60);
+
+TEST_CASE("process_pool: a lone message's reply wakes the sleeping parent, call after call", "[process]") {
+  // 2 ms of work: the supervisor's watch (microseconds) is over before the
+  // reply, so the supervisor sleeps and only a wake brings the reply in.
+  auto slow = [](u64 x) {
+    ::usleep(2000);
+    return square_plus_one(x);
+  };
+  runnel::process_pool<u64, u64> pool(slow, {.workers = 1, .depth = 8, .launcher_check_period = hour});
+  for (u64 i = 0; i < 5; ++i) {
+    auto f = pool.call(i);
+    REQUIRE(f.wait_for(wake_bound) == std::future_status::ready);
+    REQUIRE(f.get() == square_plus_one(i));
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // the pool goes idle between calls
+  }
+}
+
+TEST_CASE("process_pool: a worker wakes the parent for its first replies when depth / 2 requests are left, not only at the end", "[process]") {
+  // Message 4 waits (in the worker) for a byte the parent's callback of
+  // message 3 writes: it comes only if the parent collects the replies of
+  // 0..3 while the worker still has 4 requests of its ring of 8 left.
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const int rd = fds[0], wr = fds[1];
+  {
+    auto fn = [rd](u64 x) {
+      if (x < 4) ::usleep(1000);  // the supervisor's watch ends before the replies
+      char c = 0;
+      if (x == 4 && ::read(rd, &c, 1) != 1) ::_exit(3);
+      return square_plus_one(x);
+    };
+    runnel::process_pool<u64, u64> pool(fn, {.workers = 1, .depth = 8, .launcher_check_period = hour});
+    std::vector<std::promise<u64>> got(8);
+    std::vector<std::future<u64>> replies;
+    for (auto& p : got) replies.push_back(p.get_future());
+    for (u64 i = 0; i < 8; ++i)
+      pool.submit(i, [&got, i, wr](runnel::process_result<u64>&& r) {
+        const char c = 1;
+        // On the supervisor thread: no Catch assertion here; a failed write
+        // shows as message 4's worker exiting (a crash, no value).
+        if (i == 3 && ::write(wr, &c, 1) != 1) return got[i].set_value(0);
+        got[i].set_value(r.value.value_or(0));
+      });
+    bool all = true;
+    for (auto& f : replies) all = all && f.wait_for(wake_bound) == std::future_status::ready;
+    const char unblock[8] = {};
+    REQUIRE(::write(wr, unblock, sizeof unblock) == 8);  // frees a worker stuck on message 4 either way
+    REQUIRE(all);
+    for (u64 i = 0; i < 8; ++i) REQUIRE(replies[i].get() == square_plus_one(i));
+  }
+  ::close(rd);
+  ::close(wr);
+}
+
 TEST_CASE("process_pool: bad options and a process that already runs threads are refused", "[process]") {
   auto id = [](u64 x) { return x; };
   using pool_t = runnel::process_pool<u64, u64>;
@@ -413,6 +476,7 @@ TEST_CASE("process_pool: bad options and a process that already runs threads are
   CHECK_THROWS_AS(pool_t(id, {.depth = 0}), std::invalid_argument);
   CHECK_THROWS_AS(pool_t(id, {.slot_size = 0}), std::invalid_argument);
   CHECK_THROWS_AS(pool_t(id, {.max_attempts = 0}), std::invalid_argument);
+  CHECK_THROWS_AS(pool_t(id, {.launcher_check_period = std::chrono::milliseconds(0)}), std::invalid_argument);
   std::atomic<bool> stop{false};
   std::thread t([&] {
     while (!stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));

@@ -64,8 +64,9 @@
 // do; idle workers sleep on their own futex (process::wake_sleeper is the
 // protocol). Hand-offs go in batches: the supervisor fills each worker's
 // ring as far as it has room and publishes it with one store; a worker runs
-// every request published and wakes the supervisor only when its ring is
-// about to run dry (depth / 2 left). process_stage(pool) is a pipeline node
+// every request published and wakes the supervisor only when depth / 2
+// are left (time to refill) and after the last one (it may go idle next);
+// a submission wakes it only while a ring has room. process_stage(pool) is a pipeline node
 // that holds no pipeline lane while its messages are in the workers.
 //
 // Lifetime. The destructor finishes every submitted message, then tells the
@@ -122,7 +123,7 @@ struct process_pool_options {
   std::size_t workers = 2;
   // Messages handed to one worker ahead of its replies (its ring's slots).
   // Deep enough that requests and replies cross in batches (a worker wakes
-  // the parent only when depth / 2 are left): a ring of a few slots costs a
+  // the parent at depth / 2 left and when it runs out): a ring of a few slots costs a
   // wake-up every few messages. Memory: 2 * depth * slot_size a worker.
   std::size_t depth = 32;
   // Largest encoded request or reply, in bytes.
@@ -140,6 +141,11 @@ struct process_pool_options {
   // process::restart_delay). The first death restarts at once.
   std::chrono::milliseconds restart_backoff{10};
   std::chrono::milliseconds restart_backoff_max{2000};
+  // With messages outstanding, the supervisor checks this often that the
+  // launcher is alive (a waitpid), so it never sleeps longer than this; a
+  // dead launcher is found within about two periods. Replies and
+  // submissions wake it whatever the period.
+  std::chrono::milliseconds launcher_check_period{100};
 };
 
 // A message's result, as submit() delivers it: value, or error.
@@ -397,6 +403,8 @@ class process_pool {
     if (o.queue_capacity == 0) throw std::invalid_argument("runnel::process_pool: queue_capacity must be at least 1");
     if (o.max_attempts == 0) throw std::invalid_argument("runnel::process_pool: max_attempts must be at least 1");
     if (o.hang_timeout.count() < 0) throw std::invalid_argument("runnel::process_pool: hang_timeout must not be negative");
+    if (o.launcher_check_period.count() <= 0)
+      throw std::invalid_argument("runnel::process_pool: launcher_check_period must be positive");
     if (o.restart_backoff.count() < 0 || o.restart_backoff_max < o.restart_backoff)
       throw std::invalid_argument(
           "runnel::process_pool: restart_backoff must not be negative nor above restart_backoff_max");
@@ -432,7 +440,11 @@ class process_pool {
       ++unfinished_;
     }
     submitted_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a statistic
-    process::notify_parent(region_->header());
+    // A supervisor asleep with every ring full has no use for the message
+    // yet: the workers wake it when they have used half a ring (supervise()).
+    // seq_cst: pairs with the supervisor's store of true before its dispatch
+    // (the lock of m_ on both sides orders them; seq_cst keeps it plain).
+    if (wants_submissions_.load(std::memory_order_seq_cst)) process::notify_parent(region_->header());
   }
 
   // ---- worker process -----------------------------------------------------
@@ -462,11 +474,15 @@ class process_pool {
         self.serve(r.request_slot(w, next), r.reply_slot(w, next), out);
         // seq_cst: publishes the reply; the news half of notify_parent's pair.
         c.done.store(next + 1, std::memory_order_seq_cst);
-        // The parent is woken (if it sleeps) when this worker is about to
-        // run dry, so that it refills the ring and takes the replies in
-        // batches: at most depth / 2 requests left, the last one included.
-        // Replies before that wait for it (or for the parent's own wake).
-        if (tail - (next + 1) <= refill_at) process::notify_parent(h);
+        // The parent is woken (if it sleeps) twice a ring's worth at most:
+        // when depth / 2 requests are left (time to refill, and to take the
+        // replies so far in one batch), and after the last request published
+        // (the worker may go idle next: a lone message's reply, or a ring
+        // full of replies, must not wait for anything else). Not at every
+        // reply in between: with nothing to refill from, the parent would
+        // wake for each one and take the CPU its workers need.
+        if (const std::uint64_t left = tail - (next + 1); left == 0 || left == refill_at)
+          process::notify_parent(h);
       }
     }
   }
@@ -527,7 +543,18 @@ class process_pool {
       const std::uint32_t seq = h.parent_wake.load(std::memory_order_seq_cst);
       // seq_cst: Dekker with every notifier (news store, then sleeping load).
       h.parent_sleeping.store(1, std::memory_order_seq_cst);
+      // A submission wakes the supervisor only when a ring has room for it.
+      // Set before step() takes pending_ under m_: a submission that pushes
+      // after that lock sees true (its own lock of m_ comes later), one
+      // before is dispatched by step(). Cleared when every live ring is
+      // full: only the supervisor makes room (by collecting), and each
+      // worker of a full ring wakes it on the way (depth / 2 left, then
+      // none), a dead one through the launcher.
+      wants_submissions_.store(true, std::memory_order_seq_cst);  // seq_cst: see enqueue()
       const bool busy = step();
+      // relaxed: a submitter that reads this false needs no ordering; the
+      // full rings' workers wake the supervisor whatever it saw.
+      if (!busy && rings_full()) wants_submissions_.store(false, std::memory_order_relaxed);
       if (!busy && !finished()) sleep(h.parent_wake, seq, sleep_limit());
       h.parent_sleeping.store(0, std::memory_order_relaxed);  // relaxed: a hint to notifiers
       if (!busy && launcher_check_due()) check_launcher();
@@ -560,7 +587,7 @@ class process_pool {
     // relaxed: a hint; step() reads the data with its own ordering.
     const std::uint64_t submitted = submitted_.load(std::memory_order_relaxed);
     for (unsigned round = 0; round < spin_budget_; ++round) {
-      for (int i = 0; i < 32; ++i) detail::cpu_relax();
+      detail::pause_round();
       bool news = room && submitted_.load(std::memory_order_relaxed) != submitted;  // relaxed: a hint
       for (std::size_t w = 0; w < opts_.workers && !news; ++w) {
         const auto& v = views_[w];
@@ -575,6 +602,13 @@ class process_pool {
     }
     spin_budget_ = process::next_spin_budget(spin_budget_, false, supervisor_spin_max);
     return false;
+  }
+
+  // Every live worker's ring holds depth requests (as of the last dispatch).
+  bool rings_full() const noexcept {
+    for (const auto& v : views_)
+      if (v.live && v.tail - v.consumed < opts_.depth) return false;
+    return true;
   }
 
   static void sleep(std::atomic<std::uint32_t>& word, std::uint32_t seq, std::chrono::nanoseconds limit) noexcept {
@@ -622,7 +656,7 @@ class process_pool {
       if (v.backing_off) limit = std::min<std::chrono::nanoseconds>(limit, v.respawn_at - now);
     }
     if (outstanding) {
-      limit = std::min<std::chrono::nanoseconds>(limit, launcher_check_period);
+      limit = std::min<std::chrono::nanoseconds>(limit, opts_.launcher_check_period);
       if (opts_.hang_timeout.count() > 0) limit = std::min<std::chrono::nanoseconds>(limit, opts_.hang_timeout / 4);
     }
     if (limit == std::chrono::nanoseconds::max()) return std::chrono::nanoseconds(-1);
@@ -923,13 +957,13 @@ class process_pool {
   }
 
   // The launcher is looked at (a waitpid system call) after a sleep at most
-  // once a launcher_check_period, not after every wake-up: under load the
+  // once a launcher_check_period (an option), not after every wake-up: under load the
   // supervisor wakes every few dozen messages. The sleep is bounded by the
   // same period while messages are outstanding (sleep_limit), so a dead
   // launcher is still found within about two periods.
   bool launcher_check_due() {
     const auto now = std::chrono::steady_clock::now();
-    if (now - last_launcher_check_ < launcher_check_period) return false;
+    if (now - last_launcher_check_ < opts_.launcher_check_period) return false;
     last_launcher_check_ = now;
     return true;
   }
@@ -965,12 +999,9 @@ class process_pool {
   // catch back-to-back requests awake: about 5 us where a pause takes
   // ~20 ns (measured on these virtual CPUs; a pause's length varies by CPU).
   static constexpr int idle_spins = 256;
-  // Rounds of 32 pauses the supervisor watches at most before it sleeps
+  // Rounds of detail::pause_round() (32 pauses) the supervisor watches at most before it sleeps
   // (spin_for_news): about 10 microseconds (512 pauses of ~20 ns here).
   static constexpr unsigned supervisor_spin_max = 16;
-  // How often the supervisor, when messages are outstanding, checks whether
-  // the launcher is still alive.
-  static constexpr std::chrono::milliseconds launcher_check_period{100};
 
   process_pool_options opts_;
   std::function<Out(In&&)> fn_;
@@ -1000,6 +1031,9 @@ class process_pool {
   std::atomic<bool> stop_requested_{false};
   // Set by shut_down(): the supervisor restarts backed-off workers at once.
   std::atomic<bool> hurry_{false};
+  // False while the supervisor sleeps with every worker's ring full: a
+  // submission need not wake it (supervise()). Written by the supervisor.
+  std::atomic<bool> wants_submissions_{true};
 };
 
 // What process_stage(pool) returns: given to pipeline_flow::stage(), it

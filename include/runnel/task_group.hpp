@@ -196,7 +196,7 @@ class task_group {
       // until the last one finishes.
       if (++idle_rounds < pool_.opts_.spin_rounds) {
         if (idle_rounds < pool_.opts_.spin_rounds / 2) {
-          for (int i = 0; i < detail::pauses_per_round; ++i) detail::cpu_relax();
+          detail::pause_round();
         } else {
           std::this_thread::yield();
         }

@@ -22,6 +22,19 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
+// Pauses in one waiting round of a spin that re-checks its condition between
+// rounds (the pool's idle search, a task group's wait, the process pool's
+// supervisor watch): ~0.6 us where a pause takes ~19 ns (measured on the
+// 2-core machine the benches ran on), long enough that a round is not just
+// cache traffic on the lines being watched, short enough that news arriving
+// meanwhile waits little.
+inline constexpr int pauses_per_round = 32;
+
+// One such round of pauses.
+inline void pause_round() noexcept {
+  for (int i = 0; i < pauses_per_round; ++i) cpu_relax();
+}
+
 // Spin with doubling pause counts (capped, so that the condition is still
 // re-checked often), then a few scheduler yields (on an oversubscribed
 // machine the thread we wait for may need our core), then report

@@ -48,11 +48,6 @@ namespace runnel::detail {
 // depend on it (park() re-checks every queue whatever the budget was).
 inline constexpr std::uint32_t min_spin_rounds = 4;
 
-// Pauses in one waiting round of an idle search: ~0.6 us here (a pause took
-// ~19 ns), long enough that a round is not just cache traffic on the other
-// workers' deques, short enough that work posted meanwhile waits little.
-inline constexpr int pauses_per_round = 32;
-
 // Adds to a counter that only its owner thread writes: a plain load and
 // store, no read-modify-write. Relaxed: a statistic; other threads only read.
 inline void bump_owned(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
@@ -194,7 +189,7 @@ class idle_workers {
       // Pause first; past half the cap yield, so that on an oversubscribed
       // machine the threads that hold work get the core.
       if (r < yield_from) {
-        for (int i = 0; i < pauses_per_round; ++i) cpu_relax();
+        pause_round();
       } else {
         std::this_thread::yield();
       }
