@@ -157,3 +157,102 @@ TEST_CASE("fusion: errors and cancel reach fused stages and every message is cou
     }
   }
 }
+
+// ---- the source's adaptive fusion (fusion_schedule, pipeline/nodes.hpp) ----
+
+namespace {
+
+// Work a fixed number of steps (not a time): the same amount on any machine
+// and under any sanitizer (plain arithmetic is not instrumented).
+void busy(std::uint64_t x, int steps) {
+  for (int i = 0; i < steps; ++i) x = x * 6364136223846793005ull + 1442695040888963407ull;
+  asm volatile("" : : "r"(x));  // the result is used: the loop stays
+}
+
+// Whether a stage ran its message inline in the source's task: the
+// generator publishes the thread it runs on, and the stage compares.
+struct inline_probe {
+  std::atomic<std::thread::id> gen_thread{};
+  std::atomic<std::uint64_t> same{0}, other{0};
+  void generated() {
+    gen_thread.store(std::this_thread::get_id(), std::memory_order_relaxed);  // Relaxed: a label, no data.
+  }
+  void staged() {
+    // Relaxed: counts and a label read after the run (wait() orders them).
+    if (gen_thread.load(std::memory_order_relaxed) == std::this_thread::get_id())
+      same.fetch_add(1, std::memory_order_relaxed);
+    else
+      other.fetch_add(1, std::memory_order_relaxed);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("adaptive fusion: a stage cheaper than a hop runs in the source's task", "[pipeline][fusion]") {
+  // The generator is the expensive part (the source is the ceiling): a
+  // split cannot be 1/8 faster, so the source runs the stage itself.
+  const std::uint64_t n = runnel_test::scaled(6000);
+  thread_pool pool(pool_of(2));
+  inline_probe probe;
+  std::uint64_t next = 0, order_errors = 0, count = 0;
+  auto run = pipeline{pool}
+                 .source([&, i = std::uint64_t{0}]() mutable -> std::optional<std::uint64_t> {
+                   if (i == n) return std::nullopt;
+                   probe.generated();
+                   busy(i, 4000);  // ~4 us of work a message
+                   return i++;
+                 })
+                 .stage([&](std::uint64_t x) {
+                   probe.staged();
+                   return x + 1;
+                 }, {.workers = 2, .ordered = true})
+                 .sink([&](std::uint64_t x) {
+                   if (x != next + 1) ++order_errors;
+                   next = x;
+                   ++count;
+                 })
+                 .run();
+  REQUIRE(run.wait_for(stuck));
+  CHECK(order_errors == 0);
+  CHECK(count == n);
+  const auto s = run.stats();
+  check_invariant(s);
+  CHECK(s.delivered == n);
+  INFO("inline " << probe.same.load() << ", elsewhere " << probe.other.load());
+  CHECK(s.stages[1].fused > 0);
+  CHECK(probe.same.load() >= n / 2);
+}
+
+TEST_CASE("adaptive fusion: a stage dearer than a hop spreads over the workers", "[pipeline][fusion]") {
+  // The stage is the expensive part: splitting halves the time a message,
+  // so the source hands its batches to both workers.
+  const std::uint64_t n = runnel_test::scaled(1500);
+  thread_pool pool(pool_of(2));
+  inline_probe probe;
+  std::uint64_t next = 0, order_errors = 0, count = 0;
+  auto run = pipeline{pool}
+                 .source([&, i = std::uint64_t{0}]() mutable -> std::optional<std::uint64_t> {
+                   if (i == n) return std::nullopt;
+                   probe.generated();
+                   return i++;
+                 }, {.batch = 8})
+                 .stage([&](std::uint64_t x) {
+                   probe.staged();
+                   busy(x, 20000);  // ~20 us of work a message
+                   return x + 1;
+                 }, {.workers = 2, .ordered = true, .batch = 8})
+                 .sink([&](std::uint64_t x) {
+                   if (x != next + 1) ++order_errors;
+                   next = x;
+                   ++count;
+                 })
+                 .run();
+  REQUIRE(run.wait_for(stuck));
+  CHECK(order_errors == 0);
+  CHECK(count == n);
+  const auto s = run.stats();
+  check_invariant(s);
+  CHECK(s.delivered == n);
+  INFO("inline " << probe.same.load() << ", elsewhere " << probe.other.load());
+  CHECK(probe.other.load() >= n / 8);
+}

@@ -388,6 +388,7 @@ class [[nodiscard("a pipeline needs .sink() or .to() and then .run()")]] pipelin
     if (port_ == nullptr) return;
     port_->downstream = node.fusable_lane();
     port_->downstream_node = &node;
+    if constexpr (requires { node.source_fusable_lanes(); }) port_->downstream_lanes = node.source_fusable_lanes();
   }
 
   detail::input_port<T> take_input(const char* who) {
