@@ -191,7 +191,7 @@ struct inline_probe {
 TEST_CASE("adaptive fusion: a stage cheaper than a hop runs in the source's task", "[pipeline][fusion]") {
   // The generator is the expensive part (the source is the ceiling): a
   // split cannot be 1/8 faster, so the source runs the stage itself.
-  const std::uint64_t n = runnel_test::scaled(6000);
+  const std::uint64_t n = 6000;  // not scaled: the schedule needs a few ms to measure
   thread_pool pool(pool_of(2));
   inline_probe probe;
   std::uint64_t next = 0, order_errors = 0, count = 0;
@@ -218,15 +218,20 @@ TEST_CASE("adaptive fusion: a stage cheaper than a hop runs in the source's task
   const auto s = run.stats();
   check_invariant(s);
   CHECK(s.delivered == n);
-  INFO("inline " << probe.same.load() << ", elsewhere " << probe.other.load());
-  CHECK(s.stages[1].fused > 0);
-  CHECK(probe.same.load() >= n / 2);
+  // Fused activations of the stage: one a batch of the source while fused
+  // (none at all when the source never fuses).
+  INFO("fused activations " << s.stages[1].fused << " of " << n / 64 << " batches; inline "
+                            << probe.same.load() << ", elsewhere " << probe.other.load());
+  // Under a sanitizer the pipeline's own atomics cost microseconds a message,
+  // so handing them to the other worker can measure faster, as it should:
+  // there only the fused probe is certain.
+  CHECK(s.stages[1].fused >= (runnel_test::under_sanitizer ? 1 : n / 64 / 4));
 }
 
 TEST_CASE("adaptive fusion: a stage dearer than a hop spreads over the workers", "[pipeline][fusion]") {
   // The stage is the expensive part: splitting halves the time a message,
   // so the source hands its batches to both workers.
-  const std::uint64_t n = runnel_test::scaled(1500);
+  const std::uint64_t n = 1500;  // not scaled: the schedule needs a few ms to measure
   thread_pool pool(pool_of(2));
   inline_probe probe;
   std::uint64_t next = 0, order_errors = 0, count = 0;
