@@ -614,6 +614,13 @@ class source_node final : public node_base {
         if (och.park_sender(lane_, [this]() noexcept { return st.cancelled(); })) return;
         continue;
       }
+      if (fuse && size >= batch_) {
+        // Fused, the downstream lane was busy elsewhere (not run here): let
+        // it catch up rather than queue more, which its held siblings cannot
+        // take and which would leave this task generating alone.
+        st.yield(&lane_);
+        return;
+      }
       for (std::size_t i = 0; i < room; ++i) {
         try {
           std::optional<T> v = gen_();
