@@ -227,7 +227,11 @@ TEST_CASE("adaptive fusion: a stage cheaper than a hop runs in the source's task
   // Under a sanitizer the pipeline's own atomics cost microseconds a message,
   // so handing them to the other worker can measure faster, as it should:
   // there only the fused probe is certain.
-  CHECK(s.stages[1].fused >= (runnel_test::under_sanitizer ? 1 : n / 64 / 8));
+  // The source always probes the fused schedule after its first windows
+  // split (the work alone outlasts them), so at least that probe ran fused;
+  // how often it chose fused after it depends on what the machine gave
+  // each schedule, which the rule's own test below pins down exactly.
+  CHECK(s.stages[1].fused >= 1);
 }
 
 TEST_CASE("adaptive fusion: a stage dearer than a hop spreads over the workers", "[pipeline][fusion]") {
@@ -270,10 +274,79 @@ TEST_CASE("adaptive fusion: a stage dearer than a hop spreads over the workers",
   CHECK(s.delivered == n);
   INFO("overlapped " << overlapped.load() << "; inline " << probe.same.load() << ", elsewhere "
                       << probe.other.load());
-  // Spread, most calls overlap one on the other worker; always fused, only
-  // the source's task calls the stage once it holds the other lane (a
-  // batch of 8 may be taken before). A busy machine (the other CPU taken by
-  // another process) makes splitting pay less and lowers the count, hence
-  // the wide margin.
-  CHECK(overlapped.load() >= n / 15);
+  // Whether the stage spread (the calls overlapping one on the other
+  // worker: 1026-1477 of 1500 in 8 runs on a 2-core machine under load) is
+  // a matter of what the machine gave each schedule, so it is reported, not
+  // asserted; the rule that decides is tested exactly below.
+  WARN("overlapping calls " << overlapped.load() << " of " << n);
+}
+
+// The rule itself on a clock of the test's own: exact, whatever the machine.
+// Windows of `window_ns`; `per_msg` ns a message under each schedule.
+namespace {
+struct schedule_driver {
+  runnel::detail::fusion_schedule s;
+  runnel::detail::fusion_schedule::clock::time_point t{std::chrono::seconds(1)};
+  // Runs `windows` windows with the given cost a message of split and fused
+  // (whichever the rule has chosen runs); returns how many ran fused.
+  int run(int windows, std::int64_t split_ns, std::int64_t fused_ns) {
+    int fused = 0;
+    const std::size_t batch = 64;
+    s.account(0, t);  // opens the first window (no-op afterwards)
+    for (int w = 0; w < windows; ++w) {
+      const bool f = s.fused();
+      fused += f ? 1 : 0;
+      const std::int64_t per = f ? fused_ns : split_ns;
+      // One window: batches until it is at least window_ns long.
+      std::int64_t spent = 0;
+      while (spent < runnel::detail::fusion_schedule::window_ns) {
+        t += std::chrono::nanoseconds(per * static_cast<std::int64_t>(batch));
+        spent += per * static_cast<std::int64_t>(batch);
+        s.account(batch, t);
+      }
+    }
+    return fused;
+  }
+};
+}  // namespace
+
+TEST_CASE("adaptive fusion: the schedule rule on a test clock", "[pipeline][fusion]") {
+  using fs = runnel::detail::fusion_schedule;
+  SECTION("a tie, or split faster by less than 1/8, stays fused") {
+    schedule_driver d;
+    d.run(2 * fs::samples, 400, 400);  // split first, then the fused probe
+    CHECK(d.s.fused());
+    const int f = d.run(100, 370, 400);  // split 7.5% faster: not enough
+    CHECK(f >= 100 - 2 * static_cast<int>(fs::samples) * 3);  // only probes of split
+    CHECK(d.s.fused());
+  }
+  SECTION("split faster by 1/8 or more splits") {
+    schedule_driver d;
+    d.run(2 * fs::samples, 300, 400);  // split 25% faster
+    CHECK_FALSE(d.s.fused());
+    const int f = d.run(100, 300, 400);
+    CHECK(f <= 2 * static_cast<int>(fs::samples) * 3);  // only probes of fused
+    CHECK_FALSE(d.s.fused());
+  }
+  SECTION("a workload that grows heavier spreads again; lighter, fuses again") {
+    schedule_driver d;
+    d.run(200, 400, 400);  // cheap downstream: fused, probes grown rare
+    CHECK(d.s.fused());
+    // Now the downstream costs more than a hop: fused 800, split 450. The
+    // next probe of split must switch within the longest interval.
+    d.run(static_cast<int>(fs::max_interval + 2 * fs::samples), 450, 800);
+    CHECK_FALSE(d.s.fused());
+    d.run(static_cast<int>(fs::max_interval + 2 * fs::samples), 450, 420);
+    CHECK(d.s.fused());
+  }
+  SECTION("probes grow rarer while they confirm the choice, up to max_interval") {
+    schedule_driver d;
+    d.run(2 * fs::samples, 400, 400);
+    // Count probes of split (windows run split) over a long fused spell:
+    // with doubling intervals far fewer than one every min_interval.
+    const int windows = 4000;
+    const int split_windows = windows - d.run(windows, 400, 400);
+    CHECK(split_windows > 0);  // it does keep probing
+    CHECK(split_windows < windows / static_cast<int>(fs::min_interval) / 2);
+  }
 }

@@ -515,8 +515,9 @@ class fusion_schedule {
   bool fused() const noexcept { return fused_; }
 
   // After each batch the source generated (n messages); may switch schedules.
-  void account(std::size_t n) noexcept {
-    const clock::time_point now = clock::now();
+  void account(std::size_t n) noexcept { account(n, clock::now()); }
+  // The same at a given time (the rule alone, for a test's own clock).
+  void account(std::size_t n, clock::time_point now) noexcept {
     if (msgs_ == 0 && start_ == clock::time_point{}) start_ = now;
     msgs_ += n;
     const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(now - start_).count();
