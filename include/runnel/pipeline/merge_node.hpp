@@ -156,7 +156,7 @@ class merge_node final : public node_base {
     for (int round = 0; round < rounds_per_activation; ++round) {
       if (st.cancelled()) return finish_cancelled();
       // 1. Push what we hold; a serial downstream node may run in this task.
-      switch (push_buffer(*this, out_port, buf_, pos_, lane_, true)) {
+      switch (push_buffer(*this, out_port, buf_, pos_, lane_, out_port.downstream)) {
         case push_end::parked: return;
         case push_end::stopped: return finish_cancelled();
         case push_end::sent: break;

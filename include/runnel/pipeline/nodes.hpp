@@ -26,10 +26,11 @@
 // backpressure are those of an ordinary activation; what is saved is the
 // pool post, a possible wake-up of a sleeping worker, and the messages'
 // cache lines crossing to another core. A downstream lane that is busy
-// elsewhere is left alone (the channel wakes it as usual). The source fuses
-// only on a one-worker pool: elsewhere it is serial and usually the ceiling
-// of the whole run, and a downstream lane run in its task would take its
-// time while another core could run that lane.
+// elsewhere is left alone (the channel wakes it as usual). The source fuses the node
+// after it, serial or parallel, adaptively (fusion_schedule, below): on a
+// one-worker pool always; elsewhere only while the downstream work a message
+// measures cheaper than moving the message to another core, since the source
+// is serial and usually the ceiling of the whole run.
 //
 // Ordered parallel stages. Lanes take batches from the input under the
 // window mutex, which gives each message a sequence number in input order.
@@ -306,6 +307,9 @@ struct output_port {
   // null when the reader has several lanes or the channel is the user's.
   lane* downstream = nullptr;
   node_base* downstream_node = nullptr;
+  // Every lane of the node reading this internal channel (serial or
+  // parallel), for the source's adaptive fusion; empty when unknown.
+  std::vector<lane*> downstream_lanes;
 
   void finish() noexcept {
     if (is_external) external.reset();
@@ -422,15 +426,15 @@ enum class push_end {
 
 // The send-and-park loop of every node: pushes buf[pos..] into the port's
 // channel (one claim and one wake-up a call), parking `self` when it is full.
-// Except when parked, buf is left empty and pos 0. With `fuse`, runs the
-// port's downstream lane in this task when it was parked on the channel
-// (header comment: fusion).
+// Except when parked, buf is left empty and pos 0. With a `fuse` lane (a
+// lane reading the port's channel), runs it in this task when it was parked
+// on the channel (header comment: fusion).
 template <class U>
 push_end push_buffer(node_base& node, output_port<U>& port, std::vector<U>& buf, std::size_t& pos, lane& self,
-                     bool fuse) noexcept {
+                     lane* fuse) noexcept {
   pipeline_state& st = node.st;
   auto& och = *port.ch;
-  lane* target = fuse && fused_depth < max_fused_depth ? port.downstream : nullptr;
+  lane* target = fused_depth < max_fused_depth ? fuse : nullptr;
   // Relaxed: a hint that saves the list's lock when the lane is surely not
   // parked; unpark() decides under that lock.
   const bool owned = target != nullptr && target->owner_.load(std::memory_order_relaxed) != nullptr &&
@@ -475,6 +479,87 @@ push_end push_buffer(node_base& node, output_port<U>& port, std::vector<U>& buf,
   return end;
 }
 
+// ---- the source's adaptive fusion ------------------------------------------------
+
+// Which schedule a source on a multi-worker pool gives the node after it:
+//   split  every batch goes through the channel to the downstream lanes, run
+//          as tasks of their own on whichever worker takes them;
+//   fused  the source runs the downstream node's first lane (and, through
+//          it, the serial chain fused after that) in its own task right after
+//          pushing each batch, and holds the other lanes (taken off the
+//          channel's waiter list, so the sends wake nobody), so no message
+//          crosses to another core.
+// Splitting pays only when what it takes off the source's core, the
+// downstream's cost a message d, exceeds what a hop adds to it h (handing
+// the message to another core: its cache lines travel, the channel's indices
+// bounce, wake-ups); fused, a message costs the source's core g + d, split
+// g + h, or d' (the downstream with its side of the hop) when that is slower.
+// The source measures both directly, as the wall time a message of each
+// schedule over a window of at least window_ns (generation, pushes, the
+// inline run, waits on a full output: all of it), and splits only when split
+// measured at least 1/8 faster than fused (ties go to fused, which leaves the
+// other cores to other work). It runs split for the first window, probes
+// fused for the next and keeps the faster; then the other schedule is probed
+// again for one window after `interval` windows of the chosen one. The
+// interval doubles up to max_interval while probes confirm the choice and
+// falls to min_interval when one changes it, so a workload that grows heavier
+// spreads again within about max_interval windows (and a probe costs at most
+// one window in max_interval).
+class fusion_schedule {
+ public:
+  using clock = std::chrono::steady_clock;
+  static constexpr std::int64_t window_ns = 500'000;
+  static constexpr unsigned samples = 3;  // windows a schedule is judged by (the fastest)
+  static constexpr unsigned min_interval = 8, max_interval = 256;
+
+  bool fused() const noexcept { return fused_; }
+
+  // After each batch the source generated (n messages); may switch schedules.
+  void account(std::size_t n) noexcept { account(n, clock::now()); }
+  // The same at a given time (the rule alone, for a test's own clock).
+  void account(std::size_t n, clock::time_point now) noexcept {
+    if (msgs_ == 0 && start_ == clock::time_point{}) start_ = now;
+    msgs_ += n;
+    const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(now - start_).count();
+    if (ns < window_ns || msgs_ == 0) return;
+    // The fastest of the schedule's last `samples` windows: a window that
+    // lost the CPU to another process (a shared machine) says nothing of
+    // the schedule.
+    const double t = static_cast<double>(ns) / static_cast<double>(msgs_);
+    double& best = best_[fused_ ? 1 : 0];
+    best = seen_ == 0 ? t : std::min(best, t);
+    ++seen_;
+    start_ = now;
+    msgs_ = 0;
+    if (seen_ < samples) return;
+    seen_ = 0;
+    if (probing_) {
+      probing_ = false;
+      const bool before = !fused_;  // the schedule the probe interrupted
+      fused_ = !(best_[0] * 8 < best_[1] * 7);  // split only when >= 1/8 faster
+      interval_ = fused_ == before ? std::min(interval_ * 2, max_interval) : min_interval;
+      left_ = interval_;
+    } else if (left_ <= samples) {
+      // The last `samples` windows of the schedule in use were just
+      // measured: probe the other one.
+      probing_ = true;
+      fused_ = !fused_;
+    } else {
+      left_ -= samples;
+    }
+  }
+
+ private:
+  bool fused_ = false;
+  bool probing_ = false;
+  unsigned interval_ = min_interval / 2;  // the first decision doubles it
+  unsigned left_ = samples;               // windows of the schedule in use before the next probe
+  unsigned seen_ = 0;                     // windows measured towards the current sample
+  clock::time_point start_{};             // of the current window
+  std::uint64_t msgs_ = 0;                // generated in the current window
+  double best_[2] = {0, 0};               // latest sample of split [0] and fused [1], ns a message
+};
+
 // ---- source ------------------------------------------------------------------
 
 template <class T, class Gen>
@@ -488,7 +573,10 @@ class source_node final : public node_base {
     lane_.st = &s;
   }
 
-  void start() override { st.yield(&lane_); }
+  void start() override {
+    held_.reserve(out_port.downstream_lanes.size());
+    st.yield(&lane_);
+  }
   void on_cancel() noexcept override {
     out_port.close_if_internal();  // wakes the lane if it is parked on it
     if (out_port.ch->unpark(lane_)) st.resume(&lane_);
@@ -505,12 +593,15 @@ class source_node final : public node_base {
 
   void activate() noexcept {
     auto& och = *out_port.ch;
+    // A one-worker pool always fuses: no other core could run the
+    // downstream lanes meanwhile (fusion_schedule).
+    const bool adaptive = st.pool.size() > 1;
     for (int round = 0; round < rounds_per_activation; ++round) {
       if (st.cancelled()) return finish();
       // 1. Push what we hold (one claim and one wake-up for the batch).
-      // Fuses only on a one-worker pool, where no other core could run the
-      // downstream lane meanwhile (header comment: fusion).
-      switch (push_buffer(*this, out_port, buf_, pos_, lane_, st.pool.size() == 1)) {
+      const bool fuse = !adaptive || schedule_.fused();
+      if (!fuse) release_held();
+      switch (push_buffer(*this, out_port, buf_, pos_, lane_, fuse ? hold_downstream() : nullptr)) {
         case push_end::parked: return;
         case push_end::stopped: return finish();
         case push_end::sent: break;
@@ -523,6 +614,13 @@ class source_node final : public node_base {
       if (room == 0) {
         if (och.park_sender(lane_, [this]() noexcept { return st.cancelled(); })) return;
         continue;
+      }
+      if (fuse && size >= batch_) {
+        // Fused, the downstream lane was busy elsewhere (not run here): let
+        // it catch up rather than queue more, which its held siblings cannot
+        // take and which would leave this task generating alone.
+        st.yield(&lane_);
+        return;
       }
       for (std::size_t i = 0; i < room; ++i) {
         try {
@@ -538,8 +636,32 @@ class source_node final : public node_base {
         }
       }
       in.add(buf_.size());
+      if (adaptive) schedule_.account(buf_.size());
     }
     st.yield(&lane_);
+  }
+
+  // Fused schedule: takes the downstream lanes after the first off the
+  // channel's waiter list when they park there (they hold nothing then: a
+  // lane flushes its results before it waits for input), so that our sends
+  // wake none of them; returns the lane to run in our task.
+  lane* hold_downstream() noexcept {
+    auto& lanes = out_port.downstream_lanes;
+    if (lanes.empty()) return out_port.downstream;
+    for (std::size_t i = 1; i < lanes.size(); ++i) {
+      lane* l = lanes[i];
+      // Relaxed: a hint that saves the list's lock when the lane is surely
+      // not parked; unpark() decides under that lock.
+      if (l->owner_.load(std::memory_order_relaxed) != nullptr && out_port.ch->unpark(*l)) held_.push_back(l);
+    }
+    return lanes.front();
+  }
+
+  // We own the held lanes' activations (unpark succeeded): schedule them,
+  // as the channel's wake-up would have.
+  void release_held() noexcept {
+    for (lane* l : held_) st.resume(l);
+    held_.clear();
   }
 
   void finish() noexcept {
@@ -549,6 +671,7 @@ class source_node final : public node_base {
     buf_.clear();
     pos_ = 0;
     out_port.finish();
+    release_held();  // after the close: they see it and finish
     st.node_done();
   }
 
@@ -557,6 +680,8 @@ class source_node final : public node_base {
   std::vector<T> buf_;  // produced, buf_[pos_..] not yet accepted by the output
   std::size_t pos_ = 0;
   bool ended_ = false;  // the generator returned nullopt
+  fusion_schedule schedule_;
+  std::vector<lane*> held_;  // downstream lanes whose activation we hold (fused)
   source_lane lane_;
 };
 
@@ -623,6 +748,12 @@ class stage_node final : public node_base {
   // The lane an upstream stage may run in its own task (fusion): the only
   // one of a serial node, else null.
   lane* fusable_lane() noexcept { return workers == 1 ? lanes_.front().get() : nullptr; }
+  // Every lane, for a source's adaptive fusion (the first is the one it runs).
+  std::vector<lane*> source_fusable_lanes() {
+    std::vector<lane*> v;
+    for (auto& l : lanes_) v.push_back(l.get());
+    return v;
+  }
 
   std::conditional_t<is_sink, char, output_port<out_t>> out_port{};
 
@@ -755,7 +886,7 @@ class stage_node final : public node_base {
   bool flush(stage_lane& l) noexcept {
     if constexpr (!is_sink) {
       if (l.outbuf.empty()) return true;
-      return push_buffer(*this, out_port, l.outbuf, l.out_pos, l, true) != push_end::parked;
+      return push_buffer(*this, out_port, l.outbuf, l.out_pos, l, out_port.downstream) != push_end::parked;
     }
     return true;
   }
@@ -819,7 +950,7 @@ class stage_node final : public node_base {
       for (int round = 0; round < rounds_per_activation; ++round) {
         // 1. push what we already took from the window
         if (!ebuf_.empty() &&
-            push_buffer(*this, out_port, ebuf_, epos_, emitter_, true) == push_end::parked)
+            push_buffer(*this, out_port, ebuf_, epos_, emitter_, out_port.downstream) == push_end::parked)
           return;  // token stays with us
         // 2. take the next contiguous ready run from the window
         std::vector<lane*> waiters;

@@ -255,7 +255,7 @@ class process_stage_node final : public node_base {
 
   void emit() noexcept {
     for (int round = 0; round < rounds_per_activation; ++round) {
-      if (!outbuf_.empty() && push_buffer(*this, out_port, outbuf_, out_pos_, emitter_, false) == push_end::parked)
+      if (!outbuf_.empty() && push_buffer(*this, out_port, outbuf_, out_pos_, emitter_, nullptr) == push_end::parked)
         return;  // resumed when the output has room (scheduled stays set)
       if (!to_free_.empty() && release_slots()) return node_complete();
       // acquire: the pushed slots' results (the pushes' release).
