@@ -323,6 +323,51 @@ TEST_CASE("acks are held back while others are in flight, but go out within a fe
   CHECK(runnel_test::queue_counts(*b, t.in) == std::pair<long, long>{0, 0});
 }
 
+TEST_CASE("lone messages, each after an idle spell: every one is consumed, published and acked at once",
+          "[amqp][broker]") {
+  // Each input goes in alone once the client has gone idle (its I/O thread
+  // asleep in poll()): its delivery must wake the I/O thread through the
+  // socket, its result through the publish channel's waker (which writes the
+  // eventfd only to a sleeping I/O thread), its confirm through the socket
+  // again, and its ack then goes out with nothing else in flight. A wake-up
+  // lost on any of those paths leaves the message until the I/O thread's
+  // next timed look (up to a second with the default heartbeat), so 40 of
+  // them pass the generous bound below only if none was lost.
+  broker* b = broker::get();
+  if (b == nullptr) return;
+  const std::size_t n = 40;
+  bridge_case t(*b, "lone", 0);
+  auto run = runnel::pipeline{t.pool}
+                 .from(t.c.consume({.queue = t.in, .prefetch = 16}))
+                 .stage([](amqp::delivery d) {
+                   d.body = "r:" + d.body;
+                   return d;
+                 }, {.workers = 2})
+                 .to(t.c.publish({.routing_key = t.out}))
+                 .run();
+  const auto end = std::chrono::steady_clock::now() + 10s;
+  std::size_t in_time = 0;  // inputs acked before the next went in, within the bound
+  for (std::size_t i = 0; i < n; ++i) {
+    std::this_thread::sleep_for(20ms);  // the idle spell: the I/O thread goes to sleep
+    t.r.publish_n(t.in, 1, [i](std::size_t) { return std::to_string(i); });
+    while (t.c.stats().acked < i + 1 && std::chrono::steady_clock::now() < end) std::this_thread::sleep_for(1ms);
+    if (t.c.stats().acked == i + 1) ++in_time;
+  }
+  CHECK(in_time == n);
+  REQUIRE(eventually([&] { return t.c.stats().acked >= n; }));
+  t.c.close();
+  run.wait();
+  const auto s = t.c.stats();
+  CHECK(s.delivered == n);
+  CHECK(s.published == n);
+  CHECK(s.confirmed == n);
+  const auto got = t.r.take(t.out, n + 1, 1500);
+  CHECK(got.size() == n);
+  const auto seen = count_ids(got, n);
+  CHECK(std::count(seen.begin(), seen.end(), 1) == static_cast<long>(n));
+  CHECK(runnel_test::queue_counts(*b, t.in) == std::pair<long, long>{0, 0});
+}
+
 // Every 50th message (body % 50 == 7) throws in `stage`: it must be retried
 // up to max_attempts, then dead-lettered with the error text and attempt
 // count, while every other message is delivered; the error handler sees

@@ -8,10 +8,20 @@
 //   user threads --(requests under a mutex: consume, close)-> I/O thread
 //   I/O thread   --(consume channels: deliveries)--------> pipeline
 // The I/O thread sleeps in poll() on the socket and an eventfd. A worker
-// that queues an op writes the eventfd only when the I/O thread announced it
-// is going to sleep (`sleeping_`), so a busy stream pays no syscall per ack.
-// A publish or consume channel wakes it through a waker registered on the
-// channel, whose callback writes the eventfd.
+// that queues an op, and a publish or consume channel whose waker (registered
+// by the I/O thread on the channel) fires, write the eventfd only when the
+// I/O thread announced it is going to sleep (`sleeping_`), so a busy stream
+// pays no syscall per ack or per batch of results, and a sleep is ended by
+// one write however many wake it. The I/O thread re-checks the ops ring and
+// `channel_woke_` after that announcement (see sleep()).
+//
+// Reading. Over plain TCP the I/O thread reads the socket only when poll()
+// said it is readable (the poll it sleeps in, or a zero-timeout one after
+// two busy rounds in a row), and at least every read interval: rabbitmq-c's
+// own non-blocking read of an empty socket costs a recv() and a poll(), and
+// every round of the loop used to end with one, often two.
+// Over TLS the library may hold decrypted bytes poll() cannot see, so there
+// it reads until the library reports nothing more, as before.
 //
 // Epochs. Every (re)opened AMQP channel starts a new epoch; delivery tags
 // are only meaningful within their epoch. Ops and results carry the epoch of
@@ -56,6 +66,7 @@
 #include "../channel.hpp"
 #include "../detail/asymmetric_fence.hpp"
 #include "../mpmc_queue.hpp"
+#include "../pool/cpu_set.hpp"
 #include "ack_window.hpp"
 #include "delivery.hpp"
 #include "error.hpp"
@@ -235,11 +246,14 @@ class core : public std::enable_shared_from_this<core> {
   }
 
   void wake() noexcept {
-    // Pairs with the I/O thread's heavy fence between storing sleeping_ =
-    // true and re-checking its queues (Dekker, asymmetric: the frequent side
-    // pays only a compiler barrier when membarrier is available): either it
-    // sees our op, or we see it sleeping.
-    runnel::detail::light_fence();
+    // Pairs with the I/O thread's fence between storing sleeping_ = true and
+    // re-checking its queues (Dekker): either it sees our op, or we see it
+    // sleeping. A full fence on both sides, not the asymmetric pair: the I/O
+    // thread goes to sleep far more often than once per op here (a sleep per
+    // burst of deliveries or results), and membarrier() on each of those
+    // cost it a syscall and an interrupt of every running thread of the
+    // process, against a fence after the op's own locked push.
+    runnel::detail::full_fence();
     // Relaxed: ordered by the fences; the exchange decides who writes.
     if (sleeping_.load(std::memory_order_relaxed) && sleeping_.exchange(false, std::memory_order_relaxed))
       wake_now();
@@ -247,9 +261,14 @@ class core : public std::enable_shared_from_this<core> {
 
   static void on_channel_wake(runnel::detail::waker* w) noexcept {
     auto* cw = static_cast<channel_waker*>(w);
+    core& c = *cw->owner;
     // Release: the I/O thread's acquire load sees the waker out of the list.
     cw->armed.store(false, std::memory_order_release);
-    cw->owner->wake_now();
+    // Release: the I/O thread that reads it (acquire) then sees the channel
+    // change this wake-up announces. wake() then writes the eventfd only if
+    // the I/O thread is asleep; awake, it sees channel_woke_ before it sleeps.
+    c.channel_woke_.store(true, std::memory_order_release);
+    c.wake();
   }
 
  private:
@@ -436,6 +455,8 @@ class core : public std::enable_shared_from_this<core> {
       throw reply_error(what, r);
     }
     connected_ = true;
+    sock_ready_ = true;  // the login may have left bytes unread
+    last_read_ = std::chrono::steady_clock::now();
     open_channel();
   }
 
@@ -458,6 +479,8 @@ class core : public std::enable_shared_from_this<core> {
   // ---- the I/O loop ------------------------------------------------------------
 
   void run() noexcept {
+    // Seen in top -H, perf and /proc/<pid>/task beside the pool's runnel-<n>.
+    runnel::detail::name_current_thread("runnel-amqp");
     try {
       loop();
     } catch (...) {
@@ -474,6 +497,9 @@ class core : public std::enable_shared_from_this<core> {
       bool busy = false;
       if (connected_ && channel_open_) {
         try {
+          // Acq_rel: taking the flag before looking at the channels (a wake
+          // after this is seen by sleep()); acquire: what it announced.
+          channel_woke_.exchange(false, std::memory_order_acq_rel);
           busy |= take_requests();
           busy |= take_ops();
           busy |= take_publishes();
@@ -505,6 +531,7 @@ class core : public std::enable_shared_from_this<core> {
         continue;
       }
       if (!busy) sleep();
+      else peek_socket();
     }
   }
 
@@ -864,7 +891,9 @@ class core : public std::enable_shared_from_this<core> {
     const bool parked = as_sender ? ch.park_sender(w) : ch.park_receiver(w);
     if (!parked) {
       w.armed.store(false, std::memory_order_relaxed);  // relaxed: not registered anywhere
-      wake_now();  // the condition already holds: look again
+      // The condition already holds: look again before sleeping. Relaxed:
+      // this thread reads it back.
+      channel_woke_.store(true, std::memory_order_relaxed);
     }
   }
 
@@ -888,6 +917,14 @@ class core : public std::enable_shared_from_this<core> {
   bool read_frames() {
     bool any = false;
     for (int i = 0; i < frames_per_round; ++i) {
+      if (!opts_.tls.enabled && !amqp_frames_enqueued(conn_) && !amqp_data_in_buffer(conn_)) {
+        // Nothing decoded is waiting, so the call below would recv(): only
+        // when the socket may hold bytes, and once a round (a second recv
+        // would mostly find the socket drained; poll() tells more cheaply).
+        if (!sock_ready_) break;
+        sock_ready_ = false;
+        last_read_ = std::chrono::steady_clock::now();
+      }
       amqp_frame_t f;
       timeval zero{0, 0};
       const int st = amqp_simple_wait_frame_noblock(conn_, &f, &zero);
@@ -996,8 +1033,7 @@ class core : public std::enable_shared_from_this<core> {
         const auto* d = static_cast<const amqp_basic_deliver_t*>(m.decoded);
         partial_.reset();
         partial_.active = true;
-        const std::string tag = bytes_str(d->consumer_tag);
-        partial_.consumer = consumer_index(tag);
+        partial_.consumer = consumer_index(d->consumer_tag);
         partial_.d.routing_key = bytes_str(d->routing_key);
         partial_.d.exchange = bytes_str(d->exchange);
         partial_.d.redelivered = d->redelivered != 0;
@@ -1022,9 +1058,8 @@ class core : public std::enable_shared_from_this<core> {
       case AMQP_BASIC_CANCEL_METHOD: {
         // The broker cancelled a consumer (its queue was deleted).
         const auto* c = static_cast<const amqp_basic_cancel_t*>(m.decoded);
-        const std::string tag = bytes_str(c->consumer_tag);
         throw_fatal(error("runnel::amqp: the broker cancelled the consumer of queue '" +
-                          consumers_[consumer_index(tag)]->opts.queue + "' (queue deleted?)", 404));
+                          consumers_[consumer_index(c->consumer_tag)]->opts.queue + "' (queue deleted?)", 404));
         return;
       }
       case AMQP_CHANNEL_CLOSE_METHOD: {
@@ -1077,10 +1112,17 @@ class core : public std::enable_shared_from_this<core> {
     throw e;
   }
 
-  std::uint32_t consumer_index(const std::string& tag) const {
-    // Tags are "runnel-<index>".
-    const std::size_t i = tag.size() > 7 ? std::stoul(tag.substr(7)) : 0;
-    return static_cast<std::uint32_t>(i < consumers_.size() ? i : 0);
+  // Tags are "runnel-<index>" (add_consumer); read in place, as it comes
+  // with every delivery. Anything else is consumer 0.
+  std::uint32_t consumer_index(amqp_bytes_t tag) const noexcept {
+    const auto* p = static_cast<const char*>(tag.bytes);
+    constexpr std::size_t prefix = 7;  // "runnel-"
+    std::size_t i = 0;
+    for (std::size_t k = prefix; k < tag.len; ++k) {
+      if (p[k] < '0' || p[k] > '9' || i >= consumers_.size()) return 0;
+      i = i * 10 + static_cast<std::size_t>(p[k] - '0');
+    }
+    return static_cast<std::uint32_t>(tag.len > prefix && i < consumers_.size() ? i : 0);
   }
 
   void on_confirm(std::uint64_t seq, bool multiple, bool ok) {
@@ -1234,31 +1276,81 @@ class core : public std::enable_shared_from_this<core> {
 
   // ---- sleeping ------------------------------------------------------------------
 
+  // How long the I/O thread may go without calling into rabbitmq-c's read
+  // path: at least every half heartbeat, so that the library sends ours and
+  // notices the broker's missing (it does both only inside its calls), and
+  // every second otherwise.
+  int read_interval_ms() const noexcept {
+    const int every = opts_.heartbeat_s > 0 ? opts_.heartbeat_s * 500 : 1000;
+    return std::min(every, 1000);
+  }
+
   void sleep() {
     int linger_ms = -1;  // poll no longer than this while acks are held back
     if (connected_ && channel_open_) linger_ms = idle_acks();
-    // Relaxed store + heavy fence: see wake().
+    // Relaxed store + full fence: see wake().
     sleeping_.store(true, std::memory_order_relaxed);
-    runnel::detail::heavy_fence();
-    bool work = !ops_.empty_approx();
+    runnel::detail::full_fence();
+    // Acquire: a wake-up seen here hands over the channel change it announced.
+    bool work = !ops_.empty_approx() || channel_woke_.load(std::memory_order_acquire);
     {
       std::lock_guard lock(req_m_);
       work |= !requests_.empty() || (closing_requested_ && !closing_);
     }
-    if (conn_ != nullptr && connected_) work |= amqp_frames_enqueued(conn_) || amqp_data_in_buffer(conn_);
-    if (!work) {
-      pollfd fds[2];
-      fds[0] = {efd_, POLLIN, 0};
-      int n = 1;
-      if (conn_ != nullptr && connected_) fds[n++] = {amqp_get_sockfd(conn_), POLLIN, 0};
-      // Wake at least every half heartbeat so rabbitmq-c sends ours (it only
-      // does inside library calls), and every second while closing.
-      int timeout = opts_.heartbeat_s > 0 ? opts_.heartbeat_s * 500 : 1000;
-      if (closing_ || timeout > 1000) timeout = std::min(timeout, 1000);
-      if (linger_ms >= 0) timeout = std::min(timeout, linger_ms);
-      ::poll(fds, static_cast<nfds_t>(n), timeout);
+    const bool live = conn_ != nullptr && connected_;
+    if (live) work |= amqp_frames_enqueued(conn_) || amqp_data_in_buffer(conn_);
+    if (work) {
+      // An eventfd write that raced with this stays pending: the next poll
+      // returns at once and reads it.
+      sleeping_.store(false, std::memory_order_relaxed);  // relaxed: only avoids needless writes
+      return;
     }
+    pollfd fds[2];
+    fds[0] = {efd_, POLLIN, 0};
+    int n = 1;
+    if (live) fds[n++] = {amqp_get_sockfd(conn_), POLLIN, 0};
+    // Wake at least every read interval (see read_interval_ms()).
+    int timeout = read_interval_ms();
+    if (linger_ms >= 0) timeout = std::min(timeout, linger_ms);
+    const int ready = ::poll(fds, static_cast<nfds_t>(n), timeout);
     sleeping_.store(false, std::memory_order_relaxed);  // relaxed: only avoids needless writes
+    unlooked_busy_ = false;
+    if (ready < 0) {
+      sock_ready_ = true;  // interrupted: look at everything
+      drain_eventfd();
+      return;
+    }
+    if (n > 1 && fds[1].revents != 0) sock_ready_ = true;  // data, hang-up or error: the read reports it
+    if ((fds[0].revents & POLLIN) != 0) drain_eventfd();
+    if (live) read_if_due();
+  }
+
+  // A busy round ends here instead of in sleep(). Most are followed by an
+  // idle one, whose sleep() polls the socket anyway; a second busy round in
+  // a row looks whether the socket has bytes (one poll() instead of
+  // rabbitmq-c's recv() and poll() of an empty socket), so reading keeps up
+  // while the loop stays busy.
+  void peek_socket() {
+    if (sock_ready_ || conn_ == nullptr || !connected_ || opts_.tls.enabled) return;
+    if (!unlooked_busy_) {
+      unlooked_busy_ = true;
+      return;
+    }
+    unlooked_busy_ = false;
+    pollfd fd{amqp_get_sockfd(conn_), POLLIN, 0};
+    if (::poll(&fd, 1, 0) != 0) sock_ready_ = true;
+    else read_if_due();
+  }
+
+  // A socket that stays silent while the loop is kept awake by other work
+  // is still read every read interval (heartbeats, see read_interval_ms()).
+  void read_if_due() {
+    if (!sock_ready_ &&
+        std::chrono::steady_clock::now() - last_read_ >= std::chrono::milliseconds(read_interval_ms()))
+      sock_ready_ = true;
+  }
+
+  void drain_eventfd() noexcept {
     std::uint64_t v;
     [[maybe_unused]] const auto r = ::read(efd_, &v, sizeof v);
   }
@@ -1410,6 +1502,11 @@ class core : public std::enable_shared_from_this<core> {
   int efd_ = -1;
   // True while the I/O thread is (about to be) asleep in poll(); see wake().
   std::atomic<bool> sleeping_{false};
+  // Set by a channel waker that fired (and by arm() when the condition held
+  // already); taken by the I/O thread before it looks at its channels, and
+  // re-checked after announcing sleep, so a wake-up while it is awake needs
+  // no eventfd write.
+  std::atomic<bool> channel_woke_{false};
   // Epoch of the current AMQP channel; written by the I/O thread only.
   std::atomic<std::uint64_t> epoch_{0};
 
@@ -1435,6 +1532,11 @@ class core : public std::enable_shared_from_this<core> {
   publish_buffer out_;  // publishes of one batch, empty outside take_publishes()
   std::uint64_t next_seq_ = 1;
   partial_delivery partial_;
+  // Plain TCP: the socket may hold unread bytes (poll() said so, or it has
+  // not been asked since the last read); see read_frames().
+  bool sock_ready_ = true;
+  std::chrono::steady_clock::time_point last_read_{};  // the last call into rabbitmq-c's recv path
+  bool unlooked_busy_ = false;  // the last round was busy and did not look at the socket (peek_socket())
   bool blocked_ = false;            // connection.blocked and not yet unblocked
   bool acks_held_ = false;          // done deliveries held back by idle_acks() since acks_held_since_
   std::chrono::steady_clock::time_point acks_held_since_{};
