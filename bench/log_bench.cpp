@@ -340,6 +340,23 @@ class spin_ring {
     closed_.store(true, std::memory_order_release);  // after the last tail: a reader seeing it sees every line
   }
 
+  // Producer side, the cheapest split of this job over two cores (fixed
+  // slots only): the generator formats each line in place into its slot
+  // (no allocation, no copy) until it has no more, then closes. If this
+  // stays below the loop, no split of the job can pay on this machine.
+  void fill(line_generator& gen)
+    requires std::is_same_v<Slot, fixed_line>
+  {
+    for (;;) {
+      while (tail_ - head_seen_ >= capacity) head_seen_ = head_.load(std::memory_order_acquire);  // the slot is free
+      fixed_line& slot = slots_[tail_ & (capacity - 1)];
+      slot.size = static_cast<std::uint32_t>(gen.next_into(slot.text, sizeof slot.text));
+      if (slot.size == 0) break;
+      if (++tail_ % publish == 0) tail_pub_.store(tail_, std::memory_order_release);  // the slots before it are written
+    }
+    close();
+  }
+
   // Consumer side: calls f(std::string_view) for every line, in order, until closed and empty.
   template <class F>
   void drain(F&& f) {
@@ -372,7 +389,9 @@ class spin_ring {
   alignas(64) std::array<Slot, capacity> slots_{};
 };
 
-template <class Slot>
+// in_place: the generator writes into the ring's slots (fill), else each
+// line is made as a std::string and pushed.
+template <class Slot, bool in_place = false>
 void BM_log_spin_ring(benchmark::State& state) {
   tally t;
   const cpu_meter cpu;
@@ -386,77 +405,12 @@ void BM_log_spin_ring(benchmark::State& state) {
       });
     });
     line_generator gen(lines_per_run());
-    while (auto line = gen()) ring->push(std::move(*line));
-    ring->close();
-    consumer.join();
-  }
-  finish(state, t, cpu);
-}
-
-// The cheapest split of this job over two cores, as a bound: the generator
-// formats each line in place into a slot of a fixed ring (no allocation, no
-// copy), the other core parses it where it lies; both ends publish their
-// index once a batch of `publish` lines. If this stays below the loop, no
-// split of the job can pay on this machine.
-class inplace_ring {
- public:
-  static constexpr std::size_t capacity = 4096;  // a power of two
-  static constexpr std::size_t publish = 64;     // lines between index stores
-
-  // Producer: writes lines with gen.next_into until it returns 0.
-  void fill(line_generator& gen) {
-    for (;;) {
-      while (tail_ - head_seen_ >= capacity) head_seen_ = head_.load(std::memory_order_acquire);  // the slot is free
-      fixed_line& slot = slots_[tail_ & (capacity - 1)];
-      slot.size = static_cast<std::uint32_t>(gen.next_into(slot.text, sizeof slot.text));
-      if (slot.size == 0) break;
-      if (++tail_ % publish == 0) tail_pub_.store(tail_, std::memory_order_release);  // the slots before it are written
+    if constexpr (in_place) {
+      ring->fill(gen);
+    } else {
+      while (auto line = gen()) ring->push(std::move(*line));
+      ring->close();
     }
-    tail_pub_.store(tail_, std::memory_order_release);
-    closed_.store(true, std::memory_order_release);  // after the last tail: a reader seeing it sees every line
-  }
-
-  // Consumer: f(std::string_view) for every line, in order, until closed and empty.
-  template <class F>
-  void drain(F&& f) {
-    std::size_t head = 0;
-    for (;;) {
-      const std::size_t tail = tail_pub_.load(std::memory_order_acquire);  // pairs with fill's release
-      if (tail == head) {
-        if (closed_.load(std::memory_order_acquire) && tail_pub_.load(std::memory_order_acquire) == head) return;
-        continue;
-      }
-      for (; head != tail; ++head) {
-        const fixed_line& slot = slots_[head & (capacity - 1)];
-        f(std::string_view(slot.text, slot.size));
-      }
-      head_.store(head, std::memory_order_release);  // the slots before it may be reused
-    }
-  }
-
- private:
-  alignas(64) std::atomic<std::size_t> head_{0};      // consumer's position, read by the producer when full
-  alignas(64) std::atomic<std::size_t> tail_pub_{0};  // producer's published position
-  std::atomic<bool> closed_{false};
-  alignas(64) std::size_t tail_ = 0;  // producer-private
-  std::size_t head_seen_ = 0;         // producer's cached head_
-  alignas(64) std::array<fixed_line, capacity> slots_{};
-};
-
-void BM_log_spin_inplace(benchmark::State& state) {
-  tally t;
-  const cpu_meter cpu;
-  for (auto _ : state) {
-    t = tally{};
-    auto ring = std::make_unique<inplace_ring>();
-    std::thread consumer([&] {
-      ring->drain([&](std::string_view line) {
-        const parsed p = parse(line);
-        if (p.error) t.add(p);
-      });
-    });
-    line_generator gen(lines_per_run());
-    ring->fill(gen);
     consumer.join();
   }
   finish(state, t, cpu);
@@ -512,7 +466,7 @@ void register_all() {
     if (t == 2) {
       timed(benchmark::RegisterBenchmark((group + "spsc_spin_string").c_str(), BM_log_spin_ring<std::string>));
       timed(benchmark::RegisterBenchmark((group + "spsc_spin_fixed").c_str(), BM_log_spin_ring<fixed_line>));
-      timed(benchmark::RegisterBenchmark((group + "spsc_spin_inplace").c_str(), BM_log_spin_inplace));
+      timed(benchmark::RegisterBenchmark((group + "spsc_spin_inplace").c_str(), BM_log_spin_ring<fixed_line, true>));
     }
   }
 }

@@ -96,6 +96,19 @@ struct bridge_case {
     r.fresh_queue(dlq);
     r.publish_n(in, n, id_body);
   }
+
+  // The plain round trip: consume `in`, prefix each body with "r:" on 2
+  // workers, publish to `out` (acking each input once its result is confirmed).
+  auto round_trip(unsigned prefetch) {
+    return runnel::pipeline{pool}
+        .from(c.consume({.queue = in, .prefetch = prefetch}))
+        .stage([](amqp::delivery d) {
+          d.body = "r:" + d.body;
+          return d;
+        }, {.workers = 2})
+        .to(c.publish({.routing_key = out}))
+        .run();
+  }
 };
 
 // A loopback port that was free a moment ago: nothing listens there.
@@ -239,14 +252,7 @@ TEST_CASE("round trip: every input id appears exactly once in the output, nothin
   const std::size_t n = n_messages();
 
   bridge_case t(*b, "rt", n);
-  auto run = runnel::pipeline{t.pool}
-                 .from(t.c.consume({.queue = t.in, .prefetch = 256}))
-                 .stage([](amqp::delivery d) {
-                   d.body = "r:" + d.body;
-                   return d;
-                 }, {.workers = 2})
-                 .to(t.c.publish({.routing_key = t.out}))
-                 .run();
+  auto run = t.round_trip(256);
   // Wait until every input is acked, then stop gracefully.
   REQUIRE(eventually([&] { return t.c.stats().acked >= n; }));
   t.c.close();
@@ -337,14 +343,7 @@ TEST_CASE("lone messages, each after an idle spell: every one is consumed, publi
   if (b == nullptr) return;
   const std::size_t n = 40;
   bridge_case t(*b, "lone", 0);
-  auto run = runnel::pipeline{t.pool}
-                 .from(t.c.consume({.queue = t.in, .prefetch = 16}))
-                 .stage([](amqp::delivery d) {
-                   d.body = "r:" + d.body;
-                   return d;
-                 }, {.workers = 2})
-                 .to(t.c.publish({.routing_key = t.out}))
-                 .run();
+  auto run = t.round_trip(16);
   const auto end = std::chrono::steady_clock::now() + 10s;
   std::size_t in_time = 0;  // inputs acked before the next went in, within the bound
   for (std::size_t i = 0; i < n; ++i) {
