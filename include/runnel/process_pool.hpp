@@ -493,9 +493,7 @@ class process_pool {
     for (int i = 0; i < idle_spins; ++i) {
       // acquire: as in worker_main.
       if (c.tail.load(std::memory_order_acquire) != next) return;
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
+      detail::cpu_relax();
     }
     const std::uint32_t seq = c.wake.load(std::memory_order_seq_cst);
     // seq_cst: Dekker with the parent's tail store then sleeping load.
